@@ -1,0 +1,6 @@
+"""The Redis Streams buffer pool: the contract between gateway and workers.
+
+``keys`` names every key, ``message`` is the stream entry format, ``admission`` puts orders in,
+``consumer`` takes them out (groups, pending, claim, finalize), ``deadletters`` holds the poison,
+``depth`` measures the queue. Lua scripts live in ``lua/`` and touch one shard's keys only.
+"""

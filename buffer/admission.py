@@ -1,0 +1,307 @@
+"""Admission into the buffer pool, with group commit.
+
+Concurrent requests are gathered into one batch; a batch is one pipeline, one round trip: one
+``admit.lua`` call per shard carrying all of that shard's orders as arguments, then one
+durability barrier (``WAITAOF`` for fsync, ``WAIT`` for replica). A caller's future resolves
+only after the barrier confirmed the write, so a 202 always means durable.
+
+Until that confirmation, the idempotency record holds a lease (``pending_until``): a twin that
+arrives meanwhile gets ``INFLIGHT`` (409) instead of a receipt for a write that might still be
+lost. The lease is lifted by ``confirm.lua`` piggy-backed on the next batch, and expires by
+itself if this process dies, after which twins get the receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from buffer.errors import BufferUnavailable, NotDurable
+from buffer.keys import Keys
+from buffer.scripts import Scripts
+from buffer.streams import ensure_streams
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.IntEnum):
+    ADMITTED = 1
+    DUPLICATE = 2
+    MISMATCH = 3
+    INFLIGHT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What the buffer said about one order."""
+
+    outcome: Outcome
+    order_id: str
+    seq: int = 0
+    accepted_at_us: int = 0
+
+
+@dataclass(slots=True)
+class _Request:
+    shard: int
+    keys: tuple[str, str]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Admission]
+    abandoned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    shards: int
+    durability: str = "fsync"
+    durability_timeout_ms: int = 1000
+    timeout_s: float = 2.0
+    max_batch: int = 256
+    max_inflight_batches: int = 2
+    lease_ms: int = 10000
+
+
+@dataclass(slots=True)
+class _Stats:
+    batches: int = 0
+    orders: int = 0
+    failures: int = 0
+    last_batch_sizes: list[int] = field(default_factory=list)
+
+
+class Admitter:
+    """Batches admissions from many concurrent requests into few Redis round trips."""
+
+    def __init__(self, redis: Any, keys: Keys, config: AdmissionConfig) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._config = config
+        self._scripts = Scripts(redis)
+        self._queue: deque[_Request] = deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.max_inflight_batches)
+        self._confirms: dict[int, list[str]] = defaultdict(list)
+        self._task: asyncio.Task[None] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._last_stream_repair = 0.0
+        self.stats = _Stats()
+        self._lease = 0 if config.durability == "none" else config.lease_ms
+
+    async def start(self) -> None:
+        try:
+            await self._scripts.load()
+        except (RedisError, OSError) as exc:  # loaded on first NOSCRIPT once Redis is back
+            log.error("cannot load admission scripts yet: %r", exc)
+        self._task = asyncio.create_task(self._run(), name="ordergate-admission")
+
+    async def close(self) -> None:
+        """Flush what is queued (and pending confirmations), then stop."""
+        deadline = time.monotonic() + self._config.timeout_s
+        while (self._queue or self._flushes or self._confirms) and time.monotonic() < deadline:
+            if self._confirms and not self._queue and not self._flushes:
+                self._wakeup.set()
+            await asyncio.sleep(0.01)
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for req in self._queue:
+            if not req.future.done():
+                req.future.set_exception(BufferUnavailable("gateway shutting down"))
+
+    async def admit(
+        self,
+        shard: int,
+        storefront_id: str,
+        storefront_order_id: str,
+        args: tuple[Any, ...],
+    ) -> Admission:
+        """Admit one order; returns after the buffer confirmed it durably, or raises."""
+        loop = asyncio.get_running_loop()
+        req = _Request(
+            shard=shard,
+            keys=(
+                self._keys.idem(shard, storefront_id, storefront_order_id),
+                self._keys.status(shard, args[0]),
+            ),
+            args=args,
+            future=loop.create_future(),
+        )
+        self._queue.append(req)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(req.future), self._config.timeout_s)
+        except TimeoutError:
+            # Never sent: it never will be. Sent: Redis may still write it; the client's retry
+            # then finds it through the idempotency record.
+            req.abandoned = True
+            raise BufferUnavailable("the buffer did not confirm the order in time") from None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            await self._slots.acquire()
+            batch = self._take_batch()
+            if not self._queue:
+                self._wakeup.clear()
+            if not batch and not self._confirms:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._flush(batch))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    def _take_batch(self) -> list[_Request]:
+        batch: list[_Request] = []
+        queue, limit = self._queue, self._config.max_batch
+        while queue and len(batch) < limit:
+            req = queue.popleft()
+            if not req.abandoned:
+                batch.append(req)
+        return batch
+
+    async def _flush(self, batch: list[_Request]) -> None:
+        try:
+            await self._flush_inner(batch)
+        except Exception as exc:  # noqa: BLE001 - a flush must never kill the loop
+            log.exception("admission flush failed")
+            self._fail(batch, BufferUnavailable(f"admission failed: {exc}"))
+        finally:
+            self._slots.release()
+
+    async def _flush_inner(self, batch: list[_Request], retried: bool = False) -> None:
+        by_shard: dict[int, list[_Request]] = defaultdict(list)
+        for req in batch:
+            by_shard[req.shard].append(req)
+        confirms, self._confirms = self._confirms, defaultdict(list)
+
+        pipe = self._redis.pipeline(transaction=False)
+        shard_order = list(by_shard)
+        for shard in shard_order:
+            reqs = by_shard[shard]
+            script_keys: list[str] = [self._keys.stream(shard), self._keys.seq(shard)]
+            script_args: list[Any] = [self._lease]
+            for req in reqs:
+                script_keys.extend(req.keys)
+                script_args.extend(req.args)
+            pipe.evalsha(self._scripts.admit.sha, len(script_keys), *script_keys, *script_args)
+        confirm_order = list(confirms)
+        for shard in confirm_order:
+            pipe.evalsha(self._scripts.confirm.sha, len(confirms[shard]), *confirms[shard])
+        barrier = self._barrier(pipe) if batch else False
+
+        try:
+            async with asyncio.timeout(self._config.timeout_s):
+                results = await pipe.execute(raise_on_error=False)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._requeue_confirms(confirms)
+            self.stats.failures += 1
+            self._fail(batch, BufferUnavailable(f"buffer unreachable: {exc!r}"))
+            return
+
+        shard_results = results[: len(shard_order)]
+        confirm_results = results[len(shard_order) : len(shard_order) + len(confirm_order)]
+        for shard, res in zip(confirm_order, confirm_results, strict=True):
+            if isinstance(res, Exception):
+                self._confirms[shard].extend(confirms[shard])
+        durable_error: Exception | None = None
+        if barrier:
+            durable_error = self._check_barrier(results[-1])
+
+        self.stats.batches += 1
+        self.stats.orders += len(batch)
+        unloaded: list[_Request] = []
+        for shard, res in zip(shard_order, shard_results, strict=True):
+            reqs = by_shard[shard]
+            if isinstance(res, NoScriptError):
+                unloaded.extend(reqs)  # Redis restarted and lost its script cache
+                continue
+            if isinstance(res, Exception):
+                self._fail(reqs, self._classify(res))
+                continue
+            if durable_error is not None:
+                # Written but not confirmed durable: never a receipt. Keep the lease so twins
+                # wait for it to expire rather than get a receipt for a write that may vanish.
+                self._fail(reqs, durable_error)
+                continue
+            for req, reply in zip(reqs, res, strict=True):
+                admission = _decode(reply)
+                if admission.outcome is Outcome.ADMITTED and self._lease:
+                    self._confirms[shard].append(req.keys[0])
+                if not req.future.done():
+                    req.future.set_result(admission)
+        if unloaded:
+            if retried:
+                self._fail(unloaded, BufferUnavailable("admission script cannot be loaded"))
+            else:
+                await self._scripts.load()
+                await self._flush_inner(unloaded, retried=True)  # idempotent: safe to re-send
+        if self._confirms and not self._queue:
+            self._wakeup.set()
+
+    def _barrier(self, pipe: Any) -> bool:
+        timeout = self._config.durability_timeout_ms
+        if self._config.durability == "fsync":
+            pipe.execute_command("WAITAOF", 1, 0, timeout)
+            return True
+        if self._config.durability == "replica":
+            pipe.execute_command("WAIT", 1, timeout)
+            return True
+        return False
+
+    def _check_barrier(self, result: Any) -> Exception | None:
+        if isinstance(result, Exception):
+            return NotDurable(f"durability barrier failed: {result}")
+        if self._config.durability == "fsync":
+            numlocal = int(result[0])
+            if numlocal < 1:
+                return NotDurable("Redis did not fsync the append-only file in time")
+        elif int(result) < 1:
+            return NotDurable("no replica acknowledged the write in time")
+        return None
+
+    def _classify(self, exc: Exception) -> BufferUnavailable:
+        text = str(exc)
+        if isinstance(exc, ResponseError) and text.startswith("NOSTREAM"):
+            self._schedule_stream_repair()
+            return BufferUnavailable("buffer stream missing; being recreated", retry_after=1)
+        if isinstance(exc, ResponseError) and text.startswith("OOM"):
+            return BufferUnavailable("buffer is out of memory", retry_after=5)
+        return BufferUnavailable(f"buffer error: {text}")
+
+    def _schedule_stream_repair(self) -> None:
+        now = time.monotonic()
+        if now - self._last_stream_repair < 1.0:
+            return
+        self._last_stream_repair = now
+        log.error("buffer streams missing (Redis lost its data?); recreating them")
+        task = asyncio.create_task(ensure_streams(self._redis, self._keys, self._config.shards))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    def _requeue_confirms(self, confirms: dict[int, list[str]]) -> None:
+        for shard, idems in confirms.items():
+            self._confirms[shard].extend(idems)
+
+    @staticmethod
+    def _fail(reqs: list[_Request], exc: Exception) -> None:
+        for req in reqs:
+            if not req.future.done():
+                req.future.set_exception(exc)
+
+
+def _decode(reply: list[Any]) -> Admission:
+    outcome = Outcome(int(reply[0]))
+    order_id = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+    if outcome in (Outcome.ADMITTED, Outcome.DUPLICATE):
+        return Admission(outcome, order_id, int(reply[2]), int(reply[3]))
+    return Admission(outcome, order_id)

@@ -1,0 +1,89 @@
+"""The dead-letter streams: list what failed and why, and re-queue it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+
+from buffer.keys import Keys
+from buffer.scripts import Scripts
+from sharding.ids import shard_of_order_id
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """One dead-lettered entry."""
+
+    shard: int
+    id: str
+    source_id: str
+    order_id: str | None
+    storefront_id: str | None
+    storefront_order_id: str | None
+    deliveries: int
+    error: str
+    failed_at: dt.datetime
+
+    @property
+    def handle(self) -> str:
+        """``shard/id``: stream ids are unique per shard only."""
+        return f"{self.shard}/{self.id}"
+
+
+def _s(raw: dict[bytes, bytes], key: bytes) -> str | None:
+    value = raw.get(key)
+    return value.decode(errors="replace") if value is not None else None
+
+
+async def list_dead_letters(
+    redis: Any, keys: Keys, shards: int, limit: int = 100
+) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters per shard, oldest first."""
+    out: list[DeadLetter] = []
+    for shard in range(shards):
+        for entry_id, raw in await redis.xrange(keys.deadletters(shard), count=limit):
+            out.append(
+                DeadLetter(
+                    shard=shard,
+                    id=entry_id.decode(),
+                    source_id=_s(raw, b"source_id") or "",
+                    order_id=_s(raw, b"oid"),
+                    storefront_id=_s(raw, b"sf"),
+                    storefront_order_id=_s(raw, b"sfo"),
+                    deliveries=int(raw.get(b"deliveries", 0)),
+                    error=_s(raw, b"error") or "",
+                    failed_at=dt.datetime.fromtimestamp(
+                        int(raw.get(b"failed_at", 0)) / 1e6, tz=dt.UTC
+                    ),
+                )
+            )
+    return out
+
+
+async def count_dead_letters(redis: Any, keys: Keys, shards: int) -> int:
+    pipe = redis.pipeline(transaction=False)
+    for shard in range(shards):
+        pipe.xlen(keys.deadletters(shard))
+    return sum(await pipe.execute())
+
+
+async def replay(redis: Any, keys: Keys, shards: int, letters: list[DeadLetter]) -> int:
+    """Put dead letters back into their shard's stream; returns how many were re-queued."""
+    scripts = Scripts(redis)
+    by_shard: dict[int, list[DeadLetter]] = {}
+    for letter in letters:
+        by_shard.setdefault(letter.shard, []).append(letter)
+    moved = 0
+    for shard, group in by_shard.items():
+        stream = keys.stream(shard)
+        status_keys = [
+            keys.status(shard, d.order_id)
+            if d.order_id and shard_of_order_id(d.order_id, shards) == shard
+            else stream
+            for d in group
+        ]
+        moved += await scripts.replay(
+            keys=[stream, keys.deadletters(shard), *status_keys], args=[d.id for d in group]
+        )
+    return moved

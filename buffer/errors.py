@@ -1,0 +1,21 @@
+"""Errors of the buffer pool; the gateway maps each to one HTTP problem in one place."""
+
+
+class BufferError(Exception):
+    """Base class of every buffer pool error."""
+
+
+class BufferUnavailable(BufferError):
+    """Redis did not confirm the operation (down, paused, timed out, out of memory, no stream)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotDurable(BufferUnavailable):
+    """The write reached Redis but its durability (fsync / replica) was not confirmed in time."""
+
+
+class MalformedMessage(BufferError):
+    """A stream entry does not follow the message contract (a poison message)."""

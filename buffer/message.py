@@ -1,0 +1,74 @@
+"""The stream entry format: the one contract between the gateway and the workers.
+
+An entry is a flat field map, readable with ``XRANGE`` in any Redis client:
+
+=========  ====================================================================
+``v``      format version, ``1``
+``oid``    order id (``ord_<shard>_...``), handed out by the gateway
+``sf``     storefront id (from the API key, never from the body)
+``sfo``    the storefront's own order id
+``seq``    per-shard admission sequence number, assigned atomically by Redis
+``at``     accepted_at, microseconds since the epoch, stamped by the gateway
+``body``   the order as canonical JSON (msgspec encoding of the validated order)
+=========  ====================================================================
+
+``seq`` is written by the admission script; the gateway never chooses it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import msgspec
+
+from buffer.errors import MalformedMessage
+
+VERSION = b"1"
+
+
+class OrderMessage(msgspec.Struct, frozen=True):
+    """One order as the workers see it."""
+
+    entry_id: str
+    order_id: str
+    storefront_id: str
+    storefront_order_id: str
+    seq: int
+    accepted_at_us: int
+    body: bytes
+
+    @property
+    def accepted_at(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.accepted_at_us / 1e6, tz=dt.UTC)
+
+
+def admission_args(
+    order_id: str, storefront_id: str, storefront_order_id: str, accepted_at_us: int,
+    fingerprint: bytes, body: bytes,
+) -> tuple[str | bytes | int, ...]:
+    """The per-order arguments of the admission script, in the order ``admit.lua`` reads them."""
+    return (order_id, storefront_id, storefront_order_id, accepted_at_us, fingerprint, body)
+
+
+ARGS_PER_ORDER = 6
+
+
+def decode_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> OrderMessage:
+    """Decode one stream entry; raises MalformedMessage for anything off-contract."""
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    try:
+        if fields.get(b"v") != VERSION:
+            raise MalformedMessage(f"entry {eid}: unknown format version {fields.get(b'v')!r}")
+        return OrderMessage(
+            entry_id=eid,
+            order_id=fields[b"oid"].decode(),
+            storefront_id=fields[b"sf"].decode(),
+            storefront_order_id=fields[b"sfo"].decode(),
+            seq=int(fields[b"seq"]),
+            accepted_at_us=int(fields[b"at"]),
+            body=fields[b"body"],
+        )
+    except KeyError as exc:
+        raise MalformedMessage(f"entry {eid}: missing field {exc.args[0]!r}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessage(f"entry {eid}: {exc}") from None

@@ -1,0 +1,50 @@
+"""The order document: what a storefront sends and what ``body`` in a stream entry holds.
+
+Field constraints live here, once, for both sides. Cross-field rules (the total, the currency
+code) are checked by the gateway's validation before admission; workers trust an entry's body
+only as far as decoding it with these types.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+MAX_ITEMS = 500
+MAX_QUANTITY = 10_000
+MAX_METADATA_KEYS = 20
+MAX_METADATA_BYTES = 2048
+
+Id64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Email = Annotated[
+    str, msgspec.Meta(min_length=3, max_length=254, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+$")
+]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+MinorUnits = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+Quantity = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUANTITY)]
+MetaValue = str | int | float | bool | None
+
+
+class Customer(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    id: Id64
+    email: Email | None = None
+
+
+class Item(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sku: Id64
+    quantity: Quantity
+    unit_price_minor: MinorUnits
+
+
+class Order(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    storefront_order_id: Id64
+    customer: Customer
+    items: Annotated[list[Item], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+    currency: Currency
+    total_minor: MinorUnits
+    metadata: dict[Annotated[str, msgspec.Meta(max_length=64)], MetaValue] | None = None
+
+
+ORDER_DECODER = msgspec.json.Decoder(Order)
+ORDER_ENCODER = msgspec.json.Encoder()

@@ -1,0 +1,46 @@
+"""An order's status record, as admission and the workers leave it in Redis."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+
+from buffer.keys import Keys
+
+
+class StatusRecord(msgspec.Struct, frozen=True):
+    """The status of one order as the buffer knows it."""
+
+    order_id: str
+    status: str  # queued | committed | rejected | dead_lettered
+    storefront_id: str
+    storefront_order_id: str
+    seq: int
+    accepted_at: dt.datetime
+    committed_at: dt.datetime | None = None
+    rejected_at: dt.datetime | None = None
+    reason: str | None = None
+
+
+def _time(us: bytes | None) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(int(us) / 1e6, tz=dt.UTC) if us else None
+
+
+async def read_status(redis: Any, keys: Keys, shard: int, order_id: str) -> StatusRecord | None:
+    """The order's status record, or None if Redis has none (unknown or expired)."""
+    raw = await redis.hgetall(keys.status(shard, order_id))
+    if not raw or b"status" not in raw:
+        return None
+    return StatusRecord(
+        order_id=order_id,
+        status=raw[b"status"].decode(),
+        storefront_id=raw.get(b"sf", b"").decode(),
+        storefront_order_id=raw.get(b"sfo", b"").decode(),
+        seq=int(raw.get(b"seq", 0)),
+        accepted_at=_time(raw.get(b"at")) or dt.datetime.fromtimestamp(0, tz=dt.UTC),
+        committed_at=_time(raw.get(b"committed_at")),
+        rejected_at=_time(raw.get(b"rejected_at")),
+        reason=raw[b"reason"].decode() if raw.get(b"reason") else None,
+    )

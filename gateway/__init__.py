@@ -1,0 +1,1 @@
+"""The HTTP front door: validate, authenticate, admit into the buffer, answer with a receipt."""

@@ -1,0 +1,99 @@
+"""``create_app(settings)``: the gateway's Starlette application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from buffer.admission import AdmissionConfig, Admitter
+from buffer.connection import create_redis
+from buffer.errors import BufferUnavailable
+from buffer.keys import Keys
+from buffer.streams import ensure_streams
+from gateway import health, orders, problems
+from gateway.auth import Authenticator
+from gateway.state import GatewayState
+from ordergate.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.load()
+    if not settings.redis_url:
+        raise RuntimeError("the gateway needs ORDERGATE_REDIS_URL (ordergate up sets it)")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        keys = Keys(settings.key_prefix)
+        redis = create_redis(settings.redis_url or "", socket_timeout=5.0, max_connections=64)
+        admitter = Admitter(redis, keys, AdmissionConfig(
+            shards=settings.shards,
+            durability=settings.durability,
+            durability_timeout_ms=settings.durability_timeout_ms,
+            timeout_s=settings.admission_timeout_ms / 1000,
+            max_batch=settings.admission_max_batch,
+            max_inflight_batches=settings.admission_max_inflight_batches,
+            lease_ms=settings.inflight_lease_ms,
+        ))
+        state = GatewayState(settings, keys, redis, admitter,
+                             Authenticator(redis, keys, settings.auth_cache_s))
+        app.state.gateway = state
+        try:
+            await ensure_streams(redis, keys, settings.shards)
+        except RedisError as exc:  # start anyway: admission answers 503 until Redis is back
+            log.error("Redis unreachable at startup (%r); answering 503 until it is", exc)
+        await admitter.start()
+        pg_task = asyncio.create_task(_connect_postgres(state))
+        try:
+            yield
+        finally:
+            pg_task.cancel()
+            await asyncio.gather(pg_task, return_exceptions=True)
+            await admitter.close()
+            if state.pg is not None:
+                await state.pg.close()
+            await redis.aclose()
+
+    handlers: dict[Any, Any] = dict(problems.EXCEPTION_HANDLERS)
+    handlers[RedisError] = _redis_down
+    return Starlette(
+        routes=[
+            Route("/v1/orders", orders.create_order, methods=["POST"]),
+            Route("/v1/orders/{order_id}", orders.get_order, methods=["GET"]),
+            Route("/healthz", health.healthz, methods=["GET"]),
+            Route("/readyz", health.readyz, methods=["GET"]),
+            Route("/problems/{name}", problems.describe, methods=["GET"]),
+        ],
+        exception_handlers=handlers,
+        lifespan=lifespan,
+    )
+
+
+async def _redis_down(request: Any, exc: Exception) -> Any:
+    return await problems.on_buffer_unavailable(request, BufferUnavailable(f"Redis error: {exc!r}"))
+
+
+async def _connect_postgres(state: GatewayState) -> None:
+    """Postgres is optional for the gateway (readiness, old statuses): connect in the background."""
+    import asyncpg
+
+    url = state.settings.database_url
+    if not url:
+        return
+    delay = 0.2
+    while True:
+        try:
+            state.pg = await asyncpg.create_pool(url, min_size=0, max_size=2, command_timeout=5)
+            return
+        except Exception as exc:  # noqa: BLE001
+            log.warning("gateway: Postgres not reachable yet (%r)", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,76 @@
+"""API keys: one per storefront (or several), stored hashed in Redis so auth never needs Postgres.
+
+A key is ``og_`` + 43 url-safe chars (256 random bits); only its SHA-256 is stored, in the hash
+``og:apikeys`` (sha256 -> storefront id). Gateways cache lookups for ``auth_cache_s`` seconds, so a
+revoked key stops working within that time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from typing import Any
+
+from buffer.keys import Keys
+from gateway.errors import Unauthorized
+
+STOREFRONT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def create_key(redis: Any, keys: Keys, storefront_id: str) -> str:
+    """Make a new key for ``storefront_id``; the key itself is returned once and never stored."""
+    if not STOREFRONT_ID.match(storefront_id):
+        raise ValueError("storefront id: 1-64 chars of letters, digits, '_', '.', '-'")
+    key = "og_" + secrets.token_urlsafe(32)
+    await redis.hset(keys.api_keys(), hash_key(key), storefront_id)
+    return key
+
+
+async def list_keys(redis: Any, keys: Keys) -> list[tuple[str, str]]:
+    """(key hash prefix, storefront id) of every key."""
+    raw = await redis.hgetall(keys.api_keys())
+    return sorted((h.decode()[:12], s.decode()) for h, s in raw.items())
+
+
+async def revoke_key(redis: Any, keys: Keys, key_or_hash_prefix: str) -> int:
+    """Remove a key, given the key or the start of its hash; returns how many were removed."""
+    raw = await redis.hkeys(keys.api_keys())
+    full = hash_key(key_or_hash_prefix)
+    victims = [h for h in raw if h.decode() == full or (
+        len(key_or_hash_prefix) >= 8 and h.decode().startswith(key_or_hash_prefix))]
+    return await redis.hdel(keys.api_keys(), *victims) if victims else 0
+
+
+class Authenticator:
+    """Resolves a bearer token to its storefront, with a short in-process cache."""
+
+    def __init__(self, redis: Any, keys: Keys, cache_s: float = 5.0) -> None:
+        self._redis = redis
+        self._hash_key = keys.api_keys()
+        self._cache: dict[str, tuple[str | None, float]] = {}
+        self._cache_s = cache_s
+
+    async def storefront(self, authorization: str | None) -> str:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("send 'Authorization: Bearer <api key>'",
+                               headers={"WWW-Authenticate": "Bearer"})
+        digest = hash_key(authorization[7:].strip())
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is None or hit[1] < now:
+            raw = await self._redis.hget(self._hash_key, digest)
+            storefront = raw.decode() if raw else None
+            if len(self._cache) > 10000:
+                self._cache.clear()
+            self._cache[digest] = (storefront, now + (self._cache_s if storefront else 1.0))
+        else:
+            storefront = hit[0]
+        if storefront is None:
+            raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+        return storefront

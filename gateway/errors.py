@@ -1,0 +1,72 @@
+"""Every error the gateway answers with, as a type; ``problems`` turns them into RFC 9457 bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Problem(Exception):
+    """Base class: an error with an HTTP status and a problem type (RFC 9457)."""
+
+    status = 500
+    type = "internal-error"
+    title = "Internal error"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+
+class InvalidOrder(Problem):
+    """The body is not a valid order; ``errors`` names each bad field by JSON pointer."""
+
+    status, type, title = 422, "invalid-order", "The order is invalid"
+
+
+class MalformedJson(Problem):
+    status, type, title = 422, "malformed-json", "The body is not valid JSON"
+
+
+class OrderIdReused(Problem):
+    """Same storefront_order_id, different body (IETF Idempotency-Key draft: 422)."""
+
+    status, type, title = 422, "order-id-reused", "storefront_order_id already used for another order"
+
+
+class OrderInFlight(Problem):
+    """The same order is being admitted right now by another request."""
+
+    status, type, title = 409, "order-in-flight", "The same order is still being admitted"
+
+
+class Unauthorized(Problem):
+    status, type, title = 401, "unauthorized", "Missing or invalid API key"
+
+
+class NotFound(Problem):
+    status, type, title = 404, "not-found", "Not found"
+
+
+class PayloadTooLarge(Problem):
+    status, type, title = 413, "payload-too-large", "The body is too large"
+
+
+class UnsupportedMediaType(Problem):
+    status, type, title = 415, "unsupported-media-type", "The body must be application/json"
+
+
+class ServiceUnavailable(Problem):
+    """The buffer could not confirm the order durably: nothing was accepted, retry later."""
+
+    status, type, title = 503, "buffer-unavailable", "The order buffer is unavailable"
+
+
+PROBLEM_TYPES: dict[str, type[Problem]] = {
+    cls.type: cls
+    for cls in (
+        InvalidOrder, MalformedJson, OrderIdReused, OrderInFlight, Unauthorized, NotFound,
+        PayloadTooLarge, UnsupportedMediaType, ServiceUnavailable,
+    )
+}

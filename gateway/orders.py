@@ -1,0 +1,154 @@
+"""POST /v1/orders (admit) and GET /v1/orders/{order_id} (status)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from buffer.admission import Outcome
+from buffer.message import admission_args
+from buffer.order import ORDER_ENCODER
+from buffer.status import read_status
+from gateway.errors import (
+    NotFound, OrderIdReused, OrderInFlight, PayloadTooLarge, UnsupportedMediaType,
+)
+from gateway.state import GatewayState
+from gateway.validation import parse_order
+from sharding.ids import new_order_id, shard_of_order_id
+from sharding.routing import partition_table, shard_for
+
+_encoder = msgspec.json.Encoder()
+JSON = "application/json"
+
+
+class Receipt(msgspec.Struct, frozen=True):
+    order_id: str
+    status: str
+    status_url: str
+    storefront_order_id: str
+    accepted_at: dt.datetime
+
+
+class OrderStatus(msgspec.Struct, frozen=True, omit_defaults=True):
+    order_id: str
+    storefront_order_id: str
+    status: str
+    accepted_at: dt.datetime
+    committed_at: dt.datetime | None = None
+    rejected_at: dt.datetime | None = None
+    reason: str | None = None
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == JSON or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes without reading it all."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _receipt(order_id: str, sfo: str, accepted_at_us: int) -> Receipt:
+    return Receipt(
+        order_id=order_id,
+        status="queued",
+        status_url=f"/v1/orders/{order_id}",
+        storefront_order_id=sfo,
+        accepted_at=dt.datetime.fromtimestamp(accepted_at_us / 1e6, tz=dt.UTC),
+    )
+
+
+async def create_order(request: Request) -> Response:
+    state: GatewayState = request.app.state.gateway
+    settings = state.settings
+    storefront = await state.auth.storefront(request.headers.get("authorization"))
+    if not _is_json(request.headers.get("content-type")):
+        raise UnsupportedMediaType("send the order as 'Content-Type: application/json'")
+    body = await read_body(request, settings.max_body_bytes)
+    order = parse_order(body)
+
+    sfo = order.storefront_order_id
+    shard = shard_for(storefront, sfo, settings.shards)
+    canonical = ORDER_ENCODER.encode(order)
+    fingerprint = hashlib.blake2b(canonical, digest_size=16).digest()
+    order_id = new_order_id(shard)
+    accepted_at_us = time.time_ns() // 1000
+    admission = await state.admitter.admit(
+        shard, storefront, sfo,
+        admission_args(order_id, storefront, sfo, accepted_at_us, fingerprint, canonical),
+    )
+    if admission.outcome is Outcome.MISMATCH:
+        raise OrderIdReused(
+            f"storefront_order_id {sfo!r} was already used for order {admission.order_id} "
+            "with a different body", order_id=admission.order_id,
+        )
+    if admission.outcome is Outcome.INFLIGHT:
+        raise OrderInFlight(
+            f"order {sfo!r} is being admitted by another request; retry shortly",
+            headers={"Retry-After": "1"}, order_id=admission.order_id,
+        )
+    receipt = _receipt(admission.order_id, sfo, admission.accepted_at_us)
+    created = admission.outcome is Outcome.ADMITTED
+    return Response(
+        _encoder.encode(receipt),
+        status_code=202 if created else 200,
+        media_type=JSON,
+        headers={"Location": receipt.status_url},
+    )
+
+
+async def get_order(request: Request) -> Response:
+    state: GatewayState = request.app.state.gateway
+    storefront = await state.auth.storefront(request.headers.get("authorization"))
+    order_id: str = request.path_params["order_id"]
+    shard = shard_of_order_id(order_id, state.settings.shards)
+    if shard is None:
+        raise NotFound(f"no order {order_id!r}")
+    record = await read_status(state.redis, state.keys, shard, order_id)
+    if record is not None:
+        if record.storefront_id != storefront:
+            raise NotFound(f"no order {order_id!r}")  # never reveal another storefront's orders
+        status = OrderStatus(
+            order_id=order_id, storefront_order_id=record.storefront_order_id,
+            status=record.status, accepted_at=record.accepted_at,
+            committed_at=record.committed_at, rejected_at=record.rejected_at, reason=record.reason,
+        )
+    else:
+        status = await _from_postgres(state, shard, order_id, storefront)
+    return Response(_encoder.encode(status), media_type=JSON)
+
+
+async def _from_postgres(state: GatewayState, shard: int, order_id: str, storefront: str) -> Any:
+    """Status records expire (status_ttl_s) after commit; the row in Postgres does not."""
+    if state.pg is None:
+        raise NotFound(f"no order {order_id!r}")
+    row = await state.pg.fetchrow(
+        f"SELECT storefront_order_id, accepted_at, committed_at FROM {partition_table(shard)}"
+        " WHERE shard = $1 AND order_id = $2 AND storefront_id = $3",
+        shard, order_id, storefront, timeout=2,
+    )
+    if row is None:
+        raise NotFound(f"no order {order_id!r}")
+    return OrderStatus(
+        order_id=order_id, storefront_order_id=row["storefront_order_id"], status="committed",
+        accepted_at=row["accepted_at"], committed_at=row["committed_at"],
+    )

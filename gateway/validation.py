@@ -1,0 +1,165 @@
+"""Turn a request body into a valid ``Order``, or an InvalidOrder naming every bad field.
+
+The fast path is one typed msgspec decode. Only when it fails do we walk the document field by
+field to report *each* problem (msgspec stops at the first), by JSON pointer (RFC 6901).
+"""
+
+from __future__ import annotations
+
+import re
+from types import NoneType, UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
+
+import msgspec
+
+from buffer.order import MAX_METADATA_BYTES, MAX_METADATA_KEYS, ORDER_DECODER, Order
+from gateway.currencies import ISO_4217
+from gateway.errors import InvalidOrder, MalformedJson
+
+_any_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+_AT = re.compile(r" - at `\$(.*)`$")
+_SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[\.\.\.\]")
+
+Error = dict[str, str]
+
+
+def parse_order(body: bytes) -> Order:
+    """Decode and check an order; raises InvalidOrder or MalformedJson."""
+    try:
+        order = ORDER_DECODER.decode(body)
+    except msgspec.ValidationError:
+        raise _all_errors(body) from None
+    except msgspec.DecodeError as exc:
+        raise MalformedJson(f"the body is not valid JSON: {exc}") from None
+    errors = _cross_field(order)
+    if errors:
+        raise _invalid(errors)
+    return order
+
+
+def _invalid(errors: list[Error]) -> InvalidOrder:
+    detail = "; ".join(f"{e['pointer']}: {e['detail']}" for e in errors[:5])
+    if len(errors) > 5:
+        detail += f"; and {len(errors) - 5} more"
+    return InvalidOrder(detail, errors=errors)
+
+
+def _pointer(path: list[str | int]) -> str:
+    return "#/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in path) if path else "#"
+
+
+def _cross_field(order: Order) -> list[Error]:
+    errors: list[Error] = []
+    if order.currency not in ISO_4217:
+        errors.append({"pointer": "#/currency", "detail": f"{order.currency!r} is not an ISO 4217 currency code"})
+    total = sum(i.quantity * i.unit_price_minor for i in order.items)
+    if total != order.total_minor:
+        errors.append({
+            "pointer": "#/total_minor",
+            "detail": f"must equal the sum of quantity * unit_price_minor over the items ({total})",
+        })
+    if order.metadata is not None:
+        if len(order.metadata) > MAX_METADATA_KEYS:
+            errors.append({"pointer": "#/metadata", "detail": f"at most {MAX_METADATA_KEYS} keys"})
+        elif len(_encoder.encode(order.metadata)) > MAX_METADATA_BYTES:
+            errors.append({"pointer": "#/metadata", "detail": f"at most {MAX_METADATA_BYTES} bytes of JSON"})
+    return errors
+
+
+def _all_errors(body: bytes) -> InvalidOrder | MalformedJson:
+    try:
+        doc = _any_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        return MalformedJson(f"the body is not valid JSON: {exc}")
+    errors: list[Error] = []
+    _check(doc, Order, [], errors)
+    if not errors:  # the typed decode failed for a reason the walk did not see
+        try:
+            ORDER_DECODER.decode(body)
+        except msgspec.ValidationError as exc:
+            errors.append(_from_msgspec(exc, []))
+    return _invalid(errors)
+
+
+def _unwrap(tp: Any) -> tuple[Any, tuple[Any, ...]]:
+    if get_origin(tp) is Annotated:
+        base, *metas = get_args(tp)
+        return base, tuple(metas)
+    return tp, ()
+
+
+def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
+    base, _ = _unwrap(tp)
+    if isinstance(base, type) and issubclass(base, msgspec.Struct):
+        return base
+    if get_origin(base) in (Union, UnionType):  # Optional[Struct]
+        for arg in get_args(base):
+            if isinstance(arg, type) and issubclass(arg, msgspec.Struct):
+                return arg
+    return None
+
+
+def _check(value: Any, tp: Any, path: list[str | int], errors: list[Error]) -> None:
+    struct = _struct_of(tp)
+    base, metas = _unwrap(tp)
+    if struct is not None:
+        if value is None and NoneType in get_args(base):
+            return
+        if not isinstance(value, dict):
+            errors.append({"pointer": _pointer(path), "detail": "expected an object"})
+            return
+        fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+        for name in value:
+            if name not in fields:
+                errors.append({"pointer": _pointer([*path, name]), "detail": "unknown field"})
+        for name, f in fields.items():
+            if name not in value:
+                if f.required:
+                    errors.append({"pointer": _pointer([*path, name]), "detail": "required field is missing"})
+            else:
+                _check(value[name], f.type, [*path, name], errors)
+        return
+    if get_origin(base) is list and _struct_of(get_args(base)[0]) is not None:
+        try:
+            msgspec.convert(value, Annotated[list[Any], *metas] if metas else list[Any])
+        except msgspec.ValidationError as exc:
+            errors.append(_from_msgspec(exc, path))
+            return
+        for i, item in enumerate(value):
+            _check(item, get_args(base)[0], [*path, i], errors)
+        return
+    if _dict_args(base) and isinstance(value, dict):
+        key_tp, value_tp = _dict_args(base)
+        for k, v in value.items():
+            for part, part_tp in ((k, key_tp), (v, value_tp)):
+                try:
+                    msgspec.convert(part, part_tp, strict=True)
+                except msgspec.ValidationError as exc:
+                    errors.append(_from_msgspec(exc, [*path, k]))
+        return
+    try:
+        msgspec.convert(value, tp, strict=True)
+    except msgspec.ValidationError as exc:
+        errors.append(_from_msgspec(exc, path))
+
+
+def _dict_args(tp: Any) -> tuple[Any, Any] | None:
+    """(key type, value type) of ``dict[K, V]`` or ``dict[K, V] | None``."""
+    candidates = get_args(tp) if get_origin(tp) in (Union, UnionType) else (tp,)
+    for c in candidates:
+        if get_origin(c) is dict:
+            k, v = get_args(c)
+            return k, v
+    return None
+
+
+def _from_msgspec(exc: msgspec.ValidationError, path: list[str | int]) -> Error:
+    message = str(exc)
+    sub: list[str | int] = []
+    match = _AT.search(message)
+    if match:
+        message = message[: match.start()]
+        for name, index in _SEGMENT.findall(match.group(1)):
+            sub.append(name if name else int(index) if index else "*")
+    return {"pointer": _pointer([*path, *sub]), "detail": message}

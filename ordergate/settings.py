@@ -1,0 +1,135 @@
+"""One frozen settings object per process, built from ``ORDERGATE_*`` env vars and a TOML file.
+
+Precedence (highest first): explicit overrides (CLI flags, tests) > environment > TOML file >
+defaults. The TOML file is ``ORDERGATE_CONFIG`` if set, else ``./ordergate.toml`` if present;
+keys are the field names below, at top level or under an ``[ordergate]`` table.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from ordergate.errors import ConfigError
+
+ENV_PREFIX = "ORDERGATE_"
+
+Durability = Literal["fsync", "replica", "none"]
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Every knob of ordergate; see the README's configuration table."""
+
+    # Where the servers are; None means "start embedded ones under data_dir".
+    redis_url: str | None = None
+    database_url: str | None = None
+    data_dir: str = ".ordergate"
+
+    # Buffer pool
+    shards: int = 8
+    durability: Durability = "fsync"
+    durability_timeout_ms: int = 1000
+    key_prefix: str = "og"
+
+    # Gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    processes: int = 1
+    max_body_bytes: int = 65536
+    admission_timeout_ms: int = 2000
+    admission_max_batch: int = 256
+    admission_max_inflight_batches: int = 2
+    inflight_lease_ms: int = 10000
+    status_ttl_s: int = 7 * 24 * 3600
+    auth_cache_s: float = 5.0
+
+    # Workers
+    workers: int = 1
+    drain_rate: float = 0.0
+    batch_size: int = 500
+    batch_linger_ms: int = 0
+    read_block_ms: int = 1000
+    claim_idle_ms: int = 30000
+    max_deliveries: int = 5
+    pg_pool_size: int = 4
+    retry_backoff_max_s: float = 5.0
+    health_ttl_s: int = 10
+
+    log_level: str = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shards <= 1024:
+            raise ConfigError("shards must be between 1 and 1024")
+        if self.processes < 1 or self.workers < 1:
+            raise ConfigError("processes and workers must be at least 1")
+        if self.max_deliveries < 1:
+            raise ConfigError("max_deliveries must be at least 1")
+        if self.drain_rate < 0:
+            raise ConfigError("drain_rate must be >= 0 (0 = unlimited)")
+        if self.read_block_ms < 1 or self.batch_size < 1:
+            raise ConfigError("read_block_ms and batch_size must be at least 1")
+
+    @property
+    def embedded(self) -> bool:
+        """True when at least one server must be started by ordergate itself."""
+        return self.redis_url is None or self.database_url is None
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return msgspec.structs.replace(self, **changes)
+
+    @classmethod
+    def load(
+        cls, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+    ) -> Settings:
+        """Build the settings from file, environment and explicit overrides."""
+        env = os.environ if environ is None else environ
+        merged: dict[str, Any] = {}
+        merged.update(_read_toml(env))
+        fields = {f.name for f in msgspec.structs.fields(cls)}
+        for key, value in env.items():
+            if key.startswith(ENV_PREFIX) and key != ENV_PREFIX + "CONFIG":
+                name = key[len(ENV_PREFIX) :].lower()
+                if name not in fields:
+                    raise ConfigError(f"unknown setting {key}")
+                merged[name] = value if value != "" else None
+        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        try:
+            return msgspec.convert(merged, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from exc
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes a child process load exactly these settings."""
+        env: dict[str, str] = {}
+        for name, value in msgspec.structs.asdict(self).items():
+            if value is None:
+                continue
+            env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+
+def _read_toml(env: Any) -> dict[str, Any]:
+    path_str = env.get(ENV_PREFIX + "CONFIG")
+    path = Path(path_str) if path_str else Path("ordergate.toml")
+    if not path.exists():
+        if path_str:
+            raise ConfigError(f"config file {path} does not exist")
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    table = data.get("ordergate", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [ordergate] must be a table")
+    return dict(table)

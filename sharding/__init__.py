@@ -1,0 +1,17 @@
+"""Routing of orders to stream shards and Postgres partitions, shared by gateway and workers.
+
+Pure functions: no I/O, no asyncio. See ``routing`` for the rules and ``ids`` for the ids that
+carry their shard.
+"""
+
+from sharding.ids import new_order_id, shard_of_order_id
+from sharding.routing import partition_for, partition_table, shard_for, shards_of_worker
+
+__all__ = [
+    "new_order_id",
+    "partition_for",
+    "partition_table",
+    "shard_for",
+    "shard_of_order_id",
+    "shards_of_worker",
+]

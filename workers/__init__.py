@@ -1,0 +1,1 @@
+"""Sharded consumers that drain the buffer pool into partitioned PostgreSQL, exactly once."""

@@ -1,0 +1,40 @@
+"""asyncpg pools and the sorting of Postgres errors into transient and permanent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from workers.errors import PermanentPersistError, TransientPersistError
+
+# SQLSTATE classes that say "not now" rather than "never": connection exceptions, insufficient
+# resources, operator intervention (shutdown, restart), system errors, serialization failures
+# and deadlocks, lock timeouts. Everything else (data exceptions 22, integrity 23, ...) is the
+# data's fault and will fail again.
+_TRANSIENT_CLASSES = {"08", "53", "57", "58", "40", "55", "XX"}
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, command_timeout=30,
+        max_inactive_connection_lifetime=60,
+    )
+
+
+def classify(exc: BaseException) -> TransientPersistError | PermanentPersistError:
+    """Sort an exception raised while talking to Postgres."""
+    if isinstance(exc, TransientPersistError | PermanentPersistError):
+        return exc
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate:
+        if sqlstate[:2] in _TRANSIENT_CLASSES:
+            return TransientPersistError(f"{type(exc).__name__} [{sqlstate}]: {exc}")
+        return PermanentPersistError(f"{type(exc).__name__} [{sqlstate}]: {exc}")
+    # No SQLSTATE: the connection broke, timed out, or the pool is closing.
+    return TransientPersistError(f"{type(exc).__name__}: {exc}")
+
+
+async def ping(pool: Any) -> None:
+    async with pool.acquire(timeout=2) as conn:
+        await conn.fetchval("SELECT 1", timeout=2)

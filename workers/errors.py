@@ -1,0 +1,17 @@
+"""Errors of the workers, sorted so the drain knows whether to retry or to dead-letter."""
+
+
+class WorkerError(Exception):
+    """Base class of every worker error."""
+
+
+class TransientPersistError(WorkerError):
+    """Postgres could not take the batch now (down, restarting, overloaded): retry, never drop."""
+
+
+class PermanentPersistError(WorkerError):
+    """Postgres refuses this data for good (bad value, constraint): dead-letter the culprit."""
+
+
+class MigrationError(WorkerError):
+    """The schema cannot be brought up to date."""

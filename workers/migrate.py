@@ -1,0 +1,77 @@
+"""Numbered schema migrations plus one partition per shard; idempotent and safe to run twice."""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+
+import asyncpg
+
+from sharding.routing import partition_for, partition_table
+from workers.errors import MigrationError
+
+log = logging.getLogger(__name__)
+
+_LOCK_ID = 0x0D6A7E  # one advisory lock so concurrent `migrate` runs take turns
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration shipped with the package, in order."""
+    out = []
+    for entry in resources.files("workers").joinpath("migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            out.append((int(match.group(1)), entry.name, entry.read_text()))
+    out.sort()
+    versions = [v for v, _, _ in out]
+    if len(set(versions)) != len(versions):
+        raise MigrationError("two migrations share a number")
+    return out
+
+
+async def migrate(url: str, shards: int) -> list[str]:
+    """Apply pending migrations and create missing partitions; returns what was done."""
+    done: list[str] = []
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS ordergate_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            applied = {r["version"] for r in await conn.fetch("SELECT version FROM ordergate_migrations")}
+            for version, name, sql in migration_files():
+                if version in applied:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO ordergate_migrations (version, name) VALUES ($1, $2)",
+                        version, name,
+                    )
+                done.append(f"applied {name}")
+                log.info("applied migration %s", name)
+            existing = {
+                r["relname"]
+                for r in await conn.fetch(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                    " JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'orders'"
+                )
+            }
+            for shard in range(shards):
+                table = partition_table(shard)
+                if table not in existing:
+                    await conn.execute(
+                        f"CREATE TABLE IF NOT EXISTS {table} PARTITION OF orders"
+                        f" FOR VALUES IN ({partition_for(shard)})"
+                    )
+                    done.append(f"created partition {table}")
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+    finally:
+        await conn.close()
+    return done

@@ -1,0 +1,146 @@
+"""Write one shard's batch into its Postgres partition, exactly once.
+
+One transaction per batch: a multi-row ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO
+NOTHING`` straight into the shard's partition. Redelivered entries (a worker died between COMMIT
+and XACK) hit the primary key and change nothing; an order whose storefront id was already used
+by a *different* order (its idempotency record had expired) is reported as a rejected duplicate.
+A batch refused for a data reason is split in halves until the culprits are alone, so one poison
+order never holds back the rest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from buffer.message import OrderMessage
+from buffer.order import ORDER_DECODER
+from sharding.routing import partition_table
+from workers.db import classify
+from workers.errors import PermanentPersistError
+
+
+@dataclass(frozen=True, slots=True)
+class Persisted:
+    message: OrderMessage
+    status: str  # committed | rejected
+    at: dt.datetime
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    message: OrderMessage
+    error: str
+
+
+_COLUMNS = (
+    "order_id, storefront_id, storefront_order_id, customer_id, customer_email, currency,"
+    " total_minor, item_count, seq, accepted_at, body"
+)
+
+
+class Persister:
+    """Writes batches of one shard."""
+
+    def __init__(self, pool: Any, shard: int) -> None:
+        self.pool = pool
+        self.shard = shard
+        table = partition_table(shard)
+        self._insert = (
+            f"INSERT INTO {table} (shard, {_COLUMNS})"
+            f" SELECT {shard}::smallint, * FROM unnest($1::text[], $2::text[], $3::text[],"
+            " $4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::bigint[],"
+            " $10::timestamptz[], $11::jsonb[])"
+            " ON CONFLICT DO NOTHING RETURNING order_id, committed_at"
+        )
+        self._existing = (
+            f"SELECT order_id, storefront_id, storefront_order_id, committed_at FROM {table}"
+            " WHERE (storefront_id, storefront_order_id) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[]))"
+        )
+
+    async def write(self, messages: list[OrderMessage]) -> tuple[list[Persisted], list[Refused]]:
+        """Persist ``messages``; raises TransientPersistError if Postgres cannot take them now."""
+        rows: list[tuple[OrderMessage, tuple[Any, ...]]] = []
+        refused: list[Refused] = []
+        for m in messages:
+            try:
+                rows.append((m, _row(m)))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                refused.append(Refused(m, f"order body does not decode: {exc}"))
+        persisted = await self._write_rows(rows, refused)
+        return persisted, refused
+
+    async def _write_rows(
+        self, rows: list[tuple[OrderMessage, tuple[Any, ...]]], refused: list[Refused]
+    ) -> list[Persisted]:
+        if not rows:
+            return []
+        try:
+            return await self._transaction(rows)
+        except Exception as exc:  # noqa: BLE001 - sorted right below
+            error = classify(exc)
+            if not isinstance(error, PermanentPersistError):
+                raise error from exc
+            if len(rows) == 1:
+                refused.append(Refused(rows[0][0], str(error)))
+                return []
+        half = len(rows) // 2
+        first = await self._write_rows(rows[:half], refused)
+        return first + await self._write_rows(rows[half:], refused)
+
+    async def _transaction(self, rows: list[tuple[OrderMessage, tuple[Any, ...]]]) -> list[Persisted]:
+        columns = list(zip(*(r for _, r in rows), strict=True))
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = {
+                r["order_id"]: r["committed_at"] for r in await conn.fetch(self._insert, *columns)
+            }
+            missing = [m for m, _ in rows if m.order_id not in inserted]
+            existing: dict[tuple[str, str], tuple[str, dt.datetime]] = {}
+            if missing:
+                for r in await conn.fetch(
+                    self._existing,
+                    [m.storefront_id for m in missing],
+                    [m.storefront_order_id for m in missing],
+                ):
+                    existing[(r["storefront_id"], r["storefront_order_id"])] = (
+                        r["order_id"], r["committed_at"],
+                    )
+        out: list[Persisted] = []
+        now = dt.datetime.now(dt.UTC)
+        for m, _ in rows:
+            if m.order_id in inserted:
+                out.append(Persisted(m, "committed", inserted[m.order_id]))
+                continue
+            prior = existing.get((m.storefront_id, m.storefront_order_id))
+            if prior is None:
+                # The same order_id exists under another storefront order id: cannot happen
+                # with ids from sharding.ids; refuse rather than guess.
+                raise PermanentPersistError(f"order {m.order_id} conflicts with an existing row")
+            prior_id, prior_at = prior
+            if prior_id == m.order_id:
+                out.append(Persisted(m, "committed", prior_at))  # redelivery of a committed order
+            else:
+                out.append(Persisted(m, "rejected", now, f"duplicate of order {prior_id}"))
+        return out
+
+
+def _row(m: OrderMessage) -> tuple[Any, ...]:
+    order = ORDER_DECODER.decode(m.body)
+    return (
+        m.order_id,
+        m.storefront_id,
+        m.storefront_order_id,
+        order.customer.id,
+        order.customer.email,
+        order.currency,
+        order.total_minor,
+        len(order.items),
+        m.seq,
+        m.accepted_at,
+        m.body.decode(),
+    )
