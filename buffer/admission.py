@@ -228,13 +228,15 @@ class Admitter:
             if isinstance(res, Exception):
                 self._fail(reqs, self._classify(res))
                 continue
-            if durable_error is not None:
-                # Written but not confirmed durable: never a receipt. Keep the lease so twins
-                # wait for it to expire rather than get a receipt for a write that may vanish.
-                self._fail(reqs, durable_error)
-                continue
             for req, reply in zip(reqs, res, strict=True):
                 admission = _decode(reply)
+                if durable_error is not None and admission.outcome is Outcome.ADMITTED:
+                    # Written but not confirmed durable: never a receipt. The lease stays, so
+                    # twins get 409 until it expires rather than a receipt for a write that
+                    # may vanish. (Other outcomes wrote nothing in this batch.)
+                    if not req.future.done():
+                        req.future.set_exception(durable_error)
+                    continue
                 if admission.outcome is Outcome.ADMITTED and self._lease:
                     self._confirms[shard].append(req.keys[0])
                 if not req.future.done():

@@ -19,16 +19,18 @@ def create_redis(
     max_connections: int | None = 64,
     name: str = "ordergate",
 ) -> aioredis.Redis:
-    """An asyncio Redis client with a bounded pool and no automatic retries.
+    """An asyncio Redis client with a bounded, blocking pool and no automatic retries.
 
     Workers that block in XREADGROUP must pass a ``socket_timeout`` above their BLOCK time.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         socket_timeout=socket_timeout,
         socket_connect_timeout=2.0,
         retry=Retry(NoBackoff(), 0),
-        max_connections=max_connections,
+        max_connections=max_connections or 64,
+        timeout=2.0,  # wait this long for a free connection, then fail (never grow unbounded)
         health_check_interval=0,
         client_name=name,
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns and closes the pool

@@ -7,6 +7,7 @@ revoked key stops working within that time.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
@@ -54,6 +55,7 @@ class Authenticator:
         self._redis = redis
         self._hash_key = keys.api_keys()
         self._cache: dict[str, tuple[str | None, float]] = {}
+        self._lookups: dict[str, asyncio.Future[str | None]] = {}
         self._cache_s = cache_s
 
     async def storefront(self, authorization: str | None) -> str:
@@ -63,14 +65,30 @@ class Authenticator:
         digest = hash_key(authorization[7:].strip())
         now = time.monotonic()
         hit = self._cache.get(digest)
-        if hit is None or hit[1] < now:
+        if hit is not None and hit[1] >= now:
+            storefront = hit[0]
+        elif digest in self._lookups:  # single flight: a burst of one key does one lookup
+            storefront = await asyncio.shield(self._lookups[digest])
+        else:
+            storefront = await self._lookup(digest, now)
+        if storefront is None:
+            raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+        return storefront
+
+    async def _lookup(self, digest: str, now: float) -> str | None:
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._lookups[digest] = future
+        try:
             raw = await self._redis.hget(self._hash_key, digest)
             storefront = raw.decode() if raw else None
             if len(self._cache) > 10000:
                 self._cache.clear()
             self._cache[digest] = (storefront, now + (self._cache_s if storefront else 1.0))
-        else:
-            storefront = hit[0]
-        if storefront is None:
-            raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-        return storefront
+            future.set_result(storefront)
+            return storefront
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must
+            raise
+        finally:
+            del self._lookups[digest]

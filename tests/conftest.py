@@ -1,0 +1,179 @@
+"""Real servers for every test: embedded Valkey and PostgreSQL started once per session on free
+ports and temp dirs (or ORDERGATE_TEST_REDIS_URL / ORDERGATE_TEST_DATABASE_URL when set)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from buffer.connection import create_redis
+from buffer.keys import Keys
+from buffer.streams import ensure_streams
+from gateway.app import create_app
+from gateway.auth import create_key
+from ordergate.servers import EmbeddedPostgres, EmbeddedValkey
+from ordergate.settings import Settings
+from workers.migrate import migrate
+from workers.runner import WorkerReport, run_worker
+
+
+@dataclass
+class Servers:
+    redis_url: str
+    database_url: str
+    valkey: EmbeddedValkey | None
+    postgres: EmbeddedPostgres | None
+    data_dir: Path
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    data_dir = tmp_path_factory.mktemp("servers")
+    redis_url = os.environ.get("ORDERGATE_TEST_REDIS_URL")
+    database_url = os.environ.get("ORDERGATE_TEST_DATABASE_URL")
+    valkey = None if redis_url else EmbeddedValkey(data_dir)
+    postgres = None if database_url else EmbeddedPostgres(data_dir)
+    try:
+        if valkey:
+            redis_url = valkey.start()
+        if postgres:
+            database_url = postgres.start()
+        assert redis_url and database_url
+        asyncio.run(migrate(database_url, 8))
+        yield Servers(redis_url, database_url, valkey, postgres, data_dir)
+    finally:
+        if postgres:
+            postgres.stop()
+        if valkey:
+            valkey.stop()
+
+
+def make_settings(servers: Servers, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "redis_url": servers.redis_url,
+        "database_url": servers.database_url,
+        "data_dir": str(servers.data_dir),
+        "shards": 8,
+        "claim_idle_ms": 500,
+        "read_block_ms": 100,
+        "retry_backoff_max_s": 0.5,
+        "log_format": "console",
+    }
+    base.update(overrides)
+    return Settings.load(base, environ={})
+
+
+@pytest.fixture
+def settings(servers: Servers) -> Settings:
+    return make_settings(servers)
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Any]:
+    client = create_redis(settings.redis_url or "")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pg(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=3)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(autouse=True)
+async def clean(servers: Servers) -> None:
+    """Every test starts with an empty buffer pool and an empty orders table."""
+    client = create_redis(servers.redis_url)
+    try:
+        await client.flushall()
+        await ensure_streams(client, Keys(), 8)
+    finally:
+        await client.aclose()
+    conn = await asyncpg.connect(servers.database_url)
+    try:
+        await conn.execute("TRUNCATE orders")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def app_factory(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
+    """Start gateway apps in-process (lifespan included) and give httpx clients for them."""
+    stack: list[Any] = []
+
+    async def start(custom: Settings | None = None) -> httpx.AsyncClient:
+        app = create_app(custom or settings)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://og")
+        stack.append((lifespan, client))
+        return client
+
+    yield start
+    for lifespan, client in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def client(app_factory: Callable[..., Any]) -> httpx.AsyncClient:
+    return await app_factory()
+
+
+@pytest.fixture
+async def api_key(redis: Any) -> str:
+    return await create_key(redis, Keys(), "shop-a")
+
+
+@pytest.fixture
+async def other_key(redis: Any) -> str:
+    return await create_key(redis, Keys(), "shop-b")
+
+
+def order_body(sfo: str | None = None, *, items: int = 2, price: int = 1250, **extra: Any) -> dict[str, Any]:
+    """A valid order document."""
+    lines = [{"sku": f"SKU-{i}", "quantity": i + 1, "unit_price_minor": price} for i in range(items)]
+    body: dict[str, Any] = {
+        "storefront_order_id": sfo or f"so-{uuid.uuid4().hex[:16]}",
+        "customer": {"id": "cust-1", "email": "ada@example.com"},
+        "items": lines,
+        "currency": "EUR",
+        "total_minor": sum(line["quantity"] * line["unit_price_minor"] for line in lines),
+    }
+    body.update(extra)
+    return body
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def drain(settings: Settings) -> WorkerReport:
+    """Run one worker in burst mode: drain everything there is, then return."""
+    return await asyncio.wait_for(run_worker(settings.replace(workers=1), burst=True), 120)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll ``check`` (sync or async) until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value {last!r})")
