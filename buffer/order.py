@@ -23,7 +23,10 @@ Email = Annotated[
 Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
 MinorUnits = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=MAX_QUANTITY)]
-MetaValue = str | int | float | bool | None
+# No NUL anywhere: PostgreSQL's jsonb cannot store \u0000, so such an order could never commit.
+MetaText = Annotated[str, msgspec.Meta(max_length=1024, pattern=r"^[^\x00]*$")]
+MetaValue = MetaText | int | float | bool | None
+MetaKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00]+$")]
 
 
 class Customer(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -43,7 +46,7 @@ class Order(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaul
     items: Annotated[list[Item], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
     currency: Currency
     total_minor: MinorUnits
-    metadata: dict[Annotated[str, msgspec.Meta(max_length=64)], MetaValue] | None = None
+    metadata: dict[MetaKey, MetaValue] | None = None
 
 
 ORDER_DECODER = msgspec.json.Decoder(Order)

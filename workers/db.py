@@ -31,6 +31,9 @@ def classify(exc: BaseException) -> TransientPersistError | PermanentPersistErro
         if sqlstate[:2] in _TRANSIENT_CLASSES:
             return TransientPersistError(f"{type(exc).__name__} [{sqlstate}]: {exc}")
         return PermanentPersistError(f"{type(exc).__name__} [{sqlstate}]: {exc}")
+    if isinstance(exc, asyncpg.DataError | UnicodeError | ValueError | TypeError | OverflowError):
+        # The client library could not encode a value: the data's fault, not the server's.
+        return PermanentPersistError(f"{type(exc).__name__}: {exc}")
     # No SQLSTATE: the connection broke, timed out, or the pool is closing.
     return TransientPersistError(f"{type(exc).__name__}: {exc}")
 

@@ -1,0 +1,25 @@
+"""Worker processes for fault-injection tests: real `ordergate work` processes we can kill -9."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ordergate.settings import Settings
+
+
+def spawn_worker(settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERGATE_")}
+    env.update(settings.to_env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "ordergate", "work", *extra],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def kill9(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait(10)
+    if proc.stderr:
+        proc.stderr.close()
