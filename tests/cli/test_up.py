@@ -1,0 +1,116 @@
+"""`ordergate up` as a user runs it: embedded servers, an order into Postgres, a clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import httpx
+import psutil
+import pytest
+
+from ordergate.servers import free_port
+from tests.conftest import eventually, order_body
+
+COMMANDS = [
+    [], ["up"], ["serve"], ["work"], ["migrate"], ["keys"], ["keys", "create"], ["keys", "list"],
+    ["keys", "revoke"], ["dlq"], ["dlq", "list"], ["dlq", "replay"],
+]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("ORDERGATE_")}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "ordergate")
+def test_every_command_has_help(command: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "ordergate", *command, "--help"],
+                         capture_output=True, text=True, timeout=60, env=_env())
+    assert out.returncode == 0 and "usage: ordergate" in out.stdout
+
+
+def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ordergate", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+async def _run_up_once(cwd: Path, port: int, storefront_order_id: str) -> tuple[str, list[int], str]:
+    """Start `up`, create a key, admit one order, wait for its commit, stop with Ctrl-C."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ordergate", "up", "--port", str(port), "--workers", "2"],
+        cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            async def ready() -> bool:
+                try:
+                    return (await http.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(ready, timeout=60, interval=0.1)
+            runtime = json.loads((cwd / ".ordergate" / "runtime.json").read_text())
+            created = _cli(cwd, "keys", "create", "shop-up")
+            assert created.returncode == 0, created.stderr
+            key = created.stdout.strip()
+            headers = {"Authorization": f"Bearer {key}"}
+            r = await http.post("/v1/orders", json=order_body(storefront_order_id), headers=headers)
+            assert r.status_code == 202, r.text
+            url = r.json()["status_url"]
+
+            async def committed() -> bool:
+                return (await http.get(url, headers=headers)).json()["status"] == "committed"
+
+            await eventually(committed, timeout=30)
+        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(children) >= 4  # valkey, postgres, gateway, 2 workers
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        output, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, output
+        return runtime["database_url"], children, output.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_up_serves_an_order_into_postgres_and_stops_cleanly(tmp_path: Path) -> None:
+    _, children, output = await _run_up_once(tmp_path, free_port(), "up-1")
+    assert "ordergate is up" in output
+    assert not [pid for pid in children if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "orphan processes"
+    assert not (tmp_path / ".ordergate" / "runtime.json").exists()
+    assert (tmp_path / ".ordergate" / "valkey" / "appendonlydir").is_dir()
+
+    # data is kept: a second `up` on the same directory still has the first order
+    await _run_up_once(tmp_path, free_port(), "up-2")
+    migrate = _cli(tmp_path, "migrate")  # no `up` running: the command starts servers itself
+    assert migrate.returncode == 0, migrate.stderr
+    assert "schema is up to date" in migrate.stdout
+    listed = _cli(tmp_path, "keys", "list")
+    assert listed.stdout.count("shop-up") == 2
+    from ordergate.servers import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(tmp_path / ".ordergate")
+    url = pg.start()
+    try:
+        conn = await asyncpg.connect(url)
+        rows = await conn.fetch("SELECT storefront_order_id FROM orders ORDER BY 1")
+        await conn.close()
+    finally:
+        pg.stop()
+    assert [r["storefront_order_id"] for r in rows] == ["up-1", "up-2"]
+
+
+def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    from ordergate.runtime import data_dir_lock
+
+    with data_dir_lock(tmp_path / ".ordergate"):
+        out = _cli(tmp_path, "up", "--port", str(free_port()))
+    assert out.returncode == 2 and "in use" in out.stderr
