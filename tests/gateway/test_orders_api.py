@@ -189,7 +189,8 @@ async def test_invalid_order_names_every_bad_field(client, api_key) -> None:
         (lambda b: b["items"][0].update(unit_price_minor=-1), "#/items/0/unit_price_minor"),
         (lambda b: b.update(metadata={f"k{i}": i for i in range(21)}), "#/metadata"),
         (lambda b: b.update(metadata={"nested": {"a": 1}}), "#/metadata/nested"),
-        (lambda b: b.update(metadata={"big": "x" * 3000}), "#/metadata"),
+        (lambda b: b.update(metadata={"big": "x" * 3000}), "#/metadata/big"),
+        (lambda b: b.update(metadata={f"k{i}": "x" * 900 for i in range(3)}), "#/metadata"),
     ],
 )
 async def test_business_rules_are_422_with_pointer(client, api_key, mutate, pointer) -> None:
