@@ -75,9 +75,7 @@ class ShardConsumer:
         rows = await self.redis.xpending_range(
             self.stream, GROUP, min="-", max="+", count=count, idle=min_idle_ms
         )
-        return [
-            (_s(r["message_id"]), _s(r["consumer"]), int(r["times_delivered"])) for r in rows
-        ]
+        return [(_s(r["message_id"]), _s(r["consumer"]), int(r["times_delivered"])) for r in rows]
 
     async def claim(self, entry_ids: list[str], min_idle_ms: int) -> Batch:
         """Take over stale entries (their delivery count goes up by one)."""
@@ -93,8 +91,12 @@ class ShardConsumer:
         """Reset the idle time of entries this live consumer still works on (no delivery count)."""
         if entry_ids:
             await self.redis.xclaim(
-                self.stream, GROUP, self.consumer, min_idle_time=0,
-                message_ids=entry_ids, justid=True,
+                self.stream,
+                GROUP,
+                self.consumer,
+                min_idle_time=0,
+                message_ids=entry_ids,
+                justid=True,
             )
 
     async def finalize(self, outcomes: list[Outcome], ttl_s: int) -> None:

@@ -43,8 +43,12 @@ class OrderMessage(msgspec.Struct, frozen=True):
 
 
 def admission_args(
-    order_id: str, storefront_id: str, storefront_order_id: str, accepted_at_us: int,
-    fingerprint: bytes, body: bytes,
+    order_id: str,
+    storefront_id: str,
+    storefront_order_id: str,
+    accepted_at_us: int,
+    fingerprint: bytes,
+    body: bytes,
 ) -> tuple[str | bytes | int, ...]:
     """The per-order arguments of the admission script, in the order ``admit.lua`` reads them."""
     return (order_id, storefront_id, storefront_order_id, accepted_at_us, fingerprint, body)

@@ -34,17 +34,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         keys = Keys(settings.key_prefix)
         redis = create_redis(settings.redis_url or "", socket_timeout=5.0, max_connections=64)
-        admitter = Admitter(redis, keys, AdmissionConfig(
-            shards=settings.shards,
-            durability=settings.durability,
-            durability_timeout_ms=settings.durability_timeout_ms,
-            timeout_s=settings.admission_timeout_ms / 1000,
-            max_batch=settings.admission_max_batch,
-            max_inflight_batches=settings.admission_max_inflight_batches,
-            lease_ms=settings.inflight_lease_ms,
-        ))
-        state = GatewayState(settings, keys, redis, admitter,
-                             Authenticator(redis, keys, settings.auth_cache_s))
+        admitter = Admitter(
+            redis,
+            keys,
+            AdmissionConfig(
+                shards=settings.shards,
+                durability=settings.durability,
+                durability_timeout_ms=settings.durability_timeout_ms,
+                timeout_s=settings.admission_timeout_ms / 1000,
+                max_batch=settings.admission_max_batch,
+                max_inflight_batches=settings.admission_max_inflight_batches,
+                lease_ms=settings.inflight_lease_ms,
+            ),
+        )
+        state = GatewayState(
+            settings, keys, redis, admitter, Authenticator(redis, keys, settings.auth_cache_s)
+        )
         app.state.gateway = state
         try:
             await ensure_streams(redis, keys, settings.shards)

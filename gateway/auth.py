@@ -43,8 +43,12 @@ async def revoke_key(redis: Any, keys: Keys, key_or_hash_prefix: str) -> int:
     """Remove a key, given the key or the start of its hash; returns how many were removed."""
     raw = await redis.hkeys(keys.api_keys())
     full = hash_key(key_or_hash_prefix)
-    victims = [h for h in raw if h.decode() == full or (
-        len(key_or_hash_prefix) >= 8 and h.decode().startswith(key_or_hash_prefix))]
+    victims = [
+        h
+        for h in raw
+        if h.decode() == full
+        or (len(key_or_hash_prefix) >= 8 and h.decode().startswith(key_or_hash_prefix))
+    ]
     return await redis.hdel(keys.api_keys(), *victims) if victims else 0
 
 
@@ -60,8 +64,9 @@ class Authenticator:
 
     async def storefront(self, authorization: str | None) -> str:
         if not authorization or not authorization.startswith("Bearer "):
-            raise Unauthorized("send 'Authorization: Bearer <api key>'",
-                               headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthorized(
+                "send 'Authorization: Bearer <api key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
         digest = hash_key(authorization[7:].strip())
         now = time.monotonic()
         hit = self._cache.get(digest)

@@ -32,7 +32,11 @@ class MalformedJson(Problem):
 class OrderIdReused(Problem):
     """Same storefront_order_id, different body (IETF Idempotency-Key draft: 422)."""
 
-    status, type, title = 422, "order-id-reused", "storefront_order_id already used for another order"
+    status, type, title = (
+        422,
+        "order-id-reused",
+        "storefront_order_id already used for another order",
+    )
 
 
 class OrderInFlight(Problem):
@@ -66,7 +70,14 @@ class ServiceUnavailable(Problem):
 PROBLEM_TYPES: dict[str, type[Problem]] = {
     cls.type: cls
     for cls in (
-        InvalidOrder, MalformedJson, OrderIdReused, OrderInFlight, Unauthorized, NotFound,
-        PayloadTooLarge, UnsupportedMediaType, ServiceUnavailable,
+        InvalidOrder,
+        MalformedJson,
+        OrderIdReused,
+        OrderInFlight,
+        Unauthorized,
+        NotFound,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        ServiceUnavailable,
     )
 }

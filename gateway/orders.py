@@ -16,7 +16,11 @@ from buffer.message import admission_args
 from buffer.order import ORDER_ENCODER
 from buffer.status import read_status
 from gateway.errors import (
-    NotFound, OrderIdReused, OrderInFlight, PayloadTooLarge, UnsupportedMediaType,
+    NotFound,
+    OrderIdReused,
+    OrderInFlight,
+    PayloadTooLarge,
+    UnsupportedMediaType,
 )
 from gateway.state import GatewayState
 from gateway.validation import parse_order
@@ -93,18 +97,22 @@ async def create_order(request: Request) -> Response:
     order_id = new_order_id(shard)
     accepted_at_us = time.time_ns() // 1000
     admission = await state.admitter.admit(
-        shard, storefront, sfo,
+        shard,
+        storefront,
+        sfo,
         admission_args(order_id, storefront, sfo, accepted_at_us, fingerprint, canonical),
     )
     if admission.outcome is Outcome.MISMATCH:
         raise OrderIdReused(
             f"storefront_order_id {sfo!r} was already used for order {admission.order_id} "
-            "with a different body", order_id=admission.order_id,
+            "with a different body",
+            order_id=admission.order_id,
         )
     if admission.outcome is Outcome.INFLIGHT:
         raise OrderInFlight(
             f"order {sfo!r} is being admitted by another request; retry shortly",
-            headers={"Retry-After": "1"}, order_id=admission.order_id,
+            headers={"Retry-After": "1"},
+            order_id=admission.order_id,
         )
     receipt = _receipt(admission.order_id, sfo, admission.accepted_at_us)
     created = admission.outcome is Outcome.ADMITTED
@@ -128,9 +136,13 @@ async def get_order(request: Request) -> Response:
         if record.storefront_id != storefront:
             raise NotFound(f"no order {order_id!r}")  # never reveal another storefront's orders
         status = OrderStatus(
-            order_id=order_id, storefront_order_id=record.storefront_order_id,
-            status=record.status, accepted_at=record.accepted_at,
-            committed_at=record.committed_at, rejected_at=record.rejected_at, reason=record.reason,
+            order_id=order_id,
+            storefront_order_id=record.storefront_order_id,
+            status=record.status,
+            accepted_at=record.accepted_at,
+            committed_at=record.committed_at,
+            rejected_at=record.rejected_at,
+            reason=record.reason,
         )
     else:
         status = await _from_postgres(state, shard, order_id, storefront)
@@ -144,11 +156,17 @@ async def _from_postgres(state: GatewayState, shard: int, order_id: str, storefr
     row = await state.pg.fetchrow(
         f"SELECT storefront_order_id, accepted_at, committed_at FROM {partition_table(shard)}"
         " WHERE shard = $1 AND order_id = $2 AND storefront_id = $3",
-        shard, order_id, storefront, timeout=2,
+        shard,
+        order_id,
+        storefront,
+        timeout=2,
     )
     if row is None:
         raise NotFound(f"no order {order_id!r}")
     return OrderStatus(
-        order_id=order_id, storefront_order_id=row["storefront_order_id"], status="committed",
-        accepted_at=row["accepted_at"], committed_at=row["committed_at"],
+        order_id=order_id,
+        storefront_order_id=row["storefront_order_id"],
+        status="committed",
+        accepted_at=row["accepted_at"],
+        committed_at=row["committed_at"],
     )

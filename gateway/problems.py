@@ -31,7 +31,9 @@ def problem_response(problem: Problem, instance: str | None = None) -> Response:
         body["instance"] = instance
     body.update(problem.extra)
     return Response(
-        _encoder.encode(body), status_code=problem.status, media_type=MEDIA_TYPE,
+        _encoder.encode(body),
+        status_code=problem.status,
+        media_type=MEDIA_TYPE,
         headers=problem.headers,
     )
 
@@ -45,8 +47,10 @@ async def on_buffer_unavailable(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BufferUnavailable)
     retry = str(max(1, math.ceil(exc.retry_after)))
     return problem_response(
-        ServiceUnavailable(f"{exc} -- the order was not accepted; retry with the same "
-                           "storefront_order_id", headers={"Retry-After": retry}),
+        ServiceUnavailable(
+            f"{exc} -- the order was not accepted; retry with the same storefront_order_id",
+            headers={"Retry-After": retry},
+        ),
         request.url.path,
     )
 

@@ -46,24 +46,36 @@ def _invalid(errors: list[Error]) -> InvalidOrder:
 
 
 def _pointer(path: list[str | int]) -> str:
-    return "#/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in path) if path else "#"
+    return (
+        "#/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in path) if path else "#"
+    )
 
 
 def _cross_field(order: Order) -> list[Error]:
     errors: list[Error] = []
     if order.currency not in ISO_4217:
-        errors.append({"pointer": "#/currency", "detail": f"{order.currency!r} is not an ISO 4217 currency code"})
+        errors.append(
+            {
+                "pointer": "#/currency",
+                "detail": f"{order.currency!r} is not an ISO 4217 currency code",
+            }
+        )
     total = sum(i.quantity * i.unit_price_minor for i in order.items)
     if total != order.total_minor:
-        errors.append({
-            "pointer": "#/total_minor",
-            "detail": f"must equal the sum of quantity * unit_price_minor over the items ({total})",
-        })
+        errors.append(
+            {
+                "pointer": "#/total_minor",
+                "detail": "must equal the sum of quantity * unit_price_minor over the items"
+                f" ({total})",
+            }
+        )
     if order.metadata is not None:
         if len(order.metadata) > MAX_METADATA_KEYS:
             errors.append({"pointer": "#/metadata", "detail": f"at most {MAX_METADATA_KEYS} keys"})
         elif len(_encoder.encode(order.metadata)) > MAX_METADATA_BYTES:
-            errors.append({"pointer": "#/metadata", "detail": f"at most {MAX_METADATA_BYTES} bytes of JSON"})
+            errors.append(
+                {"pointer": "#/metadata", "detail": f"at most {MAX_METADATA_BYTES} bytes of JSON"}
+            )
     return errors
 
 
@@ -116,7 +128,9 @@ def _check(value: Any, tp: Any, path: list[str | int], errors: list[Error]) -> N
         for name, f in fields.items():
             if name not in value:
                 if f.required:
-                    errors.append({"pointer": _pointer([*path, name]), "detail": "required field is missing"})
+                    errors.append(
+                        {"pointer": _pointer([*path, name]), "detail": "required field is missing"}
+                    )
             else:
                 _check(value[name], f.type, [*path, name], errors)
         return
@@ -129,8 +143,9 @@ def _check(value: Any, tp: Any, path: list[str | int], errors: list[Error]) -> N
         for i, item in enumerate(value):
             _check(item, get_args(base)[0], [*path, i], errors)
         return
-    if _dict_args(base) and isinstance(value, dict):
-        key_tp, value_tp = _dict_args(base)
+    dict_args = _dict_args(base)
+    if dict_args is not None and isinstance(value, dict):
+        key_tp, value_tp = dict_args
         for k, v in value.items():
             for part, part_tp in ((k, key_tp), (v, value_tp)):
                 try:

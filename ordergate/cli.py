@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -38,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     def data_dir_opt(q: argparse.ArgumentParser) -> None:
         q.add_argument("--data-dir", help="where embedded servers keep data (default ./.ordergate)")
 
-    up = add("up", "Start everything: embedded Valkey and PostgreSQL (unless URLs are "
-                   "configured), the schema, the gateway and the workers; Ctrl-C stops it all.")
+    up = add(
+        "up",
+        "Start everything: embedded Valkey and PostgreSQL (unless URLs are "
+        "configured), the schema, the gateway and the workers; Ctrl-C stops it all.",
+    )
     gateway_opts(up)
     up.add_argument("--workers", type=int, help="worker processes (default 1)")
     data_dir_opt(up)
@@ -51,8 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     work = add("work", "Run workers only: drain the buffer into PostgreSQL.")
     work.add_argument("--workers", type=int, help="worker processes (default 1)")
     work.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    work.add_argument("--burst", action="store_true",
-                      help="drain until the buffer is empty, print counts as JSON, exit")
+    work.add_argument(
+        "--burst",
+        action="store_true",
+        help="drain until the buffer is empty, print counts as JSON, exit",
+    )
     data_dir_opt(work)
 
     mig = add("migrate", "Create or update the PostgreSQL schema and partitions, and the streams.")
@@ -60,27 +65,42 @@ def _parser() -> argparse.ArgumentParser:
 
     keys = add("keys", "Manage storefront API keys.")
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    kc = ksub.add_parser("create", help="print a new API key for a storefront",
-                         description="Print a new API key for STOREFRONT_ID (stored hashed).")
+    kc = ksub.add_parser(
+        "create",
+        help="print a new API key for a storefront",
+        description="Print a new API key for STOREFRONT_ID (stored hashed).",
+    )
     kc.add_argument("storefront_id")
     data_dir_opt(kc)
-    kl = ksub.add_parser("list", help="list keys (hash prefix and storefront)",
-                         description="List keys: hash prefix and storefront.")
+    kl = ksub.add_parser(
+        "list",
+        help="list keys (hash prefix and storefront)",
+        description="List keys: hash prefix and storefront.",
+    )
     data_dir_opt(kl)
-    kr = ksub.add_parser("revoke", help="revoke a key (the key, or its hash prefix)",
-                         description="Revoke a key, given the key or its listed hash prefix.")
+    kr = ksub.add_parser(
+        "revoke",
+        help="revoke a key (the key, or its hash prefix)",
+        description="Revoke a key, given the key or its listed hash prefix.",
+    )
     kr.add_argument("key")
     data_dir_opt(kr)
 
     dlq = add("dlq", "Show and re-queue dead-lettered orders.")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    dl = dsub.add_parser("list", help="list dead letters with their errors",
-                         description="List dead letters with their errors.")
+    dl = dsub.add_parser(
+        "list",
+        help="list dead letters with their errors",
+        description="List dead letters with their errors.",
+    )
     dl.add_argument("--limit", type=int, default=100, help="per shard (default 100)")
     dl.add_argument("--json", action="store_true", help="print JSON")
     data_dir_opt(dl)
-    dr = dsub.add_parser("replay", help="put dead letters back into the buffer",
-                         description="Put dead letters back into their shard's stream.")
+    dr = dsub.add_parser(
+        "replay",
+        help="put dead letters back into the buffer",
+        description="Put dead letters back into their shard's stream.",
+    )
     dr.add_argument("ids", nargs="*", help="dead letters as listed (SHARD/ID); none with --all")
     dr.add_argument("--all", action="store_true", help="replay every dead letter")
     data_dir_opt(dr)
@@ -129,10 +149,13 @@ def _live_urls(settings: Settings) -> Settings:
         return settings
     live = read_runtime(settings.data_path)
     if live is None:
-        raise OrdergateError("no servers: set ORDERGATE_REDIS_URL and ORDERGATE_DATABASE_URL, "
-                             "or run `ordergate up`")
-    return settings.replace(redis_url=settings.redis_url or live["redis_url"],
-                            database_url=settings.database_url or live["database_url"])
+        raise OrdergateError(
+            "no servers: set ORDERGATE_REDIS_URL and ORDERGATE_DATABASE_URL, or run `ordergate up`"
+        )
+    return settings.replace(
+        redis_url=settings.redis_url or live["redis_url"],
+        database_url=settings.database_url or live["database_url"],
+    )
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -141,10 +164,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     settings = _live_urls(settings)
     os.environ.update(settings.to_env())  # each uvicorn worker process rebuilds the settings
     uvicorn.run(
-        "gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
+        "gateway.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
         workers=settings.processes if settings.processes > 1 else None,
-        loop="uvloop", http="httptools", lifespan="on", access_log=False,
-        log_config=None, timeout_graceful_shutdown=10,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=10,
     )
     return 0
 
@@ -159,11 +189,19 @@ def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
         return Supervisor(settings, gateway=False, migrate=False).run()
     if args.burst:
         settings = settings.replace(workers=1)
-    report = _run(run_worker(settings, args.worker_index or 0, burst=args.burst,
-                             install_signals=True))
+    report = _run(
+        run_worker(settings, args.worker_index or 0, burst=args.burst, install_signals=True)
+    )
     if args.burst:
-        print(json.dumps({"committed": report.committed, "rejected": report.rejected,
-                          "dead_lettered": report.dead_lettered}))
+        print(
+            json.dumps(
+                {
+                    "committed": report.committed,
+                    "rejected": report.rejected,
+                    "dead_lettered": report.dead_lettered,
+                }
+            )
+        )
     return 0
 
 
@@ -175,6 +213,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from workers.migrate import migrate
 
     with resolved(settings) as s:
+
         async def go() -> list[str]:
             done = await migrate(s.database_url or "", s.shards)
             redis = create_redis(s.redis_url or "")
@@ -195,6 +234,7 @@ def _with_redis(settings: Settings, fn: Callable[[Any, Any, Settings], Awaitable
     from ordergate.runtime import resolved
 
     with resolved(settings) as s:
+
         async def go() -> Any:
             redis = create_redis(s.redis_url or "")
             try:
@@ -214,8 +254,10 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError as exc:
             raise OrdergateError(str(exc)) from None
         print(key)
-        print(f"(API key for storefront {args.storefront_id!r}; shown once, stored hashed)",
-              file=sys.stderr)
+        print(
+            f"(API key for storefront {args.storefront_id!r}; shown once, stored hashed)",
+            file=sys.stderr,
+        )
     elif args.keys_command == "list":
         for prefix, storefront in _with_redis(settings, lambda r, k, s: auth.list_keys(r, k)):
             print(f"{prefix}  {storefront}")
@@ -232,15 +274,18 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.dlq_command == "list":
         letters = _with_redis(
-            settings, lambda r, k, s: deadletters.list_dead_letters(r, k, s.shards, args.limit))
+            settings, lambda r, k, s: deadletters.list_dead_letters(r, k, s.shards, args.limit)
+        )
         if args.json:
             print(msgspec.json.encode(letters).decode())
         elif not letters:
             print("no dead letters")
         else:
             for d in letters:
-                print(f"{d.handle}  shard {d.shard}  order {d.order_id or '-'}  "
-                      f"deliveries {d.deliveries}  {d.failed_at:%Y-%m-%d %H:%M:%S}Z\n    {d.error}")
+                print(
+                    f"{d.handle}  shard {d.shard}  order {d.order_id or '-'}  "
+                    f"deliveries {d.deliveries}  {d.failed_at:%Y-%m-%d %H:%M:%S}Z\n    {d.error}"
+                )
         return 0
     if not args.all and not args.ids:
         raise OrdergateError("name dead-letter ids, or pass --all")

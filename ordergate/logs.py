@@ -12,7 +12,8 @@ def configure(level: str = "info", fmt: str = "auto", process: str = "ordergate"
     """Route stdlib logging through structlog's formatter, once per process."""
     json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json_out
+        structlog.processors.JSONRenderer()
+        if json_out
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     shared: list[structlog.types.Processor] = [
@@ -24,8 +25,9 @@ def configure(level: str = "info", fmt: str = "auto", process: str = "ordergate"
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         processors=[
-            lambda _, __, event: {k: v for k, v in {**event, "process": process}.items()
-                                  if k != "color_message"},
+            lambda _, __, event: {
+                k: v for k, v in {**event, "process": process}.items() if k != "color_message"
+            },
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             renderer,
         ],

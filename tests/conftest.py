@@ -142,9 +142,13 @@ async def other_key(redis: Any) -> str:
     return await create_key(redis, Keys(), "shop-b")
 
 
-def order_body(sfo: str | None = None, *, items: int = 2, price: int = 1250, **extra: Any) -> dict[str, Any]:
+def order_body(
+    sfo: str | None = None, *, items: int = 2, price: int = 1250, **extra: Any
+) -> dict[str, Any]:
     """A valid order document."""
-    lines = [{"sku": f"SKU-{i}", "quantity": i + 1, "unit_price_minor": price} for i in range(items)]
+    lines = [
+        {"sku": f"SKU-{i}", "quantity": i + 1, "unit_price_minor": price} for i in range(items)
+    ]
     body: dict[str, Any] = {
         "storefront_order_id": sfo or f"so-{uuid.uuid4().hex[:16]}",
         "customer": {"id": "cust-1", "email": "ada@example.com"},
@@ -165,7 +169,9 @@ async def drain(settings: Settings) -> WorkerReport:
     return await asyncio.wait_for(run_worker(settings.replace(workers=1), burst=True), 120)
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+async def eventually(
+    check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05
+) -> Any:
     """Poll ``check`` (sync or async) until it returns a truthy value or the deadline passes."""
     deadline = time.monotonic() + timeout
     last: Any = None

@@ -17,7 +17,10 @@ _TRANSIENT_CLASSES = {"08", "53", "57", "58", "40", "55", "XX"}
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     return await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, command_timeout=30,
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        command_timeout=30,
         max_inactive_connection_lifetime=60,
     )
 

@@ -43,7 +43,9 @@ async def migrate(url: str, shards: int) -> list[str]:
                 " version integer PRIMARY KEY, name text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            applied = {r["version"] for r in await conn.fetch("SELECT version FROM ordergate_migrations")}
+            applied = {
+                r["version"] for r in await conn.fetch("SELECT version FROM ordergate_migrations")
+            }
             for version, name, sql in migration_files():
                 if version in applied:
                     continue
@@ -51,7 +53,8 @@ async def migrate(url: str, shards: int) -> list[str]:
                     await conn.execute(sql)
                     await conn.execute(
                         "INSERT INTO ordergate_migrations (version, name) VALUES ($1, $2)",
-                        version, name,
+                        version,
+                        name,
                     )
                 done.append(f"applied {name}")
                 log.info("applied migration %s", name)

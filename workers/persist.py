@@ -93,7 +93,9 @@ class Persister:
         first = await self._write_rows(rows[:half], refused)
         return first + await self._write_rows(rows[half:], refused)
 
-    async def _transaction(self, rows: list[tuple[OrderMessage, tuple[Any, ...]]]) -> list[Persisted]:
+    async def _transaction(
+        self, rows: list[tuple[OrderMessage, tuple[Any, ...]]]
+    ) -> list[Persisted]:
         columns = list(zip(*(r for _, r in rows), strict=True))
         async with self.pool.acquire() as conn, conn.transaction():
             inserted = {
@@ -108,7 +110,8 @@ class Persister:
                     [m.storefront_order_id for m in missing],
                 ):
                     existing[(r["storefront_id"], r["storefront_order_id"])] = (
-                        r["order_id"], r["committed_at"],
+                        r["order_id"],
+                        r["committed_at"],
                     )
         out: list[Persisted] = []
         now = dt.datetime.now(dt.UTC)

@@ -104,8 +104,13 @@ async def run_worker(
             health.cancel()
             await asyncio.gather(health, return_exceptions=True)
             await _quietly_delete(redis, keys.worker_health(consumer))
-        log.info("worker %s stopped: %d committed, %d rejected, %d dead-lettered",
-                 consumer, report.committed, report.rejected, report.dead_lettered)
+        log.info(
+            "worker %s stopped: %d committed, %d rejected, %d dead-lettered",
+            consumer,
+            report.committed,
+            report.rejected,
+            report.dead_lettered,
+        )
         return report
     finally:
         await pool.close()
@@ -118,9 +123,11 @@ async def _pool_when_ready(settings: Settings, shards: int, stop: asyncio.Event)
     while not stop.is_set():
         try:
             return await create_pool(
-                settings.database_url or "", min_size=1, max_size=min(settings.pg_pool_size, shards + 1)
+                settings.database_url or "",
+                min_size=1,
+                max_size=min(settings.pg_pool_size, shards + 1),
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             attempt += 1
             log.warning("Postgres not reachable (%r); retrying", exc)
         except Exception as exc:  # noqa: BLE001 - e.g. "the database system is starting up"
@@ -148,8 +155,14 @@ async def _until_ok(factory, stop: asyncio.Event) -> None:  # type: ignore[no-un
                 pass
 
 
-async def _heartbeat(redis, keys: Keys, consumer: str, report: WorkerReport,  # type: ignore[no-untyped-def]
-                     settings: Settings, stop: asyncio.Event) -> None:
+async def _heartbeat(
+    redis,
+    keys: Keys,
+    consumer: str,
+    report: WorkerReport,  # type: ignore[no-untyped-def]
+    settings: Settings,
+    stop: asyncio.Event,
+) -> None:
     """A health key with a TTL: present while this worker lives, gone soon after it dies."""
     while not stop.is_set():
         body = {
@@ -161,7 +174,9 @@ async def _heartbeat(redis, keys: Keys, consumer: str, report: WorkerReport,  # 
             "at": time.time(),
         }
         try:
-            await redis.set(keys.worker_health(consumer), json.dumps(body), ex=settings.health_ttl_s)
+            await redis.set(
+                keys.worker_health(consumer), json.dumps(body), ex=settings.health_ttl_s
+            )
         except Exception:  # noqa: BLE001 - health is best effort
             log.debug("heartbeat failed", exc_info=True)
         try:

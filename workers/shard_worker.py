@@ -131,12 +131,21 @@ class ShardWorker:
             return
         hopeless = [s for s in stale if s[2] >= self.config.max_deliveries]
         if hopeless:
-            log.error("shard %d: %d entries delivered %d+ times; dead-lettering",
-                      self.shard, len(hopeless), self.config.max_deliveries)
+            log.error(
+                "shard %d: %d entries delivered %d+ times; dead-lettering",
+                self.shard,
+                len(hopeless),
+                self.config.max_deliveries,
+            )
             await self.consumer.dead_letter(
                 [
-                    Poison(eid, await self._order_id_of(eid), f"delivered {n} times without "
-                           "being committed (its consumers died each time)", n)
+                    Poison(
+                        eid,
+                        await self._order_id_of(eid),
+                        f"delivered {n} times without "
+                        "being committed (its consumers died each time)",
+                        n,
+                    )
                     for eid, _, n in hopeless
                 ]
             )
@@ -157,8 +166,9 @@ class ShardWorker:
 
     async def _process(self, batch: Batch, stop: asyncio.Event) -> None:
         if batch.poison:
-            log.error("shard %d: %d malformed entries -> dead letters", self.shard,
-                      len(batch.poison))
+            log.error(
+                "shard %d: %d malformed entries -> dead letters", self.shard, len(batch.poison)
+            )
             await self.consumer.dead_letter(batch.poison)
             self.stats.dead_lettered += len(batch.poison)
         if not batch.messages:
@@ -169,8 +179,11 @@ class ShardWorker:
         outcomes = [
             Outcome(p.message, p.status, int(p.at.timestamp() * 1e6), p.reason) for p in persisted
         ]
-        await self._settle(outcomes, [Poison(r.message.entry_id, r.message.order_id, r.error)
-                                      for r in refused], stop)
+        await self._settle(
+            outcomes,
+            [Poison(r.message.entry_id, r.message.order_id, r.error) for r in refused],
+            stop,
+        )
         self.stats.batches += 1
         self.stats.committed += sum(1 for o in outcomes if o.status == "committed")
         self.stats.rejected += sum(1 for o in outcomes if o.status != "committed")
@@ -185,8 +198,12 @@ class ShardWorker:
                 self.stats.transient_errors += 1
                 attempt += 1
                 if attempt == 1 or attempt % 20 == 0:
-                    log.warning("shard %d: Postgres unavailable (%s); batch of %d kept, retrying",
-                                self.shard, exc, len(messages))
+                    log.warning(
+                        "shard %d: Postgres unavailable (%s); batch of %d kept, retrying",
+                        self.shard,
+                        exc,
+                        len(messages),
+                    )
                 expire = getattr(self.pool, "expire_connections", None)
                 if expire is not None:
                     await expire()
@@ -194,7 +211,9 @@ class ShardWorker:
                 if await _sleep_or_stop(stop, backoff(attempt, self.config.retry_backoff_max_s)):
                     return None
 
-    async def _settle(self, outcomes: list[Outcome], poison: list[Poison], stop: asyncio.Event) -> None:
+    async def _settle(
+        self, outcomes: list[Outcome], poison: list[Poison], stop: asyncio.Event
+    ) -> None:
         """Finalize in Redis; retried until it works (Postgres already holds the rows)."""
         attempt = 0
         while True:
@@ -204,7 +223,9 @@ class ShardWorker:
                 return
             except (RedisError, OSError) as exc:
                 attempt += 1
-                log.warning("shard %d: cannot settle batch in Redis (%r); retrying", self.shard, exc)
+                log.warning(
+                    "shard %d: cannot settle batch in Redis (%r); retrying", self.shard, exc
+                )
                 if await _sleep_or_stop(stop, backoff(attempt, self.config.retry_backoff_max_s)):
                     return  # left pending: redelivery finds the rows and settles then
 

@@ -18,8 +18,18 @@ from ordergate.servers import free_port
 from tests.conftest import eventually, order_body
 
 COMMANDS = [
-    [], ["up"], ["serve"], ["work"], ["migrate"], ["keys"], ["keys", "create"], ["keys", "list"],
-    ["keys", "revoke"], ["dlq"], ["dlq", "list"], ["dlq", "replay"],
+    [],
+    ["up"],
+    ["serve"],
+    ["work"],
+    ["migrate"],
+    ["keys"],
+    ["keys", "create"],
+    ["keys", "list"],
+    ["keys", "revoke"],
+    ["dlq"],
+    ["dlq", "list"],
+    ["dlq", "replay"],
 ]
 
 
@@ -29,25 +39,42 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "ordergate")
 def test_every_command_has_help(command: list[str]) -> None:
-    out = subprocess.run([sys.executable, "-m", "ordergate", *command, "--help"],
-                         capture_output=True, text=True, timeout=60, env=_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "ordergate", *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
     assert out.returncode == 0 and "usage: ordergate" in out.stdout
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ordergate", *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ordergate", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-async def _run_up_once(cwd: Path, port: int, storefront_order_id: str) -> tuple[str, list[int], str]:
+async def _run_up_once(
+    cwd: Path, port: int, storefront_order_id: str
+) -> tuple[str, list[int], str]:
     """Start `up`, create a key, admit one order, wait for its commit, stop with Ctrl-C."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ordergate", "up", "--port", str(port), "--workers", "2"],
-        cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+
             async def ready() -> bool:
                 try:
                     return (await http.get("/readyz")).status_code == 200
@@ -83,8 +110,11 @@ async def _run_up_once(cwd: Path, port: int, storefront_order_id: str) -> tuple[
 async def test_up_serves_an_order_into_postgres_and_stops_cleanly(tmp_path: Path) -> None:
     _, children, output = await _run_up_once(tmp_path, free_port(), "up-1")
     assert "ordergate is up" in output
-    assert not [pid for pid in children if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "orphan processes"
+    assert not [
+        pid
+        for pid in children
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ], "orphan processes"
     assert not (tmp_path / ".ordergate" / "runtime.json").exists()
     assert (tmp_path / ".ordergate" / "valkey" / "appendonlydir").is_dir()
 
@@ -114,3 +144,40 @@ def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
     with data_dir_lock(tmp_path / ".ordergate"):
         out = _cli(tmp_path, "up", "--port", str(free_port()))
     assert out.returncode == 2 and "in use" in out.stderr
+
+
+async def test_up_with_configured_urls_starts_no_servers(tmp_path: Path, servers) -> None:
+    """ORDERGATE_REDIS_URL / ORDERGATE_DATABASE_URL set: `up` runs gateway and workers only."""
+    port = free_port()
+    env = {
+        **_env(),
+        "ORDERGATE_REDIS_URL": servers.redis_url,
+        "ORDERGATE_DATABASE_URL": servers.database_url,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ordergate", "up", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+
+            async def ready() -> bool:
+                try:
+                    return (await http.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(ready, timeout=60, interval=0.1)
+        names = {c.name() for c in psutil.Process(proc.pid).children(recursive=True)}
+        assert not {"valkey-server", "postgres"} & names
+        assert not (tmp_path / ".ordergate" / "valkey").exists()
+        assert not (tmp_path / ".ordergate" / "postgres").exists()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -16,7 +16,9 @@ async def test_whole_path_n_orders_become_exactly_n_rows(client, api_key, settin
     responses = await asyncio.gather(
         *(client.post("/v1/orders", json=b, headers=auth(api_key)) for b in bodies)
     )
-    assert [r.status_code for r in responses] == [202] * 120, [r.text for r in responses if r.status_code != 202][:2]
+    assert [r.status_code for r in responses] == [202] * 120, [
+        r.text for r in responses if r.status_code != 202
+    ][:2]
     receipts = [r.json() for r in responses]
     assert all(r["status"] == "queued" for r in receipts)
     assert len({r["order_id"] for r in receipts}) == 120
@@ -24,7 +26,9 @@ async def test_whole_path_n_orders_become_exactly_n_rows(client, api_key, settin
     report = await drain(settings)
     assert report.committed == 120
 
-    rows = await pg.fetch("SELECT order_id, storefront_order_id, total_minor, shard, body FROM orders")
+    rows = await pg.fetch(
+        "SELECT order_id, storefront_order_id, total_minor, shard, body FROM orders"
+    )
     assert len(rows) == 120
     by_id = {r["order_id"]: r for r in rows}
     for body, receipt in zip(bodies, receipts, strict=True):
@@ -60,14 +64,19 @@ async def test_resubmission_returns_the_original_receipt(client, api_key, settin
     again = await client.post("/v1/orders", json=body, headers=auth(api_key))
     # same content, other key order and spacing: still the same order
     reordered = await client.post(
-        "/v1/orders", content=_reordered_json(body), headers={**auth(api_key), "content-type": "application/json"}
+        "/v1/orders",
+        content=_reordered_json(body),
+        headers={**auth(api_key), "content-type": "application/json"},
     )
     assert first.status_code == 202
     assert again.status_code == 200 and again.json() == first.json()
     assert reordered.status_code == 200 and reordered.json() == first.json()
     await drain(settings)
     after_commit = await client.post("/v1/orders", json=body, headers=auth(api_key))
-    assert after_commit.status_code == 200 and after_commit.json()["order_id"] == first.json()["order_id"]
+    assert (
+        after_commit.status_code == 200
+        and after_commit.json()["order_id"] == first.json()["order_id"]
+    )
     assert await pg.fetchval("SELECT count(*) FROM orders") == 1
 
 
@@ -87,7 +96,9 @@ async def test_concurrent_twins_create_one_order(client, api_key, settings, pg) 
 
 async def test_same_id_with_a_different_body_is_422(client, api_key) -> None:
     first = await client.post("/v1/orders", json=order_body("X-1"), headers=auth(api_key))
-    changed = await client.post("/v1/orders", json=order_body("X-1", price=999), headers=auth(api_key))
+    changed = await client.post(
+        "/v1/orders", json=order_body("X-1", price=999), headers=auth(api_key)
+    )
     assert changed.status_code == 422
     assert changed.headers["content-type"] == "application/problem+json"
     problem = changed.json()
@@ -96,12 +107,16 @@ async def test_same_id_with_a_different_body_is_422(client, api_key) -> None:
     assert "X-1" in problem["detail"]
 
 
-async def test_twin_in_flight_is_409_until_durable(app_factory, servers, api_key, settings, pg) -> None:
+async def test_twin_in_flight_is_409_until_durable(
+    app_factory, servers, api_key, settings, pg
+) -> None:
     """durability=replica with no replica: the write lands but is never confirmed, so the gateway
     answers 503 and the idempotency lease makes the retry a 409 until the lease expires."""
     from tests.conftest import eventually, make_settings
 
-    custom = make_settings(servers, durability="replica", durability_timeout_ms=50, inflight_lease_ms=1500)
+    custom = make_settings(
+        servers, durability="replica", durability_timeout_ms=50, inflight_lease_ms=1500
+    )
     client = await app_factory(custom)
     body = order_body("lease-1")
     first = await client.post("/v1/orders", json=body, headers=auth(api_key))
@@ -120,7 +135,9 @@ async def test_twin_in_flight_is_409_until_durable(app_factory, servers, api_key
     r = await eventually(receipt, timeout=10, interval=0.2)
     assert r.json()["order_id"] == twin.json()["order_id"]
     await drain(settings)
-    assert await pg.fetchval("SELECT count(*) FROM orders WHERE storefront_order_id = 'lease-1'") == 1
+    assert (
+        await pg.fetchval("SELECT count(*) FROM orders WHERE storefront_order_id = 'lease-1'") == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -134,11 +151,14 @@ async def test_twin_in_flight_is_409_until_durable(app_factory, servers, api_key
         ({"content-type": "application/json"}, b"x" * 70000, 413, "payload-too-large"),
     ],
 )
-async def test_error_statuses_are_problem_json(client, api_key, headers, content, status, ptype) -> None:
+async def test_error_statuses_are_problem_json(
+    client, api_key, headers, content, status, ptype
+) -> None:
     h = {**auth(api_key), "content-type": "application/json", **headers}
     if "Authorization" in headers or headers == {}:
         h = {k: v for k, v in h.items() if k != "Authorization"} | {
-            k: v for k, v in headers.items() if k == "Authorization"}
+            k: v for k, v in headers.items() if k == "Authorization"
+        }
     r = await client.post("/v1/orders", content=content, headers=h)
     assert r.status_code == status
     assert r.headers["content-type"] == "application/problem+json"
@@ -152,8 +172,11 @@ async def test_chunked_body_over_the_limit_is_413(client, api_key) -> None:
         for _ in range(20):
             yield b"x" * 4096
 
-    r = await client.post("/v1/orders", content=chunks(),
-                          headers={**auth(api_key), "content-type": "application/json"})
+    r = await client.post(
+        "/v1/orders",
+        content=chunks(),
+        headers={**auth(api_key), "content-type": "application/json"},
+    )
     assert r.status_code == 413
 
 
@@ -171,8 +194,12 @@ async def test_invalid_order_names_every_bad_field(client, api_key) -> None:
     assert problem["type"] == "/problems/invalid-order"
     pointers = {e["pointer"] for e in problem["errors"]}
     assert pointers == {
-        "#/items/0/quantity", "#/items/1/unit_price_minor", "#/currency",
-        "#/customer/email", "#/customer/id", "#/surprise",
+        "#/items/0/quantity",
+        "#/items/1/unit_price_minor",
+        "#/currency",
+        "#/customer/email",
+        "#/customer/id",
+        "#/surprise",
     }
 
 
@@ -203,7 +230,9 @@ async def test_business_rules_are_422_with_pointer(client, api_key, mutate, poin
 
 async def test_tenant_isolation(client, api_key, other_key, settings, pg) -> None:
     mine = await client.post("/v1/orders", json=order_body("shared-id"), headers=auth(api_key))
-    theirs = await client.post("/v1/orders", json=order_body("shared-id", price=7), headers=auth(other_key))
+    theirs = await client.post(
+        "/v1/orders", json=order_body("shared-id", price=7), headers=auth(other_key)
+    )
     assert mine.status_code == theirs.status_code == 202  # ids are per storefront
     assert mine.json()["order_id"] != theirs.json()["order_id"]
     peek = await client.get(mine.json()["status_url"], headers=auth(other_key))
@@ -211,7 +240,9 @@ async def test_tenant_isolation(client, api_key, other_key, settings, pg) -> Non
     await drain(settings)
     peek = await client.get(mine.json()["status_url"], headers=auth(other_key))
     assert peek.status_code == 404
-    rows = await pg.fetch("SELECT storefront_id FROM orders WHERE storefront_order_id = 'shared-id'")
+    rows = await pg.fetch(
+        "SELECT storefront_id FROM orders WHERE storefront_order_id = 'shared-id'"
+    )
     assert sorted(r["storefront_id"] for r in rows) == ["shop-a", "shop-b"]
 
 

@@ -8,12 +8,13 @@ from sharding import new_order_id, partition_table, shard_for, shard_of_order_id
 
 
 def test_shard_is_a_stable_hash_of_the_pair() -> None:
-    expected = int.from_bytes(
-        hashlib.blake2b(b"shop-a\x00A-1", digest_size=8).digest(), "big") % 8
+    expected = int.from_bytes(hashlib.blake2b(b"shop-a\x00A-1", digest_size=8).digest(), "big") % 8
     assert shard_for("shop-a", "A-1", 8) == expected
     assert shard_for("shop-a", "A-1", 8) == shard_for("shop-a", "A-1", 8)
     # the separator keeps ("ab", "c") and ("a", "bc") apart
-    assert {shard_for("ab", f"c{i}", 64) for i in range(50)} != {shard_for("a", f"bc{i}", 64) for i in range(50)}
+    assert {shard_for("ab", f"c{i}", 64) for i in range(50)} != {
+        shard_for("a", f"bc{i}", 64) for i in range(50)
+    }
 
 
 def test_one_hot_storefront_spreads_over_every_shard() -> None:
@@ -28,7 +29,13 @@ def test_order_ids_carry_their_shard() -> None:
         oid = new_order_id(shard)
         assert shard_of_order_id(oid, 200) == shard
     assert shard_of_order_id(new_order_id(9), 8) is None  # a shard this deployment does not have
-    for bad in ("", "ord_", "ord_x_01m880chz12z60f00n5cz923dt", "ord_1_short", "ord_1_01m880chz12z60f00n5cz923dU"):
+    for bad in (
+        "",
+        "ord_",
+        "ord_x_01m880chz12z60f00n5cz923dt",
+        "ord_1_short",
+        "ord_1_01m880chz12z60f00n5cz923dU",
+    ):
         assert shard_of_order_id(bad, 8) is None
     a, b = new_order_id(1, now_ms=1000), new_order_id(1, now_ms=2000)
     assert a < b  # time-sortable within a shard

@@ -14,7 +14,10 @@ def spawn_worker(settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
     env.update(settings.to_env())
     return subprocess.Popen(
         [sys.executable, "-m", "ordergate", "work", *extra],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
 

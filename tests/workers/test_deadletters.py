@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from buffer.keys import GROUP, Keys
-from tests.conftest import auth, drain, eventually, make_settings, order_body
+from tests.conftest import auth, drain, make_settings, order_body
 
 KEYS = Keys()
 
@@ -18,16 +18,24 @@ KEYS = Keys()
 def cli(settings: Any, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERGATE_")}
     env.update(settings.to_env())
-    return subprocess.run([sys.executable, "-m", "ordergate", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "ordergate", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-async def test_malformed_entry_is_dead_lettered_and_the_rest_commits(client, api_key, settings, redis, pg) -> None:
+async def test_malformed_entry_is_dead_lettered_and_the_rest_commits(
+    client, api_key, settings, redis, pg
+) -> None:
     """Injects: an entry that breaks the message contract (no order id, no body). Audits: it lands
     in the dead-letter stream with its error; the good orders of the same shard commit."""
     await redis.xadd(KEYS.stream(2), {"v": "1", "sf": "shop-a", "garbage": "yes"})
-    good = await asyncio.gather(*(client.post("/v1/orders", json=order_body(), headers=auth(api_key))
-                                  for _ in range(40)))
+    good = await asyncio.gather(
+        *(client.post("/v1/orders", json=order_body(), headers=auth(api_key)) for _ in range(40))
+    )
     report = await drain(settings)
     assert report.committed == 40 and report.dead_lettered == 1
     assert await pg.fetchval("SELECT count(*) FROM orders") == 40
@@ -39,7 +47,9 @@ async def test_malformed_entry_is_dead_lettered_and_the_rest_commits(client, api
     assert all(r.status_code == 202 for r in good)
 
 
-async def test_order_postgres_refuses_is_isolated_from_its_batch(client, api_key, settings, redis, pg) -> None:
+async def test_order_postgres_refuses_is_isolated_from_its_batch(
+    client, api_key, settings, redis, pg
+) -> None:
     """Injects: a CHECK constraint on one partition that refuses one customer, so Postgres itself
     rejects that order in the middle of a batch (SQLSTATE 23514). Audits: the batch is bisected,
     only that order is dead-lettered with the Postgres error, the other orders commit."""
@@ -49,12 +59,15 @@ async def test_order_postgres_refuses_is_isolated_from_its_batch(client, api_key
 
     shard = shard_for("shop-a", "poison-1", 8)
     table = partition_table(shard)
-    await pg.execute(f"ALTER TABLE {table} ADD CONSTRAINT no_refuse CHECK (customer_id <> 'refuse-me')")
+    await pg.execute(
+        f"ALTER TABLE {table} ADD CONSTRAINT no_refuse CHECK (customer_id <> 'refuse-me')"
+    )
     try:
         bodies = [order_body() for _ in range(60)]
         bodies.insert(30, poison)
-        responses = await asyncio.gather(*(client.post("/v1/orders", json=b, headers=auth(api_key))
-                                           for b in bodies))
+        responses = await asyncio.gather(
+            *(client.post("/v1/orders", json=b, headers=auth(api_key)) for b in bodies)
+        )
         assert {r.status_code for r in responses} == {202}
         report = await drain(settings.replace(batch_size=500))
     finally:
@@ -70,16 +83,20 @@ async def test_order_postgres_refuses_is_isolated_from_its_batch(client, api_key
 
 
 async def test_nul_in_metadata_is_refused_at_the_door(client, api_key) -> None:
-    r = await client.post("/v1/orders", json=order_body(metadata={"note": "a\u0000b"}),
-                          headers=auth(api_key))
+    r = await client.post(
+        "/v1/orders", json=order_body(metadata={"note": "a\u0000b"}), headers=auth(api_key)
+    )
     assert r.status_code == 422
     assert "#/metadata/note" in {e["pointer"] for e in r.json()["errors"]}
-    r = await client.post("/v1/orders", json=order_body(metadata={"a\u0000b": 1}),
-                          headers=auth(api_key))
+    r = await client.post(
+        "/v1/orders", json=order_body(metadata={"a\u0000b": 1}), headers=auth(api_key)
+    )
     assert r.status_code == 422
 
 
-async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(client, api_key, servers, redis, pg) -> None:
+async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(
+    client, api_key, servers, redis, pg
+) -> None:
     """Injects: an order taken by consumers that die without acking, max_deliveries (3) times.
     Audits: the next worker dead-letters it with the delivery count; its status says so;
     `ordergate dlq list` shows it and `ordergate dlq replay` re-queues it; it then commits once."""
@@ -109,7 +126,9 @@ async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(client, ap
     replayed = cli(settings, "dlq", "replay", f"{shard}/{letter['id']}")
     assert replayed.returncode == 0 and "re-queued 1" in replayed.stdout
     assert await redis.xlen(KEYS.deadletters(shard)) == 0
-    assert (await client.get(f"/v1/orders/{oid}", headers=auth(api_key))).json()["status"] == "queued"
+    assert (await client.get(f"/v1/orders/{oid}", headers=auth(api_key))).json()[
+        "status"
+    ] == "queued"
 
     report = await drain(settings)
     assert report.committed == 1
@@ -122,8 +141,9 @@ async def test_drain_rate_caps_the_drain(client, api_key, servers, pg) -> None:
     """ORDERGATE_DRAIN_RATE: 300 orders at 100/s cannot drain in under two seconds."""
     import time
 
-    await asyncio.gather(*(client.post("/v1/orders", json=order_body(), headers=auth(api_key))
-                           for _ in range(300)))
+    await asyncio.gather(
+        *(client.post("/v1/orders", json=order_body(), headers=auth(api_key)) for _ in range(300))
+    )
     settings = make_settings(servers, drain_rate=100)
     started = time.monotonic()
     report = await drain(settings)

@@ -15,10 +15,12 @@ from tests.workers.procs import kill9, spawn_worker
 async def _admit(client: Any, key: str, n: int) -> list[dict[str, Any]]:
     receipts: list[dict[str, Any]] = []
     for start in range(0, n, 200):
-        responses = await asyncio.gather(*(
-            client.post("/v1/orders", json=order_body(f"k-{i}"), headers=auth(key))
-            for i in range(start, min(n, start + 200))
-        ))
+        responses = await asyncio.gather(
+            *(
+                client.post("/v1/orders", json=order_body(f"k-{i}"), headers=auth(key))
+                for i in range(start, min(n, start + 200))
+            )
+        )
         assert {r.status_code for r in responses} == {202}
         receipts.extend(r.json() for r in responses)
     return receipts
@@ -56,9 +58,13 @@ async def test_sigkill_in_the_middle_of_a_batch(client, api_key, servers, redis,
     try:
         # the worker has read batches (they are pending) and is stuck inside its INSERT
         await eventually(lambda: _pending(redis), timeout=30)
-        await eventually(lambda: blocker.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE 'INSERT INTO orders_p%'"), timeout=30)
+        await eventually(
+            lambda: blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'INSERT INTO orders_p%'"
+            ),
+            timeout=30,
+        )
         kill9(worker)
     finally:
         await tx.rollback()
@@ -69,8 +75,9 @@ async def test_sigkill_in_the_middle_of_a_batch(client, api_key, servers, redis,
     report = await drain(settings)
     assert report.committed == 400
     await _audit(pg, redis, receipts)
-    statuses = await asyncio.gather(*(client.get(r["status_url"], headers=auth(api_key))
-                                      for r in receipts[:50]))
+    statuses = await asyncio.gather(
+        *(client.get(r["status_url"], headers=auth(api_key)) for r in receipts[:50])
+    )
     assert {s.json()["status"] for s in statuses} == {"committed"}
 
 
@@ -79,8 +86,9 @@ async def test_repeated_sigkill_during_a_drain(client, api_key, servers, redis, 
     reads, inserts, commits and acks, wherever it lands), restarting it each time. Audits: every
     202 order exactly once, nothing pending, nothing dead-lettered."""
     receipts = await _admit(client, api_key, 3000)
-    settings = make_settings(servers, batch_size=100, claim_idle_ms=300, max_deliveries=20,
-                             drain_rate=1500)
+    settings = make_settings(
+        servers, batch_size=100, claim_idle_ms=300, max_deliveries=20, drain_rate=1500
+    )
     kills = 0
     for threshold in (300, 900, 1500, 2100):
         worker = spawn_worker(settings)
