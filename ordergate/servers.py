@@ -254,18 +254,16 @@ class EmbeddedPostgres(_Child):
         self._ensure_database(timeout, log)
         return self.url
 
+    def _conn_args(self) -> list[str]:
+        return ["-h", self.host, "-p", str(self.port), "-U", "postgres"]
+
     def _ensure_database(self, timeout: float, log: Path) -> None:
         deadline = time.monotonic() + timeout
         while True:
             result = subprocess.run(
                 [
                     self._bin("psql"),
-                    "-h",
-                    self.host,
-                    "-p",
-                    str(self.port),
-                    "-U",
-                    "postgres",
+                    *self._conn_args(),
                     "-d",
                     "postgres",
                     "-tAc",
@@ -283,16 +281,7 @@ class EmbeddedPostgres(_Child):
             time.sleep(0.05)
         if result.stdout.strip() != "1":
             subprocess.run(
-                [
-                    self._bin("createdb"),
-                    "-h",
-                    self.host,
-                    "-p",
-                    str(self.port),
-                    "-U",
-                    "postgres",
-                    self.DATABASE,
-                ],
+                [self._bin("createdb"), *self._conn_args(), self.DATABASE],
                 check=True,
                 capture_output=True,
             )

@@ -9,7 +9,9 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 from buffer.connection import create_redis
 from buffer.keys import Keys
@@ -21,6 +23,7 @@ from workers.ratelimit import TokenBucket
 from workers.shard_worker import DrainConfig, ShardStats, ShardWorker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,7 +82,15 @@ async def run_worker(
         max_connections=len(shards) * 2 + 4,
         name=f"ordergate-worker-{index}",
     )
-    pool = await _pool_when_ready(settings, len(shards), stop)
+    pool = await _until_ok(
+        lambda: create_pool(
+            settings.database_url or "",
+            min_size=1,
+            max_size=min(settings.pg_pool_size, len(shards) + 1),
+        ),
+        stop,
+        "Postgres",
+    )
     report = WorkerReport(consumer, shards)
     if pool is None:
         await redis.aclose()
@@ -89,7 +100,7 @@ async def run_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     try:
-        await _until_ok(lambda: ensure_streams(redis, keys, settings.shards), stop)
+        await _until_ok(lambda: ensure_streams(redis, keys, settings.shards), stop, "Redis")
         share = len(shards) / settings.shards
         bucket = TokenBucket(settings.drain_rate * share)
         config = drain_config(settings)
@@ -117,42 +128,22 @@ async def run_worker(
         await redis.aclose()
 
 
-async def _pool_when_ready(settings: Settings, shards: int, stop: asyncio.Event):  # type: ignore[no-untyped-def]
-    """A Postgres pool, waiting (with backoff) while Postgres is not reachable yet."""
+async def _until_ok(
+    factory: Callable[[], Awaitable[T]], stop: asyncio.Event, what: str
+) -> T | None:
+    """``await factory()`` until it succeeds (backoff up to 5 s) or ``stop`` is set."""
     attempt = 0
     while not stop.is_set():
         try:
-            return await create_pool(
-                settings.database_url or "",
-                min_size=1,
-                max_size=min(settings.pg_pool_size, shards + 1),
-            )
-        except (TimeoutError, OSError) as exc:
-            attempt += 1
-            log.warning("Postgres not reachable (%r); retrying", exc)
+            return await factory()
         except Exception as exc:  # noqa: BLE001 - e.g. "the database system is starting up"
             attempt += 1
-            log.warning("Postgres not ready (%r); retrying", exc)
+            log.warning("%s not ready (%r); retrying", what, exc)
         try:
             await asyncio.wait_for(stop.wait(), min(5.0, 0.1 * 2**attempt))
         except TimeoutError:
             pass
     return None
-
-
-async def _until_ok(factory, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
-    attempt = 0
-    while not stop.is_set():
-        try:
-            await factory()
-            return
-        except Exception as exc:  # noqa: BLE001
-            attempt += 1
-            log.warning("Redis not ready (%r); retrying", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), min(5.0, 0.1 * 2**attempt))
-            except TimeoutError:
-                pass
 
 
 async def _heartbeat(

@@ -49,6 +49,16 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert out.returncode == 0 and "usage: ordergate" in out.stdout
 
 
+async def _until_ready(http: httpx.AsyncClient) -> None:
+    async def ready() -> bool:
+        try:
+            return (await http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await eventually(ready, timeout=60, interval=0.1)
+
+
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ordergate", *args],
@@ -74,14 +84,7 @@ async def _run_up_once(
     try:
         base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, timeout=5) as http:
-
-            async def ready() -> bool:
-                try:
-                    return (await http.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(ready, timeout=60, interval=0.1)
+            await _until_ready(http)
             runtime = json.loads((cwd / ".ordergate" / "runtime.json").read_text())
             created = _cli(cwd, "keys", "create", "shop-up")
             assert created.returncode == 0, created.stderr
@@ -163,14 +166,7 @@ async def test_up_with_configured_urls_starts_no_servers(tmp_path: Path, servers
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
-
-            async def ready() -> bool:
-                try:
-                    return (await http.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(ready, timeout=60, interval=0.1)
+            await _until_ready(http)
         names = {c.name() for c in psutil.Process(proc.pid).children(recursive=True)}
         assert not {"valkey-server", "postgres"} & names
         assert not (tmp_path / ".ordergate" / "valkey").exists()
