@@ -185,6 +185,10 @@ class Admitter:
         confirms, self._confirms = self._confirms, defaultdict(list)
 
         pipe = self._redis.pipeline(transaction=False)
+        # Confirms first: a twin admitted in this very batch then sees the lease already lifted.
+        confirm_order = list(confirms)
+        for shard in confirm_order:
+            pipe.evalsha(self._scripts.confirm.sha, len(confirms[shard]), *confirms[shard])
         shard_order = list(by_shard)
         for shard in shard_order:
             reqs = by_shard[shard]
@@ -194,9 +198,6 @@ class Admitter:
                 script_keys.extend(req.keys)
                 script_args.extend(req.args)
             pipe.evalsha(self._scripts.admit.sha, len(script_keys), *script_keys, *script_args)
-        confirm_order = list(confirms)
-        for shard in confirm_order:
-            pipe.evalsha(self._scripts.confirm.sha, len(confirms[shard]), *confirms[shard])
         barrier = self._barrier(pipe) if batch else False
 
         try:
@@ -208,8 +209,8 @@ class Admitter:
             self._fail(batch, BufferUnavailable(f"buffer unreachable: {exc!r}"))
             return
 
-        shard_results = results[: len(shard_order)]
-        confirm_results = results[len(shard_order) : len(shard_order) + len(confirm_order)]
+        confirm_results = results[: len(confirm_order)]
+        shard_results = results[len(confirm_order) : len(confirm_order) + len(shard_order)]
         for shard, res in zip(confirm_order, confirm_results, strict=True):
             if isinstance(res, Exception):
                 self._confirms[shard].extend(confirms[shard])

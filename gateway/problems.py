@@ -48,7 +48,8 @@ async def on_buffer_unavailable(request: Request, exc: Exception) -> Response:
     retry = str(max(1, math.ceil(exc.retry_after)))
     return problem_response(
         ServiceUnavailable(
-            f"{exc} -- the order was not accepted; retry with the same storefront_order_id",
+            f"{exc} -- no receipt was given; retry with the same storefront_order_id"
+            " (a retry never creates a second order)",
             headers={"Retry-After": retry},
         ),
         request.url.path,

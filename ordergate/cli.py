@@ -46,7 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, help="worker processes (default 1)")
     data_dir_opt(up)
 
-    serve = add("serve", "Run the gateway only (needs ORDERGATE_REDIS_URL, or a running `up`).")
+    serve = add(
+        "serve",
+        "Run the gateway only (needs ORDERGATE_REDIS_URL and ORDERGATE_DATABASE_URL,"
+        " or a running `up`).",
+    )
     gateway_opts(serve)
     data_dir_opt(serve)
 

@@ -67,6 +67,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ConfigError("shards must be between 1 and 1024")
         if self.processes < 1 or self.workers < 1:
             raise ConfigError("processes and workers must be at least 1")
+        if self.workers > self.shards:
+            raise ConfigError(f"workers ({self.workers}) cannot exceed shards ({self.shards})")
         if self.max_deliveries < 1:
             raise ConfigError("max_deliveries must be at least 1")
         if self.drain_rate < 0:
@@ -93,7 +95,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         merged.update(_read_toml(env))
         fields = {f.name for f in msgspec.structs.fields(cls)}
         for key, value in env.items():
-            if key.startswith(ENV_PREFIX) and key != ENV_PREFIX + "CONFIG":
+            if key.startswith(ENV_PREFIX) and not _is_tooling_variable(key):
                 name = key[len(ENV_PREFIX) :].lower()
                 if name not in fields:
                     raise ConfigError(f"unknown setting {key}")
@@ -118,6 +120,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
+
+
+def _is_tooling_variable(key: str) -> bool:
+    """ORDERGATE_* variables that are not settings: the config path, the load tests' API key
+    and the test suite's server URLs. Any other unknown ORDERGATE_* name is a typo: refused."""
+    return key in (ENV_PREFIX + "CONFIG", ENV_PREFIX + "API_KEY") or key.startswith(
+        ENV_PREFIX + "TEST_"
+    )
 
 
 def _read_toml(env: Any) -> dict[str, Any]:

@@ -177,3 +177,19 @@ async def test_up_with_configured_urls_starts_no_servers(tmp_path: Path, servers
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_settings_refuse_typos_but_not_tooling_variables() -> None:
+    from ordergate.errors import ConfigError
+    from ordergate.settings import Settings
+
+    env = {
+        "ORDERGATE_API_KEY": "og_x",
+        "ORDERGATE_TEST_REDIS_URL": "redis://x",
+        "ORDERGATE_SHARDS": "4",
+    }
+    assert Settings.load(environ=env).shards == 4
+    with pytest.raises(ConfigError, match="ORDERGATE_DRAN_RATE"):
+        Settings.load(environ={"ORDERGATE_DRAN_RATE": "5"})
+    with pytest.raises(ConfigError, match="cannot exceed shards"):
+        Settings.load(environ={"ORDERGATE_WORKERS": "9"})
