@@ -18,7 +18,7 @@ import enum
 import logging
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -73,7 +73,6 @@ class _Stats:
     batches: int = 0
     orders: int = 0
     failures: int = 0
-    last_batch_sizes: list[int] = field(default_factory=list)
 
 
 class Admitter:

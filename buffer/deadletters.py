@@ -61,13 +61,6 @@ async def list_dead_letters(
     return out
 
 
-async def count_dead_letters(redis: Any, keys: Keys, shards: int) -> int:
-    pipe = redis.pipeline(transaction=False)
-    for shard in range(shards):
-        pipe.xlen(keys.deadletters(shard))
-    return sum(await pipe.execute())
-
-
 async def replay(redis: Any, keys: Keys, shards: int, letters: list[DeadLetter]) -> int:
     """Put dead letters back into their shard's stream; returns how many were re-queued."""
     scripts = Scripts(redis)

@@ -54,9 +54,6 @@ def admission_args(
     return (order_id, storefront_id, storefront_order_id, accepted_at_us, fingerprint, body)
 
 
-ARGS_PER_ORDER = 6
-
-
 def decode_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> OrderMessage:
     """Decode one stream entry; raises MalformedMessage for anything off-contract."""
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
