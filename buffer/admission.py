@@ -46,6 +46,7 @@ class Admission:
     order_id: str
     seq: int = 0
     accepted_at_us: int = 0
+    ahead: int = 0
 
 
 @dataclass(slots=True)
@@ -191,7 +192,11 @@ class Admitter:
         shard_order = list(by_shard)
         for shard in shard_order:
             reqs = by_shard[shard]
-            script_keys: list[str] = [self._keys.stream(shard), self._keys.seq(shard)]
+            script_keys: list[str] = [
+                self._keys.stream(shard),
+                self._keys.seq(),
+                self._keys.drain(),
+            ]
             script_args: list[Any] = [self._lease]
             for req in reqs:
                 script_keys.extend(req.keys)
@@ -305,5 +310,5 @@ def _decode(reply: list[Any]) -> Admission:
     outcome = Outcome(int(reply[0]))
     order_id = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     if outcome in (Outcome.ADMITTED, Outcome.DUPLICATE):
-        return Admission(outcome, order_id, int(reply[2]), int(reply[3]))
+        return Admission(outcome, order_id, int(reply[2]), int(reply[3]), int(reply[4]))
     return Admission(outcome, order_id)

@@ -1,14 +1,15 @@
-"""One consumer of one shard's stream: read, reclaim, finalize, dead-letter.
+"""The drain's side of the buffer: take the queue in admission order, settle what was written.
 
-Entries leave the stream only through ``finalize`` (committed or rejected, after the Postgres
-transaction) or ``dead_letter``; nothing is ever trimmed by length or id, so an entry that is not
-yet committed cannot vanish.
+All shards form one line. ``take`` hands out the entries with the next queue numbers across
+every shard (``take.lua``), so the drain commits orders first-in first-out over the whole
+buffer; ``settle`` finishes a batch atomically (``settle.lua``). Entries leave a stream only
+through ``settle`` -- committed, rejected or dead-lettered -- never by trimming.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from buffer.errors import MalformedMessage
@@ -22,6 +23,7 @@ from sharding.ids import shard_of_order_id
 class Poison:
     """An entry that cannot be processed, and why."""
 
+    shard: int
     entry_id: str
     order_id: str | None
     error: str
@@ -29,112 +31,175 @@ class Poison:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one order left the stream."""
+class Settlement:
+    """How one entry leaves the stream."""
 
-    message: OrderMessage
-    status: str  # committed | rejected
+    shard: int
+    entry_id: str
+    outcome: str  # committed | rejected | dead_lettered
     at_us: int
+    order_id: str | None = None
+    storefront_id: str | None = None
+    storefront_order_id: str | None = None
     reason: str = ""
+    deliveries: int = 1
+
+    @classmethod
+    def of(cls, m: OrderMessage, outcome: str, at_us: int, reason: str = "") -> Settlement:
+        return cls(
+            m.shard,
+            m.entry_id,
+            outcome,
+            at_us,
+            m.order_id,
+            m.storefront_id,
+            m.storefront_order_id,
+            reason,
+        )
+
+    @classmethod
+    def dead(cls, p: Poison, at_us: int) -> Settlement:
+        return cls(
+            p.shard,
+            p.entry_id,
+            "dead_lettered",
+            at_us,
+            p.order_id,
+            reason=p.error,
+            deliveries=p.deliveries,
+        )
 
 
 @dataclass(slots=True)
 class Batch:
-    messages: list[OrderMessage]
-    poison: list[Poison]
+    """Entries taken together, in queue order; ``deliveries`` counts earlier deliveries."""
+
+    messages: list[OrderMessage] = field(default_factory=list)
+    poison: list[Poison] = field(default_factory=list)
+    deliveries: dict[str, int] = field(default_factory=dict)  # entry id -> prior deliveries
 
     def __len__(self) -> int:
         return len(self.messages) + len(self.poison)
 
 
-class ShardConsumer:
-    """Reads and settles the entries of one shard for one named consumer."""
+@dataclass(slots=True)
+class Taken:
+    batch: Batch
+    cursor: int
+    last_ids: list[str]
 
-    def __init__(self, redis: Any, keys: Keys, shard: int, consumer: str, scripts: Scripts):
+
+class QueueConsumer:
+    """Takes and settles the entries of all shards for one named consumer (the drain's leader)."""
+
+    def __init__(self, redis: Any, keys: Keys, shards: int, consumer: str) -> None:
         self.redis = redis
         self.keys = keys
-        self.shard = shard
+        self.shards = shards
         self.consumer = consumer
-        self.stream = keys.stream(shard)
-        self._scripts = scripts
+        self.streams = [keys.stream(s) for s in range(shards)]
+        self.scripts = Scripts(redis)
+        self._queue_keys = [keys.drain(), keys.seq(), *self.streams]
 
-    async def read(self, count: int, block_ms: int | None, *, own_pending: bool = False) -> Batch:
-        """New entries (``>``), or this consumer's own pending ones after a restart."""
-        reply = await self.redis.xreadgroup(
+    async def take(self, n: int) -> Taken:
+        """The next ``n`` queue numbers' entries, across all shards, now pending on us."""
+        cursor, last_ids, per_shard = await self.scripts.take(
+            keys=self._queue_keys,
+            args=[GROUP, self.consumer, n, self.keys.prefix, _now_us()],
+        )
+        batch = Batch()
+        for shard, entries in enumerate(per_shard):
+            self._decode(batch, shard, entries)
+        _sort(batch)
+        return Taken(batch, int(cursor), [_s(i) for i in last_ids])
+
+    async def claim_all(self, max_per_shard: int = 100_000) -> Batch:
+        """Every pending entry of every shard, now ours (the leader's lock says they are owed)."""
+        per_shard, counts = await self.scripts.claim(
+            keys=self._queue_keys,
+            args=[GROUP, self.consumer, self.keys.prefix, _now_us(), max_per_shard],
+        )
+        batch = Batch()
+        for shard, (entries, prior) in enumerate(zip(per_shard, counts, strict=True)):
+            for (entry_id, _), n in zip(entries, prior, strict=True):
+                batch.deliveries[_s(entry_id)] = int(n)
+            self._decode(batch, shard, entries)
+        _sort(batch)
+        return batch
+
+    async def wait_for_entries(self, last_ids: list[str], block_ms: int) -> None:
+        """Block until some shard has an entry after ``last_ids`` (or the time is up)."""
+        await self.redis.xread(dict(zip(self.streams, last_ids, strict=True)), 1, block_ms)
+
+    async def settle(
+        self, items: list[Settlement], ttl_s: int, *, rate: float | None, leader: str
+    ) -> int:
+        """Record the outcomes, ack/delete or dead-letter, advance the watermark; returns it."""
+        keys: list[str] = [
+            *self._queue_keys,
+            *(self.keys.deadletters(s) for s in range(self.shards)),
+        ]
+        args: list[Any] = [
             GROUP,
-            self.consumer,
-            {self.stream: "0" if own_pending else ">"},
-            count=count,
-            block=None if own_pending else block_ms,
-        )
-        entries = reply[0][1] if reply else []
-        return self._decode(entries)
-
-    async def stale(self, min_idle_ms: int, count: int) -> list[tuple[str, str, int]]:
-        """Entries pending on any consumer for longer than ``min_idle_ms``: (id, consumer, n)."""
-        rows = await self.redis.xpending_range(
-            self.stream, GROUP, min="-", max="+", count=count, idle=min_idle_ms
-        )
-        return [(_s(r["message_id"]), _s(r["consumer"]), int(r["times_delivered"])) for r in rows]
-
-    async def claim(self, entry_ids: list[str], min_idle_ms: int) -> Batch:
-        """Take over stale entries (their delivery count goes up by one)."""
-        if not entry_ids:
-            return Batch([], [])
-        entries = await self.redis.xclaim(
-            self.stream, GROUP, self.consumer, min_idle_time=min_idle_ms, message_ids=entry_ids
-        )
-        # Entries deleted under us come back as (id, None); nothing of them is left to do.
-        return self._decode([e for e in entries if e and e[1]])
-
-    async def touch(self, entry_ids: list[str]) -> None:
-        """Reset the idle time of entries this live consumer still works on (no delivery count)."""
-        if entry_ids:
-            await self.redis.xclaim(
-                self.stream,
-                GROUP,
-                self.consumer,
-                min_idle_time=0,
-                message_ids=entry_ids,
-                justid=True,
+            ttl_s,
+            self.shards,
+            _now_us(),
+            "" if rate is None else f"{rate:.3f}",
+            leader,
+        ]
+        nothing = self.keys.drain()
+        for it in items:
+            owned = it.order_id and shard_of_order_id(it.order_id, self.shards) == it.shard
+            keys.append(
+                self.keys.status(it.shard, it.order_id) if owned and it.order_id else nothing
             )
+            if owned and it.storefront_id is not None and it.storefront_order_id is not None:
+                keys.append(self.keys.idem(it.shard, it.storefront_id, it.storefront_order_id))
+            else:
+                keys.append(nothing)
+            args.extend(
+                (it.shard, it.entry_id, it.outcome, it.at_us, it.reason[:2000], it.deliveries)
+            )
+        return int(await self.scripts.settle(keys=keys, args=args))
 
-    async def finalize(self, outcomes: list[Outcome], ttl_s: int) -> None:
-        """Record outcomes, then ack and delete the entries, atomically."""
-        if not outcomes:
-            return
-        keys: list[str] = [self.stream]
-        args: list[Any] = [GROUP, ttl_s]
-        for o in outcomes:
-            m = o.message
-            keys.append(self.keys.status(self.shard, m.order_id))
-            keys.append(self.keys.idem(self.shard, m.storefront_id, m.storefront_order_id))
-            args.extend((m.entry_id, o.status, o.at_us, o.reason))
-        await self._scripts.finalize(keys=keys, args=args)
+    async def outstanding(self) -> tuple[int, int]:
+        """(entries in the streams, of which pending): both 0 once everything is settled."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xlen(stream)
+            pipe.xpending(stream, GROUP)
+        replies = await pipe.execute()
+        length = sum(int(r) for r in replies[0::2])
+        pending = sum(int(r["pending"]) for r in replies[1::2])
+        return length, pending
 
-    async def dead_letter(self, poison: list[Poison]) -> None:
-        """Move entries to the dead-letter stream with their error."""
-        if not poison:
-            return
-        keys: list[str] = [self.stream, self.keys.deadletters(self.shard)]
-        args: list[Any] = [GROUP, int(time.time() * 1e6)]
-        for p in poison:
-            keys.append(self.keys.status(self.shard, p.order_id) if p.order_id else self.stream)
-            args.extend((p.entry_id, p.deliveries, p.error[:2000]))
-        await self._scripts.dead_letter(keys=keys, args=args)
-
-    def _decode(self, entries: list[Any]) -> Batch:
-        messages: list[OrderMessage] = []
-        poison: list[Poison] = []
-        for entry_id, fields in entries:
+    def _decode(self, batch: Batch, shard: int, entries: list[Any]) -> None:
+        for entry_id, flat in entries:
+            fields = dict(zip(flat[0::2], flat[1::2], strict=True))
             try:
-                messages.append(decode_entry(entry_id, fields))
+                batch.messages.append(decode_entry(shard, entry_id, fields))
             except MalformedMessage as exc:
                 oid = fields.get(b"oid", b"").decode(errors="replace")
-                if shard_of_order_id(oid, self.shard + 1) != self.shard:
+                if shard_of_order_id(oid, self.shards) != shard:
                     oid = ""  # not an id of this shard: its status key is not ours to touch
-                poison.append(Poison(_s(entry_id), oid or None, f"malformed message: {exc}"))
-        return Batch(messages, poison)
+                eid = _s(entry_id)
+                batch.poison.append(
+                    Poison(
+                        shard,
+                        eid,
+                        oid or None,
+                        f"malformed message: {exc}",
+                        batch.deliveries.get(eid, 0) + 1,
+                    )
+                )
+
+
+def _sort(batch: Batch) -> None:
+    batch.messages.sort(key=lambda m: m.seq)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
 
 
 def _s(value: bytes | str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 import msgspec
@@ -70,13 +71,18 @@ async def replay(redis: Any, keys: Keys, shards: int, letters: list[DeadLetter])
     moved = 0
     for shard, group in by_shard.items():
         stream = keys.stream(shard)
-        status_keys = [
-            keys.status(shard, d.order_id)
-            if d.order_id and shard_of_order_id(d.order_id, shards) == shard
-            else stream
-            for d in group
-        ]
+        order_keys: list[str] = []
+        for d in group:
+            if d.order_id and shard_of_order_id(d.order_id, shards) == shard:
+                order_keys.append(keys.status(shard, d.order_id))
+            else:
+                order_keys.append(stream)
+            if d.storefront_id is not None and d.storefront_order_id is not None:
+                order_keys.append(keys.idem(shard, d.storefront_id, d.storefront_order_id))
+            else:
+                order_keys.append(stream)
         moved += await scripts.replay(
-            keys=[stream, keys.deadletters(shard), *status_keys], args=[d.id for d in group]
+            keys=[stream, keys.deadletters(shard), keys.seq(), *order_keys],
+            args=[int(time.time() * 1e6), *(d.id for d in group)],
         )
     return moved

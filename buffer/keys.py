@@ -1,7 +1,9 @@
 """Every Redis key name of ordergate, in one place.
 
-Every key that belongs to a shard carries the shard's hash tag (``og:{3}:stream``), and no script
-touches keys of two shards, so the buffer pool runs unchanged on Redis/Valkey Cluster.
+Keys of a shard carry the shard's hash tag (``og:{3}:stream``). The queue is one line across all
+shards (one admission counter, a drain in admission order), so the scripts that admit, take and
+settle touch several shards at once: the buffer pool needs one Redis/Valkey primary (with
+replicas), not a Cluster.
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ class Keys:
         """The shard's buffer stream: orders accepted and not yet committed."""
         return f"{self.tag(shard)}:stream"
 
-    def seq(self, shard: int) -> str:
-        """The shard's admission sequence counter."""
-        return f"{self.tag(shard)}:seq"
-
     def idem(self, shard: int, storefront_id: str, storefront_order_id: str) -> str:
         """Idempotency record: (storefront, storefront_order_id) -> order_id."""
         return f"{self.tag(shard)}:idem:{storefront_id}:{storefront_order_id}"
@@ -41,6 +39,18 @@ class Keys:
         return f"{self.tag(shard)}:dlq"
 
     # Keys that belong to no shard.
+    def seq(self) -> str:
+        """The admission counter: every admitted order's queue number (1, 2, 3, ...)."""
+        return f"{self.prefix}:seq"
+
+    def drain(self) -> str:
+        """Hash: the drain's cursor, watermark, measured rate and state (see buffer.drainstate)."""
+        return f"{self.prefix}:drain"
+
+    def ticket_secret(self) -> str:
+        """The key that signs queue tickets, made once by the first gateway."""
+        return f"{self.prefix}:ticket-secret"
+
     def api_keys(self) -> str:
         """Hash: sha256(api key) -> storefront id."""
         return f"{self.prefix}:apikeys"

@@ -7,7 +7,7 @@ An entry is a flat field map, readable with ``XRANGE`` in any Redis client:
 ``oid``    order id (``ord_<shard>_...``), handed out by the gateway
 ``sf``     storefront id (from the API key, never from the body)
 ``sfo``    the storefront's own order id
-``seq``    per-shard admission sequence number, assigned atomically by Redis
+``seq``    the order's queue number: one counter across all shards, assigned by Redis
 ``at``     accepted_at, microseconds since the epoch, stamped by the gateway
 ``body``   the order as canonical JSON (msgspec encoding of the validated order)
 =========  ====================================================================
@@ -29,6 +29,7 @@ VERSION = b"1"
 class OrderMessage(msgspec.Struct, frozen=True):
     """One order as the workers see it."""
 
+    shard: int
     entry_id: str
     order_id: str
     storefront_id: str
@@ -54,13 +55,14 @@ def admission_args(
     return (order_id, storefront_id, storefront_order_id, accepted_at_us, fingerprint, body)
 
 
-def decode_entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> OrderMessage:
+def decode_entry(shard: int, entry_id: bytes | str, fields: dict[bytes, bytes]) -> OrderMessage:
     """Decode one stream entry; raises MalformedMessage for anything off-contract."""
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     try:
         if fields.get(b"v") != VERSION:
             raise MalformedMessage(f"entry {eid}: unknown format version {fields.get(b'v')!r}")
         return OrderMessage(
+            shard=shard,
             entry_id=eid,
             order_id=fields[b"oid"].decode(),
             storefront_id=fields[b"sf"].decode(),

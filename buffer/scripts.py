@@ -8,24 +8,36 @@ from typing import Any
 
 from redis.commands.core import AsyncScript
 
+_SHEBANG = "#!lua\n"
+
 
 @cache
 def source(name: str) -> str:
-    return resources.files("buffer").joinpath("lua", f"{name}.lua").read_text()
+    """A script's text; ``_lib.lua`` goes in front of the scripts that use its helpers."""
+    folder = resources.files("buffer").joinpath("lua")
+    text = folder.joinpath(f"{name}.lua").read_text()
+    if name in ("take", "claim", "settle", "replay"):
+        body = text.removeprefix(_SHEBANG)
+        text = _SHEBANG + folder.joinpath("_lib.lua").read_text() + "\n" + body
+    return text
 
 
 class Scripts:
     """The buffer pool's scripts, bound to one Redis client."""
 
+    NAMES = ("admit", "confirm", "take", "claim", "settle", "replay")
+
     def __init__(self, redis: Any) -> None:
         self.admit: AsyncScript = redis.register_script(source("admit"))
         self.confirm: AsyncScript = redis.register_script(source("confirm"))
-        self.finalize: AsyncScript = redis.register_script(source("finalize"))
-        self.dead_letter: AsyncScript = redis.register_script(source("dead_letter"))
+        self.take: AsyncScript = redis.register_script(source("take"))
+        self.claim: AsyncScript = redis.register_script(source("claim"))
+        self.settle: AsyncScript = redis.register_script(source("settle"))
         self.replay: AsyncScript = redis.register_script(source("replay"))
         self._redis = redis
 
     async def load(self) -> None:
         """SCRIPT LOAD all of them (pipelines call EVALSHA directly and need them loaded)."""
-        for script in (self.admit, self.confirm, self.finalize, self.dead_letter, self.replay):
+        for name in self.NAMES:
+            script: AsyncScript = getattr(self, name)
             script.sha = await self._redis.script_load(script.script)

@@ -46,14 +46,17 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     inflight_lease_ms: int = 10000
     status_ttl_s: int = 7 * 24 * 3600
     auth_cache_s: float = 5.0
+    public_url: str | None = None
+    ticket_secret: str | None = None
+    ticket_ttl_s: int = 3600
+    drain_stale_s: float = 5.0
 
     # Workers
-    workers: int = 1
+    workers: int = 2
     drain_rate: float = 0.0
     batch_size: int = 500
     batch_linger_ms: int = 0
     read_block_ms: int = 1000
-    claim_idle_ms: int = 30000
     max_deliveries: int = 5
     pg_pool_size: int = 4
     retry_backoff_max_s: float = 5.0
@@ -67,8 +70,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ConfigError("shards must be between 1 and 1024")
         if self.processes < 1 or self.workers < 1:
             raise ConfigError("processes and workers must be at least 1")
-        if self.workers > self.shards:
-            raise ConfigError(f"workers ({self.workers}) cannot exceed shards ({self.shards})")
+        if self.ticket_secret is not None and len(self.ticket_secret) < 16:
+            raise ConfigError("ticket_secret must be at least 16 characters")
+        if self.ticket_ttl_s < 1 or self.drain_stale_s <= 0:
+            raise ConfigError("ticket_ttl_s and drain_stale_s must be positive")
         if self.max_deliveries < 1:
             raise ConfigError("max_deliveries must be at least 1")
         if self.drain_rate < 0:

@@ -5,7 +5,7 @@ carry their shard.
 """
 
 from sharding.ids import new_order_id, shard_of_order_id
-from sharding.routing import partition_for, partition_table, shard_for, shards_of_worker
+from sharding.routing import partition_for, partition_table, shard_for
 
 __all__ = [
     "new_order_id",
@@ -13,5 +13,4 @@ __all__ = [
     "partition_table",
     "shard_for",
     "shard_of_order_id",
-    "shards_of_worker",
 ]

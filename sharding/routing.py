@@ -1,11 +1,10 @@
-"""Which shard an order goes to, which partition a shard writes, which worker drains a shard.
+"""Which shard an order goes to, and which partition holds a shard's rows.
 
 An order's shard is a stable hash of (storefront_id, storefront_order_id). Hashing the storefront's
 own order id (not the storefront alone) spreads one hot storefront -- the usual flash sale -- over
-every shard. Shards and partitions are aligned one to one: the worker of shard k writes only to
-partition k, so batches never contend across partitions, and because the same pair always hashes
-to the same shard, a unique index on (shard, storefront_id, storefront_order_id) is unique over the
-whole table.
+every shard. Shards and partitions are aligned one to one: the rows of shard k live in partition
+k, and because the same pair always hashes to the same shard, a unique index on (shard,
+storefront_id, storefront_order_id) is unique over the whole table.
 """
 
 from __future__ import annotations
@@ -29,10 +28,3 @@ def partition_for(shard: int) -> int:
 def partition_table(shard: int) -> str:
     """The name of the partition table that shard ``shard`` writes to."""
     return f"orders_p{partition_for(shard)}"
-
-
-def shards_of_worker(index: int, workers: int, shards: int) -> list[int]:
-    """The shards drained by worker process ``index`` of ``workers`` (round robin)."""
-    if not 0 <= index < workers:
-        raise ValueError(f"worker index {index} out of range for {workers} workers")
-    return [s for s in range(shards) if s % workers == index]

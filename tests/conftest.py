@@ -64,7 +64,7 @@ def make_settings(servers: Servers, **overrides: Any) -> Settings:
         "database_url": servers.database_url,
         "data_dir": str(servers.data_dir),
         "shards": 8,
-        "claim_idle_ms": 500,
+        "workers": 1,
         "read_block_ms": 100,
         "retry_backoff_max_s": 0.5,
         "log_format": "console",

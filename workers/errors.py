@@ -15,3 +15,7 @@ class PermanentPersistError(WorkerError):
 
 class MigrationError(WorkerError):
     """The schema cannot be brought up to date."""
+
+
+class LostLeadership(WorkerError):
+    """The connection holding the drain lock broke: another worker may lead now."""

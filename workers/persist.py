@@ -1,9 +1,11 @@
-"""Write one shard's batch into its Postgres partition, exactly once.
+"""Write a batch into the partitioned ``orders`` table, exactly once.
 
 One transaction per batch: a multi-row ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO
-NOTHING`` straight into the shard's partition. Redelivered entries (a worker died between COMMIT
-and XACK) hit the primary key and change nothing; an order whose storefront id was already used
-by a *different* order (its idempotency record had expired) is reported as a rejected duplicate.
+NOTHING`` into ``orders``, which routes each row to its shard's partition. The batch spans
+shards (the drain follows the one queue), and one transaction makes it commit at one instant.
+Redelivered entries (a worker died between COMMIT and XACK) hit the primary key and change
+nothing; an order whose storefront id was already used by a *different* order (its idempotency
+record had expired) is reported as a rejected duplicate.
 A batch refused for a data reason is split in halves until the culprits are alone, so one poison
 order never holds back the rest.
 """
@@ -18,7 +20,6 @@ import msgspec
 
 from buffer.message import OrderMessage
 from buffer.order import ORDER_DECODER
-from sharding.routing import partition_table
 from workers.db import classify
 from workers.errors import PermanentPersistError
 
@@ -38,30 +39,30 @@ class Refused:
 
 
 _COLUMNS = (
-    "order_id, storefront_id, storefront_order_id, customer_id, customer_email, currency,"
+    "shard, order_id, storefront_id, storefront_order_id, customer_id, customer_email, currency,"
     " total_minor, item_count, seq, accepted_at, body"
 )
 
 
-class Persister:
-    """Writes batches of one shard."""
+_INSERT = (
+    f"INSERT INTO orders ({_COLUMNS})"
+    " SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::text[], $7::text[], $8::bigint[], $9::int[], $10::bigint[], $11::timestamptz[],"
+    " $12::jsonb[])"
+    " ON CONFLICT DO NOTHING RETURNING order_id, committed_at"
+)
+_EXISTING = (
+    "SELECT order_id, storefront_id, storefront_order_id, committed_at FROM orders"
+    " WHERE (shard, storefront_id, storefront_order_id) IN"
+    " (SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[]))"
+)
 
-    def __init__(self, pool: Any, shard: int) -> None:
-        self.pool = pool
-        self.shard = shard
-        table = partition_table(shard)
-        self._insert = (
-            f"INSERT INTO {table} (shard, {_COLUMNS})"
-            f" SELECT {shard}::smallint, * FROM unnest($1::text[], $2::text[], $3::text[],"
-            " $4::text[], $5::text[], $6::text[], $7::bigint[], $8::int[], $9::bigint[],"
-            " $10::timestamptz[], $11::jsonb[])"
-            " ON CONFLICT DO NOTHING RETURNING order_id, committed_at"
-        )
-        self._existing = (
-            f"SELECT order_id, storefront_id, storefront_order_id, committed_at FROM {table}"
-            " WHERE (storefront_id, storefront_order_id) IN"
-            " (SELECT * FROM unnest($1::text[], $2::text[]))"
-        )
+
+class Persister:
+    """Writes batches on one connection (the drain leader's, which holds the drain lock)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
 
     async def write(self, messages: list[OrderMessage]) -> tuple[list[Persisted], list[Refused]]:
         """Persist ``messages``; raises TransientPersistError if Postgres cannot take them now."""
@@ -97,15 +98,17 @@ class Persister:
         self, rows: list[tuple[OrderMessage, tuple[Any, ...]]]
     ) -> list[Persisted]:
         columns = list(zip(*(r for _, r in rows), strict=True))
-        async with self.pool.acquire() as conn, conn.transaction():
+        conn = self.conn
+        async with conn.transaction():
             inserted = {
-                r["order_id"]: r["committed_at"] for r in await conn.fetch(self._insert, *columns)
+                r["order_id"]: r["committed_at"] for r in await conn.fetch(_INSERT, *columns)
             }
             missing = [m for m, _ in rows if m.order_id not in inserted]
             existing: dict[tuple[str, str], tuple[str, dt.datetime]] = {}
             if missing:
                 for r in await conn.fetch(
-                    self._existing,
+                    _EXISTING,
+                    [m.shard for m in missing],
                     [m.storefront_id for m in missing],
                     [m.storefront_order_id for m in missing],
                 ):
@@ -135,6 +138,7 @@ class Persister:
 def _row(m: OrderMessage) -> tuple[Any, ...]:
     order = ORDER_DECODER.decode(m.body)
     return (
+        m.shard,
         m.order_id,
         m.storefront_id,
         m.storefront_order_id,

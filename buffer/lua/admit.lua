@@ -1,47 +1,54 @@
 #!lua
--- Admit a batch of orders into ONE shard, atomically per order.
--- KEYS[1] stream, KEYS[2] seq counter, then per order i: idem key, status key.
+-- Admit a batch of orders of ONE shard, atomically per order.
+-- KEYS[1] the shard's stream, KEYS[2] the global admission counter, KEYS[3] the drain hash,
+-- then per order i: idem key, status key.
 -- ARGV[1] pending lease in ms (0 = durable on reply, no pending state), then 6 args per order:
 --   order_id, storefront_id, storefront_order_id, accepted_at_us, fingerprint, body.
 -- Returns one reply per order:
---   {1, order_id, seq, accepted_at_us}            admitted
---   {2, order_id, seq, accepted_at_us}            duplicate of an earlier order with the same body
+--   {1, order_id, seq, accepted_at_us, ahead}     admitted
+--   {2, order_id, seq, accepted_at_us, ahead}     duplicate of an earlier order with the same body
 --   {3, order_id}                                 same storefront_order_id, different body
 --   {4, order_id}                                 its twin is still in flight (not yet durable)
 -- The shebang line makes Redis refuse the whole call up front when it is out of memory
 -- (noeviction), so a batch is never half written.
+-- seq is the order's queue number, global across shards: Redis runs scripts one at a time, so
+-- queue numbers grow in the order entries enter the streams. ahead = orders admitted earlier and
+-- not yet settled (seq - 1 - the drain's watermark), for the customer's progress bar.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('NOSTREAM buffer stream ' .. KEYS[1] .. ' is missing')
 end
 local lease = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local settled = tonumber(redis.call('HGET', KEYS[3], 'w') or '0')
 local out = {}
 local n = (#ARGV - 1) / 6
 for i = 0, n - 1 do
   local a = 2 + i * 6
-  local idem_key, status_key = KEYS[3 + i * 2], KEYS[4 + i * 2]
-  local prior = redis.call('HMGET', idem_key, 'oid', 'fp', 'seq', 'at', 'pending_until')
+  local idem_key, status_key = KEYS[4 + i * 2], KEYS[5 + i * 2]
+  local prior = redis.call('HMGET', idem_key, 'oid', 'fp', 'seq', 'at', 'pending_until', 'a0')
   if prior[1] then
     if prior[2] ~= ARGV[a + 4] then
       out[#out + 1] = {3, prior[1]}
     elseif prior[5] and tonumber(prior[5]) > now_ms then
       out[#out + 1] = {4, prior[1]}
     else
-      out[#out + 1] = {2, prior[1], tonumber(prior[3]), prior[4]}
+      out[#out + 1] = {2, prior[1], tonumber(prior[3]), prior[4], tonumber(prior[6] or '0')}
     end
   else
     local seq = redis.call('INCR', KEYS[2])
+    local ahead = seq - 1 - settled
     local eid = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*',
       'v', '1', 'oid', ARGV[a], 'sf', ARGV[a + 1], 'sfo', ARGV[a + 2],
       'seq', seq, 'at', ARGV[a + 3], 'body', ARGV[a + 5])
-    redis.call('HSET', idem_key, 'oid', ARGV[a], 'fp', ARGV[a + 4], 'seq', seq, 'at', ARGV[a + 3])
+    redis.call('HSET', idem_key, 'oid', ARGV[a], 'fp', ARGV[a + 4], 'seq', seq, 'at', ARGV[a + 3],
+      'a0', ahead)
     if lease > 0 then
       redis.call('HSET', idem_key, 'pending_until', now_ms + lease)
     end
     redis.call('HSET', status_key, 'status', 'queued', 'sf', ARGV[a + 1], 'sfo', ARGV[a + 2],
-      'at', ARGV[a + 3], 'seq', seq, 'eid', eid)
-    out[#out + 1] = {1, ARGV[a], seq, ARGV[a + 3]}
+      'at', ARGV[a + 3], 'seq', seq, 'eid', eid, 'a0', ahead, 'tl', 'accepted@' .. ARGV[a + 3])
+    out[#out + 1] = {1, ARGV[a], seq, ARGV[a + 3], ahead}
   end
 end
 return out

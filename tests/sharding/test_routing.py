@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from sharding import new_order_id, partition_table, shard_for, shard_of_order_id, shards_of_worker
+from sharding import new_order_id, partition_table, shard_for, shard_of_order_id
 
 
 def test_shard_is_a_stable_hash_of_the_pair() -> None:
@@ -41,7 +41,5 @@ def test_order_ids_carry_their_shard() -> None:
     assert a < b  # time-sortable within a shard
 
 
-def test_shards_are_split_over_workers_and_aligned_to_partitions() -> None:
-    split = [shards_of_worker(i, 3, 8) for i in range(3)]
-    assert sorted(s for part in split for s in part) == list(range(8))
+def test_shards_are_aligned_to_partitions() -> None:
     assert partition_table(5) == "orders_p5"

@@ -100,7 +100,7 @@ async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(
     """Injects: an order taken by consumers that die without acking, max_deliveries (3) times.
     Audits: the next worker dead-letters it with the delivery count; its status says so;
     `ordergate dlq list` shows it and `ordergate dlq replay` re-queues it; it then commits once."""
-    settings = make_settings(servers, max_deliveries=3, claim_idle_ms=200)
+    settings = make_settings(servers, max_deliveries=3)
     r = await client.post("/v1/orders", json=order_body("doomed"), headers=auth(api_key))
     oid = r.json()["order_id"]
     shard = int(oid.split("_")[1])

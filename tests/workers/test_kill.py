@@ -49,7 +49,7 @@ async def test_sigkill_in_the_middle_of_a_batch(client, api_key, servers, redis,
     """Injects: SIGKILL of a worker whose batch transaction is open in Postgres (blocked on a
     table lock). Audits: every 202 order exactly once after a new worker reclaims the batch."""
     receipts = await _admit(client, api_key, 400)
-    settings = make_settings(servers, batch_size=50, claim_idle_ms=300)
+    settings = make_settings(servers, batch_size=50)
     blocker = await asyncpg.connect(settings.database_url)
     tx = blocker.transaction()
     await tx.start()
@@ -61,7 +61,7 @@ async def test_sigkill_in_the_middle_of_a_batch(client, api_key, servers, redis,
         await eventually(
             lambda: blocker.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND query LIKE 'INSERT INTO orders_p%'"
+                " AND query LIKE 'INSERT INTO orders%'"
             ),
             timeout=30,
         )
@@ -86,9 +86,7 @@ async def test_repeated_sigkill_during_a_drain(client, api_key, servers, redis, 
     reads, inserts, commits and acks, wherever it lands), restarting it each time. Audits: every
     202 order exactly once, nothing pending, nothing dead-lettered."""
     receipts = await _admit(client, api_key, 3000)
-    settings = make_settings(
-        servers, batch_size=100, claim_idle_ms=300, max_deliveries=20, drain_rate=1500
-    )
+    settings = make_settings(servers, batch_size=100, max_deliveries=20, drain_rate=1500)
     kills = 0
     for threshold in (300, 900, 1500, 2100):
         worker = spawn_worker(settings)

@@ -1,0 +1,70 @@
+#!lua
+-- Settle a batch after its Postgres transaction: statuses and timelines, ack and delete the
+-- committed and rejected entries, move dead letters to their shard's dead-letter stream, then
+-- advance the watermark and publish the drain's state -- all at once, so customers see a batch
+-- settle atomically and positions never move backwards. A crash before this runs means
+-- redelivery, which the Postgres unique keys turn into a no-op.
+-- KEYS[1] drain hash, KEYS[2] admission counter, KEYS[3..2+S] streams of shards 0..S-1,
+-- KEYS[3+S..2+2S] their dead-letter streams, then per item: status key, idem key (KEYS[1] when
+-- the entry names no order of its shard).
+-- ARGV[1] group, ARGV[2] ttl s, ARGV[3] S, ARGV[4] now_us, ARGV[5] rate ('' = unchanged),
+-- ARGV[6] leader, then 6 per item: shard, entry id, outcome (committed | rejected |
+-- dead_lettered), at_us, reason, deliveries.
+-- Returns the new watermark.
+local group, ttl, shards, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local streams = {}
+for i = 1, shards do
+  streams[i] = KEYS[2 + i]
+end
+local done = {}
+local n = (#ARGV - 6) / 6
+for i = 0, n - 1 do
+  local a = 7 + i * 6
+  local shard, eid, outcome, at, reason = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2],
+    ARGV[a + 3], ARGV[a + 4]
+  local stream = streams[shard + 1]
+  local status_key, idem_key = KEYS[3 + 2 * shards + i * 2], KEYS[4 + 2 * shards + i * 2]
+  local has_status = status_key ~= KEYS[1] and redis.call('EXISTS', status_key) == 1
+  if outcome == 'dead_lettered' then
+    local entry = redis.call('XRANGE', stream, eid, eid)
+    local dl = {'source_id', eid, 'deliveries', ARGV[a + 5], 'error', reason, 'failed_at', at}
+    if entry[1] then
+      for _, v in ipairs(entry[1][2]) do
+        dl[#dl + 1] = v
+      end
+    end
+    redis.call('XADD', KEYS[2 + shards + shard + 1], '*', unpack(dl))
+    redis.call('XACK', stream, group, eid)
+    redis.call('XDEL', stream, eid)
+    if has_status then
+      redis.call('HSET', status_key, 'status', 'dead_lettered', 'reason', reason,
+        'rejected_at', at)
+      mark(status_key, 'dead_lettered', at)
+    end
+  else
+    done[shard] = done[shard] or {}
+    table.insert(done[shard], eid)
+    if has_status then
+      if outcome == 'committed' then
+        redis.call('HSET', status_key, 'status', 'committed', 'committed_at', at)
+      else
+        redis.call('HSET', status_key, 'status', outcome, 'rejected_at', at, 'reason', reason)
+      end
+      mark(status_key, outcome, at)
+      redis.call('EXPIRE', status_key, ttl)
+    end
+    if idem_key ~= KEYS[1] then
+      redis.call('EXPIRE', idem_key, ttl)
+    end
+  end
+end
+for shard, ids in pairs(done) do
+  redis.call('XACK', streams[shard + 1], group, unpack(ids))
+  redis.call('XDEL', streams[shard + 1], unpack(ids))
+end
+local w = advance_watermark(KEYS[1], KEYS[2], streams, now)
+redis.call('HSET', KEYS[1], 'state', 'draining', 'reason', '', 'at', now, 'leader', ARGV[6])
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'rate', ARGV[5])
+end
+return w

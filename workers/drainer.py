@@ -1,0 +1,315 @@
+"""The drain: the one queue, taken in admission order, written to Postgres, settled in Redis.
+
+Every worker process runs a Drainer; the one holding the drain lock (workers.leadership) leads,
+the others stand by and take over within about a second of its death. The leader loops:
+
+1. ``take`` the entries with the next queue numbers across all shards (they go pending on it);
+2. write them in one Postgres transaction, on the connection that holds the lock;
+3. ``settle`` them in Redis: statuses, ack and delete, the watermark -- atomically.
+
+So orders commit first-in first-out over the whole buffer, which is what makes a customer's
+queue position exact. A crash after 1 or 2 leaves the entries pending; the next leader claims
+them first, and the Postgres unique keys turn rows already written into a no-op. While Postgres
+is unavailable the batch is retried from memory, never re-read, so healthy orders do not pile
+up delivery counts; only entries that keep killing their leaders reach ``max_deliveries`` and
+the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from buffer.consumer import Batch, Poison, QueueConsumer, Settlement
+from buffer.streams import ensure_streams
+from ordergate.settings import Settings
+from workers import leadership
+from workers.drainrate import DrainRate
+from workers.errors import LostLeadership, TransientPersistError
+from workers.persist import Persister
+from workers.ratelimit import TokenBucket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class DrainStats:
+    consumer: str
+    role: str = "starting"  # starting | standby | leader | stopped
+    committed: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    transient_errors: int = 0
+
+
+def backoff(attempt: int, cap: float, base: float = 0.05) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
+class Drainer:
+    """One worker process's part in the drain: leader or standby."""
+
+    STANDBY_POLL_S = 0.5
+    HEARTBEAT_S = 1.0
+
+    def __init__(self, settings: Settings, redis: Any, consumer: QueueConsumer) -> None:
+        assert settings.database_url, "resolve server URLs first"
+        self.settings = settings
+        self.redis = redis
+        self.consumer = consumer
+        self.name = consumer.consumer
+        self.keys = consumer.keys
+        self.bucket = TokenBucket(settings.drain_rate)
+        self.rate = DrainRate()
+        self.stats = DrainStats(consumer.consumer)
+        self.state = "starting"
+        self.reason = ""
+        self._lock_key = leadership.lock_key(settings.key_prefix)
+
+    async def run(self, stop: asyncio.Event, *, burst: bool = False) -> DrainStats:
+        """Drain until ``stop`` is set; in burst mode, until the buffer is empty and settled."""
+        heartbeat = asyncio.create_task(self._heartbeat(stop))
+        try:
+            await self._run(stop, burst)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            if self.stats.role == "leader":
+                self._set_state("stopped", "the draining worker stopped")
+                await _quietly(self._publish())
+            self.stats.role = "stopped"
+        return self.stats
+
+    async def _run(self, stop: asyncio.Event, burst: bool) -> None:
+        attempt = 0
+        url = self.settings.database_url or ""
+        while not stop.is_set():
+            try:
+                conn = await leadership.connect(url, self.name)
+            except Exception as exc:  # noqa: BLE001 - down, restarting, refusing: all "not now"
+                attempt += 1
+                self.stats.transient_errors += 1
+                self._set_state("stalled", f"Postgres unavailable: {exc}")
+                if attempt == 1 or attempt % 20 == 0:
+                    log.warning("cannot reach Postgres (%r); retrying", exc)
+                await _sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s))
+                continue
+            attempt = 0
+            try:
+                if await self._serve(conn, stop, burst):
+                    return
+            except (RedisError, OSError) as exc:
+                await self._redis_trouble(exc, stop)
+            except LostLeadership as exc:
+                log.warning("lost the drain lock (%s); standing by", exc)
+                self._set_state("stalled", f"Postgres connection lost: {exc}")
+            except Exception as exc:  # noqa: BLE001 - the lock connection broke mid-call
+                if not conn.is_closed():
+                    raise
+                log.warning("Postgres connection lost (%r)", exc)
+                self._set_state("stalled", f"Postgres connection lost: {exc}")
+            finally:
+                if self.stats.role == "leader":
+                    self.stats.role = "standby"
+                await _close(conn)
+
+    async def _serve(self, conn: Any, stop: asyncio.Event, burst: bool) -> bool:
+        """Stand by on ``conn`` until the lock is ours, then lead; True when burst is done."""
+        while not stop.is_set():
+            if await leadership.try_lead(conn, self._lock_key):
+                log.info("%s leads the drain", self.name)
+                self.stats.role = "leader"
+                return await self._lead(conn, stop, burst)
+            self.stats.role = "standby"
+            if burst:
+                length, _ = await self.consumer.outstanding()
+                if length == 0:
+                    return True  # someone else drained it all
+            await _sleep_or_stop(stop, self.STANDBY_POLL_S)
+        return False
+
+    async def _lead(self, conn: Any, stop: asyncio.Event, burst: bool) -> bool:
+        persister = Persister(conn)
+        await ensure_streams(self.redis, self.keys, self.settings.shards)
+        await self._recover(persister, stop)
+        size = self.settings.batch_size
+        while not stop.is_set():
+            self._set_state("draining")
+            granted = await self.bucket.acquire(size)
+            started = time.monotonic()
+            taken = await self.consumer.take(granted)
+            self.bucket.refund(granted - len(taken.batch))
+            if len(taken.batch):
+                if not await self._process(taken.batch, persister, stop):
+                    return False  # stopping while Postgres is down: the batch stays pending
+                self.rate.record(len(taken.batch), time.monotonic() - started)
+                continue
+            length, pending = await self.consumer.outstanding()
+            if pending:
+                await self._recover(persister, stop)  # orphans of a deposed leader
+                continue
+            if burst and length == 0:
+                return True
+            await self._publish()
+            await self.consumer.wait_for_entries(
+                taken.last_ids, 50 if burst else self.settings.read_block_ms
+            )
+        return False
+
+    async def _recover(self, persister: Persister, stop: asyncio.Event) -> None:
+        """Claim what earlier leaders left pending and finish it, in queue order, first."""
+        owed = await self.consumer.claim_all()
+        if not len(owed):
+            return
+        log.warning(
+            "%s: finishing %d entries left pending by earlier leaders", self.name, len(owed)
+        )
+        size = self.settings.batch_size
+        messages, poison = owed.messages, owed.poison
+        for start in range(0, max(len(messages), 1), size):
+            part = Batch(messages[start : start + size], poison, owed.deliveries)
+            poison = []
+            if not await self._process(part, persister, stop):
+                return
+
+    async def _process(self, batch: Batch, persister: Persister, stop: asyncio.Event) -> bool:
+        """Write and settle one batch; False if stopping left it pending."""
+        now_us = time.time_ns() // 1000
+        limit = self.settings.max_deliveries
+        settlements = [Settlement.dead(p, now_us) for p in batch.poison]
+        messages = []
+        for m in batch.messages:
+            prior = batch.deliveries.get(m.entry_id, 0)
+            if prior >= limit:
+                reason = f"delivered {prior} times without being committed (its workers died)"
+                settlements.append(
+                    Settlement.dead(Poison(m.shard, m.entry_id, m.order_id, reason, prior), now_us)
+                )
+            else:
+                messages.append(m)
+        if messages:
+            written = await self._persist(persister, messages, stop)
+            if written is None:
+                return False
+            persisted, refused = written
+            for p in persisted:
+                at_us = int(p.at.timestamp() * 1e6)
+                settlements.append(Settlement.of(p.message, p.status, at_us, p.reason))
+            for r in refused:
+                s = Settlement.of(r.message, "dead_lettered", now_us, r.error)
+                settlements.append(s)
+        dead = sum(1 for s in settlements if s.outcome == "dead_lettered")
+        if dead:
+            log.error("%s: %d entries -> dead letters", self.name, dead)
+        if not await self._settle(settlements, stop):
+            return False
+        self.stats.batches += 1
+        self.stats.committed += sum(1 for s in settlements if s.outcome == "committed")
+        self.stats.rejected += sum(1 for s in settlements if s.outcome == "rejected")
+        self.stats.dead_lettered += dead
+        return True
+
+    async def _persist(self, persister: Persister, messages: list[Any], stop: asyncio.Event) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await persister.write(messages)
+            except TransientPersistError as exc:
+                if persister.conn.is_closed():
+                    raise LostLeadership(str(exc)) from exc
+                self.stats.transient_errors += 1
+                attempt += 1
+                self._set_state("stalled", f"Postgres cannot take writes: {exc}")
+                if attempt == 1 or attempt % 20 == 0:
+                    log.warning("Postgres refused a batch of %d for now (%s)", len(messages), exc)
+                if await _sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s)):
+                    return None
+
+    async def _settle(self, settlements: list[Settlement], stop: asyncio.Event) -> bool:
+        """Settle in Redis, retried until it works (Postgres already holds the rows)."""
+        attempt = 0
+        while True:
+            try:
+                await self.consumer.settle(
+                    settlements,
+                    self.settings.status_ttl_s,
+                    rate=self.rate.per_second,
+                    leader=self.name,
+                )
+                self._set_state("draining")
+                return True
+            except (RedisError, OSError) as exc:
+                attempt += 1
+                log.warning("cannot settle a batch in Redis (%r); retrying", exc)
+                if await _sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s)):
+                    return False  # left pending: redelivery finds the rows and settles then
+
+    async def _redis_trouble(self, exc: Exception, stop: asyncio.Event) -> None:
+        if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+            log.error("consumer group missing; recreating")
+            await _quietly(ensure_streams(self.redis, self.keys, self.settings.shards))
+        else:
+            log.warning("Redis error %r; retrying", exc)
+        await _sleep_or_stop(stop, backoff(3, self.settings.retry_backoff_max_s))
+
+    def _set_state(self, state: str, reason: str = "") -> None:
+        self.state, self.reason = state, reason
+
+    async def _publish(self) -> None:
+        """The drain's state for the queue endpoint: who drains, how fast, and if not, why."""
+        fields: dict[str, Any] = {
+            "state": self.state,
+            "reason": self.reason,
+            "at": time.time_ns() // 1000,
+            "leader": self.name,
+        }
+        if self.rate.per_second is not None:
+            fields["rate"] = f"{self.rate.per_second:.3f}"
+        await self.redis.hset(self.keys.drain(), mapping=fields)
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        """Publish while leading, or while nobody can lead because Postgres is unreachable."""
+        while not stop.is_set():
+            if self.stats.role == "leader" or (
+                self.state == "stalled" and await self._nobody_leads()
+            ):
+                await _quietly(self._publish())
+            await _sleep_or_stop(stop, self.HEARTBEAT_S)
+
+    async def _nobody_leads(self) -> bool:
+        try:
+            at = await self.redis.hget(self.keys.drain(), "at")
+        except (RedisError, OSError):
+            return False
+        return at is None or time.time() - int(at) / 1e6 > 3 * self.HEARTBEAT_S
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until stop is set; True if stopping."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+async def _close(conn: Any) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), 2)
+    except Exception:  # noqa: BLE001 - a broken connection cannot close politely
+        conn.terminate()
+
+
+async def _quietly(coro: Any) -> None:
+    try:
+        await coro
+    except Exception:  # noqa: BLE001 - best effort
+        log.debug("best-effort call failed", exc_info=True)
