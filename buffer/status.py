@@ -9,12 +9,33 @@ import msgspec
 
 from buffer.keys import Keys
 
+#: The status codes of an order, in the order they can happen. ``requeued``: an operator replayed
+#: the dead letter (``ordergate dlq replay``); ``notified``: its webhook was delivered.
+STATUS_CODES = (
+    "accepted",
+    "queued",
+    "processing",
+    "committed",
+    "rejected",
+    "dead_lettered",
+    "requeued",
+    "notified",
+)
+FINAL = frozenset({"committed", "rejected", "dead_lettered"})
+
+
+class Change(msgspec.Struct, frozen=True):
+    """One state change of an order: its status code and when it happened."""
+
+    status: str
+    at: dt.datetime
+
 
 class StatusRecord(msgspec.Struct, frozen=True):
     """The status of one order as the buffer knows it."""
 
     order_id: str
-    status: str  # queued | committed | rejected | dead_lettered
+    status: str  # queued | processing | committed | rejected | dead_lettered
     storefront_id: str
     storefront_order_id: str
     seq: int
@@ -22,6 +43,26 @@ class StatusRecord(msgspec.Struct, frozen=True):
     committed_at: dt.datetime | None = None
     rejected_at: dt.datetime | None = None
     reason: str | None = None
+    ahead: int = 0
+    timeline: list[Change] = []
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def settled_at(self) -> dt.datetime | None:
+        return self.committed_at or self.rejected_at
+
+
+def parse_timeline(raw: bytes | None) -> list[Change]:
+    """``code@us,code@us,...`` as written by the Lua scripts."""
+    changes: list[Change] = []
+    for item in (raw or b"").decode().split(","):
+        code, _, us = item.partition("@")
+        if code and us.isdigit():
+            changes.append(Change(code, dt.datetime.fromtimestamp(int(us) / 1e6, tz=dt.UTC)))
+    return changes
 
 
 def _time(us: bytes | None) -> dt.datetime | None:
@@ -43,4 +84,6 @@ async def read_status(redis: Any, keys: Keys, shard: int, order_id: str) -> Stat
         committed_at=_time(raw.get(b"committed_at")),
         rejected_at=_time(raw.get(b"rejected_at")),
         reason=raw[b"reason"].decode() if raw.get(b"reason") else None,
+        ahead=int(raw.get(b"a0", 0)),
+        timeline=parse_timeline(raw.get(b"tl")),
     )

@@ -17,9 +17,10 @@ from buffer.connection import create_redis
 from buffer.errors import BufferUnavailable
 from buffer.keys import Keys
 from buffer.streams import ensure_streams
-from gateway import health, orders, problems
+from gateway import health, orders, problems, queue, waiting
 from gateway.auth import Authenticator
 from gateway.state import GatewayState
+from gateway.tickets import Tickets
 from ordergate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             ),
         )
         state = GatewayState(
-            settings, keys, redis, admitter, Authenticator(redis, keys, settings.auth_cache_s)
+            settings,
+            keys,
+            redis,
+            admitter,
+            Authenticator(redis, keys, settings.auth_cache_s),
+            Tickets(redis, keys, settings.ticket_secret),
+            queue.DrainView(redis, keys),
         )
         app.state.gateway = state
         try:
@@ -73,6 +80,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             Route("/v1/orders", orders.create_order, methods=["POST"]),
             Route("/v1/orders/{order_id}", orders.get_order, methods=["GET"]),
+            Route("/v1/queue/{ticket}", queue.queue_status, methods=["GET"]),
+            Route("/v1/queue/{ticket}/events", queue.queue_events, methods=["GET"]),
+            Route("/wait/{ticket}", waiting.wait_page, methods=["GET"]),
             Route("/healthz", health.healthz, methods=["GET"]),
             Route("/readyz", health.readyz, methods=["GET"]),
             Route("/problems/{name}", problems.describe, methods=["GET"]),

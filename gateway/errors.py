@@ -67,6 +67,13 @@ class ServiceUnavailable(Problem):
     status, type, title = 503, "buffer-unavailable", "The order buffer is unavailable"
 
 
+class TicketNotFound(Problem):
+    """The queue ticket is not one this deployment issued, or it expired (``ticket_ttl_s`` after
+    its order was settled). The storefront's order status endpoint still knows the order."""
+
+    status, type, title = 404, "ticket-not-found", "Unknown or expired queue ticket"
+
+
 PROBLEM_TYPES: dict[str, type[Problem]] = {
     cls.type: cls
     for cls in (
@@ -76,6 +83,7 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         OrderInFlight,
         Unauthorized,
         NotFound,
+        TicketNotFound,
         PayloadTooLarge,
         UnsupportedMediaType,
         ServiceUnavailable,

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from buffer.admission import Outcome
 from buffer.message import admission_args
 from buffer.order import ORDER_ENCODER
-from buffer.status import read_status
+from buffer.status import Change, read_status
 from gateway.errors import (
     NotFound,
     OrderIdReused,
@@ -37,6 +37,11 @@ class Receipt(msgspec.Struct, frozen=True):
     status_url: str
     storefront_order_id: str
     accepted_at: dt.datetime
+    queue_number: int
+    ahead_at_admission: int
+    ticket: str  # the customer's credential for queue_url and wait_url
+    queue_url: str
+    wait_url: str
 
 
 class OrderStatus(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -47,6 +52,9 @@ class OrderStatus(msgspec.Struct, frozen=True, omit_defaults=True):
     committed_at: dt.datetime | None = None
     rejected_at: dt.datetime | None = None
     reason: str | None = None
+    timeline: list[Change] = []
+    ticket: str | None = None
+    wait_url: str | None = None
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -71,14 +79,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _receipt(order_id: str, sfo: str, accepted_at_us: int) -> Receipt:
-    return Receipt(
-        order_id=order_id,
-        status="queued",
-        status_url=f"/v1/orders/{order_id}",
-        storefront_order_id=sfo,
-        accepted_at=dt.datetime.fromtimestamp(accepted_at_us / 1e6, tz=dt.UTC),
-    )
+def base_url(request: Request, state: GatewayState) -> str:
+    """Where customers reach this gateway: ``public_url`` if set, else as this request did."""
+    if state.settings.public_url:
+        return state.settings.public_url.rstrip("/")
+    host = request.headers.get("host") or "{}:{}".format(*request.scope["server"])
+    return f"{request.scope['scheme']}://{host}"
 
 
 async def create_order(request: Request) -> Response:
@@ -114,7 +120,23 @@ async def create_order(request: Request) -> Response:
             headers={"Retry-After": "1"},
             order_id=admission.order_id,
         )
-    receipt = _receipt(admission.order_id, sfo, admission.accepted_at_us)
+    order_id = admission.order_id
+    ticket = await state.tickets.issue(
+        order_id, admission.seq, admission.ahead, admission.accepted_at_us
+    )
+    base = base_url(request, state)
+    receipt = Receipt(
+        order_id=order_id,
+        status="queued",
+        status_url=f"/v1/orders/{order_id}",
+        storefront_order_id=sfo,
+        accepted_at=dt.datetime.fromtimestamp(admission.accepted_at_us / 1e6, tz=dt.UTC),
+        queue_number=admission.seq,
+        ahead_at_admission=admission.ahead,
+        ticket=ticket,
+        queue_url=f"{base}/v1/queue/{ticket}",
+        wait_url=f"{base}/wait/{ticket}",
+    )
     created = admission.outcome is Outcome.ADMITTED
     return Response(
         _encoder.encode(receipt),
@@ -135,6 +157,9 @@ async def get_order(request: Request) -> Response:
     if record is not None:
         if record.storefront_id != storefront:
             raise NotFound(f"no order {order_id!r}")  # never reveal another storefront's orders
+        ticket = await state.tickets.issue(
+            order_id, record.seq, record.ahead, int(record.accepted_at.timestamp() * 1e6)
+        )
         status = OrderStatus(
             order_id=order_id,
             storefront_order_id=record.storefront_order_id,
@@ -143,6 +168,9 @@ async def get_order(request: Request) -> Response:
             committed_at=record.committed_at,
             rejected_at=record.rejected_at,
             reason=record.reason,
+            timeline=record.timeline,
+            ticket=ticket,
+            wait_url=f"{base_url(request, state)}/wait/{ticket}",
         )
     else:
         status = await _from_postgres(state, shard, order_id, storefront)
@@ -169,4 +197,5 @@ async def _from_postgres(state: GatewayState, shard: int, order_id: str, storefr
         status="committed",
         accepted_at=row["accepted_at"],
         committed_at=row["committed_at"],
+        timeline=[Change("accepted", row["accepted_at"]), Change("committed", row["committed_at"])],
     )

@@ -8,6 +8,7 @@ from typing import Any
 from buffer.admission import Admitter
 from buffer.keys import Keys
 from gateway.auth import Authenticator
+from gateway.tickets import Tickets
 from ordergate.settings import Settings
 
 
@@ -18,4 +19,6 @@ class GatewayState:
     redis: Any
     admitter: Admitter
     auth: Authenticator
+    tickets: Tickets
+    drain_view: Any  # gateway.queue.DrainView
     pg: Any = None  # asyncpg pool for /readyz and old-status lookups; None until reachable

@@ -4,6 +4,7 @@ ports and temp dirs (or ORDERGATE_TEST_REDIS_URL / ORDERGATE_TEST_DATABASE_URL w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -167,6 +168,33 @@ def auth(key: str) -> dict[str, str]:
 async def drain(settings: Settings) -> WorkerReport:
     """Run one worker in burst mode: drain everything there is, then return."""
     return await asyncio.wait_for(run_worker(settings.replace(workers=1), burst=True), 120)
+
+
+@contextlib.asynccontextmanager
+async def worker_running(settings: Settings) -> AsyncIterator[asyncio.Task[WorkerReport]]:
+    """A worker draining in this process (leader or standby) until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(settings, stop=stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def admit(client: Any, key: str, n: int, prefix: str = "o") -> list[dict[str, Any]]:
+    """Admit ``n`` orders, 200 at a time, in order; their receipts."""
+    receipts: list[dict[str, Any]] = []
+    for start in range(0, n, 200):
+        responses = await asyncio.gather(
+            *(
+                client.post("/v1/orders", json=order_body(f"{prefix}-{i}"), headers=auth(key))
+                for i in range(start, min(n, start + 200))
+            )
+        )
+        assert {r.status_code for r in responses} == {202}, responses[0].text
+        receipts.extend(r.json() for r in responses)
+    return receipts
 
 
 async def eventually(

@@ -82,9 +82,6 @@ class Drainer:
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
-            if self.stats.role == "leader":
-                self._set_state("stopped", "the draining worker stopped")
-                await _quietly(self._publish())
             self.stats.role = "stopped"
         return self.stats
 
@@ -118,6 +115,9 @@ class Drainer:
                 self._set_state("stalled", f"Postgres connection lost: {exc}")
             finally:
                 if self.stats.role == "leader":
+                    if stop.is_set():  # say so while still holding the lock: no successor yet
+                        self._set_state("stopped", "the draining worker stopped")
+                        await _quietly(self._publish())
                     self.stats.role = "standby"
                 await _close(conn)
 
@@ -143,8 +143,8 @@ class Drainer:
         size = self.settings.batch_size
         while not stop.is_set():
             self._set_state("draining")
+            started = time.monotonic()  # waiting for tokens is part of draining at the cap
             granted = await self.bucket.acquire(size)
-            started = time.monotonic()
             taken = await self.consumer.take(granted)
             self.bucket.refund(granted - len(taken.batch))
             if len(taken.batch):
