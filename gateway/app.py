@@ -106,7 +106,9 @@ async def _connect_postgres(state: GatewayState) -> None:
     delay = 0.2
     while True:
         try:
-            state.pg = await asyncpg.create_pool(url, min_size=0, max_size=2, command_timeout=5)
+            state.pg = await asyncpg.create_pool(
+                url, min_size=0, max_size=state.settings.pg_pool_size, command_timeout=5
+            )
             return
         except Exception as exc:  # noqa: BLE001
             log.warning("gateway: Postgres not reachable yet (%r)", exc)

@@ -1,8 +1,6 @@
-"""asyncpg pools and the sorting of Postgres errors into transient and permanent."""
+"""The sorting of Postgres errors into transient (retry) and permanent (dead-letter)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import asyncpg
 
@@ -13,16 +11,6 @@ from workers.errors import PermanentPersistError, TransientPersistError
 # and deadlocks, lock timeouts. Everything else (data exceptions 22, integrity 23, ...) is the
 # data's fault and will fail again.
 _TRANSIENT_CLASSES = {"08", "53", "57", "58", "40", "55", "XX"}
-
-
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    return await asyncpg.create_pool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        command_timeout=30,
-        max_inactive_connection_lifetime=60,
-    )
 
 
 def classify(exc: BaseException) -> TransientPersistError | PermanentPersistError:
@@ -39,8 +27,3 @@ def classify(exc: BaseException) -> TransientPersistError | PermanentPersistErro
         return PermanentPersistError(f"{type(exc).__name__}: {exc}")
     # No SQLSTATE: the connection broke, timed out, or the pool is closing.
     return TransientPersistError(f"{type(exc).__name__}: {exc}")
-
-
-async def ping(pool: Any) -> None:
-    async with pool.acquire(timeout=2) as conn:
-        await conn.fetchval("SELECT 1", timeout=2)

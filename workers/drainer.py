@@ -241,7 +241,7 @@ class Drainer:
                 await self.consumer.settle(
                     settlements,
                     self.settings.status_ttl_s,
-                    rate=self.rate.per_second,
+                    rate=self._rate(),
                     leader=self.name,
                 )
                 self._set_state("draining")
@@ -260,6 +260,14 @@ class Drainer:
             log.warning("Redis error %r; retrying", exc)
         await _sleep_or_stop(stop, backoff(3, self.settings.retry_backoff_max_s))
 
+    def _rate(self) -> float | None:
+        """The measured rate, never above the cap: the bucket's one-second burst after an idle
+        spell would otherwise promise customers a speed the cap does not allow."""
+        measured = self.rate.per_second
+        if measured is None or not self.bucket.rate:
+            return measured
+        return min(measured, self.bucket.rate)
+
     def _set_state(self, state: str, reason: str = "") -> None:
         self.state, self.reason = state, reason
 
@@ -271,8 +279,9 @@ class Drainer:
             "at": time.time_ns() // 1000,
             "leader": self.name,
         }
-        if self.rate.per_second is not None:
-            fields["rate"] = f"{self.rate.per_second:.3f}"
+        rate = self._rate()
+        if rate is not None:
+            fields["rate"] = f"{rate:.3f}"
         await self.redis.hset(self.keys.drain(), mapping=fields)
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:

@@ -135,6 +135,14 @@ async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(
     assert await pg.fetchval("SELECT count(*) FROM orders WHERE order_id = $1", oid) == 1
     final = (await client.get(f"/v1/orders/{oid}", headers=auth(api_key))).json()
     assert final["status"] == "committed" and "reason" not in final
+    assert [c["status"] for c in final["timeline"]] == [
+        "accepted",
+        "processing",
+        "dead_lettered",
+        "requeued",
+        "processing",
+        "committed",
+    ]
 
 
 async def test_drain_rate_caps_the_drain(client, api_key, servers, pg) -> None:
