@@ -46,7 +46,7 @@ def api_keys() -> list[str]:
 
 def new_order() -> dict[str, Any]:
     """A valid order with a fresh storefront_order_id."""
-    items = [
+    items: list[dict[str, Any]] = [
         {
             "sku": random.choice(SKUS),
             "quantity": random.randint(1, 3),

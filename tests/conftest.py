@@ -147,7 +147,7 @@ def order_body(
     sfo: str | None = None, *, items: int = 2, price: int = 1250, **extra: Any
 ) -> dict[str, Any]:
     """A valid order document."""
-    lines = [
+    lines: list[dict[str, Any]] = [
         {"sku": f"SKU-{i}", "quantity": i + 1, "unit_price_minor": price} for i in range(items)
     ]
     body: dict[str, Any] = {

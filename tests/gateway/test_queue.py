@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -78,7 +79,7 @@ async def test_position_is_the_true_count_ahead_during_a_throttled_drain(
     checked = 0
     async with worker_running(settings):
         for probe in probes:
-            await eventually(lambda p=probe: _moved(pg, p), timeout=30)
+            await eventually(partial(_moved, pg, probe), timeout=30)
             for _ in range(5):  # a batch may settle between the reads: then read again
                 before = (await _poll(client, probe))["position"]
                 truth = await _truth_ahead(pg, probe)

@@ -31,6 +31,7 @@ async def test_standby_takes_over_when_the_leader_is_killed(
     try:
         await eventually(lambda: _at_least(pg, 300), timeout=30)
         pid = await _leader_pid(redis)
+        assert pid is not None
         leader = next(w for w in workers if w.pid == pid)
         kill9(leader)
         killed_at = time.monotonic()

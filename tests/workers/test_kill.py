@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -91,7 +92,7 @@ async def test_repeated_sigkill_during_a_drain(client, api_key, servers, redis, 
     for threshold in (300, 900, 1500, 2100):
         worker = spawn_worker(settings)
         try:
-            await eventually(lambda t=threshold: _count_at_least(pg, t), timeout=60, interval=0.01)
+            await eventually(partial(_count_at_least, pg, threshold), timeout=60, interval=0.01)
         finally:
             kill9(worker)
             kills += 1
