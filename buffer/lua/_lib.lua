@@ -29,6 +29,15 @@ local function status_key_of(prefix, shard, fields)
   return nil
 end
 
+-- A worker took the entry: its order (if its status record still exists) is "processing".
+local function mark_processing(prefix, shard, fields, at_us)
+  local key = status_key_of(prefix, shard, fields)
+  if key and redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, 'status', 'processing')
+    mark(key, 'processing', at_us)
+  end
+end
+
 -- Advance the settled watermark: every queue number <= it is settled (committed, rejected or
 -- dead-lettered). It is the lowest queue number still in any stream, minus one, or the admission
 -- counter when the streams are empty; it never goes down.

@@ -25,11 +25,7 @@ for i = 1, #KEYS - 2 do
       if e and e[2] then
         entries[#entries + 1] = e
         counts[#counts + 1] = prior[e[1]]
-        local key = status_key_of(prefix, shard, e[2])
-        if key and redis.call('EXISTS', key) == 1 then
-          redis.call('HSET', key, 'status', 'processing')
-          mark(key, 'processing', now)
-        end
+        mark_processing(prefix, shard, e[2], now)
       end
     end
   end

@@ -50,11 +50,7 @@ for i = 1, shards do
     entries = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
       'STREAMS', stream, '>')[1][2]
     for _, e in ipairs(entries) do
-      local key = status_key_of(prefix, shard, e[2])
-      if key and redis.call('EXISTS', key) == 1 then
-        redis.call('HSET', key, 'status', 'processing')
-        mark(key, 'processing', now)
-      end
+      mark_processing(prefix, shard, e[2], now)
     end
     delivered = entries[#entries][1]
   end
