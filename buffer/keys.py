@@ -47,6 +47,10 @@ class Keys:
         """Hash: the drain's cursor, watermark, measured rate and state (see buffer.drainstate)."""
         return f"{self.prefix}:drain"
 
+    def drain_changes(self) -> str:
+        """Pub/sub channel: the drain state changed (a batch taken or settled, a heartbeat)."""
+        return f"{self.prefix}:drain:changed"
+
     def ticket_secret(self) -> str:
         """The key that signs queue tickets, made once by the first gateway."""
         return f"{self.prefix}:ticket-secret"

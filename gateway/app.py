@@ -63,12 +63,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         except RedisError as exc:  # start anyway: admission answers 503 until Redis is back
             log.error("Redis unreachable at startup (%r); answering 503 until it is", exc)
         await admitter.start()
+        state.drain_view.start()
         pg_task = asyncio.create_task(_connect_postgres(state))
         try:
             yield
         finally:
             pg_task.cancel()
             await asyncio.gather(pg_task, return_exceptions=True)
+            await state.drain_view.close()
             await admitter.close()
             if state.pg is not None:
                 await state.pg.close()
@@ -80,7 +82,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             Route("/v1/orders", orders.create_order, methods=["POST"]),
             Route("/v1/orders/{order_id}", orders.get_order, methods=["GET"]),
-            Route("/v1/queue/{ticket}", queue.queue_status, methods=["GET"]),
+            Route("/v1/queue/{ticket}", queue.QueueStatusEndpoint(), methods=["GET"]),
             Route("/v1/queue/{ticket}/events", queue.queue_events, methods=["GET"]),
             Route("/wait/{ticket}", waiting.wait_page, methods=["GET"]),
             Route("/healthz", health.healthz, methods=["GET"]),

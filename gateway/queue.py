@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,7 @@ from gateway.state import GatewayState
 from ordergate.settings import Settings
 from sharding.ids import shard_of_order_id
 
+log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 JSON = "application/json"
 CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "ETag"}
@@ -52,26 +54,76 @@ class QueueStatus(msgspec.Struct, frozen=True):
 
 
 class DrainView:
-    """The drain's state as of a moment after the caller asked, shared by concurrent callers.
+    """The drain's state, followed live: every gateway process keeps it in memory.
 
-    A caller never gets a read that started before it arrived (so a position is never older
-    than the request), yet under load one Redis round trip serves every request that came in
-    while the previous one was in flight.
+    The drain publishes on ``og:drain:changed`` whenever a batch is taken or settled and at
+    every heartbeat; on each notice this view re-reads the state (one read however many notices
+    queued up), and re-reads every second anyway. So a poll costs no Redis round trip and sees
+    what a read would have seen a millisecond earlier. While the subscription is down, polls
+    read the state themselves instead (concurrent ones share one read that starts after they
+    arrived), so an answer is never staler than the request.
     """
+
+    REFRESH_S = 1.0
 
     def __init__(self, redis: Any, keys: Keys) -> None:
         self._redis = redis
         self._keys = keys
+        self._state: DrainState | None = None
+        self._live = False
+        self._task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[DrainState]] = []
         self._reading = False
 
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def current(self) -> DrainState | None:
+        """The followed state, or None while the subscription is down."""
+        return self._state if self._live else None
+
     async def get(self) -> DrainState:
+        state = self.current()
+        if state is not None:
+            return state
         waiter: asyncio.Future[DrainState] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         if not self._reading:
             self._reading = True
             asyncio.get_running_loop().create_task(self._pump())
         return await waiter
+
+    async def _follow(self) -> None:
+        attempt = 0
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._keys.drain_changes())
+                self._state = await read_drain_state(self._redis, self._keys)  # after SUBSCRIBE
+                self._live, attempt = True, 0
+                while True:
+                    notice = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=self.REFRESH_S
+                    )
+                    while notice is not None:  # fold every queued notice into one read
+                        notice = await pubsub.get_message(ignore_subscribe_messages=True)
+                    self._state = await read_drain_state(self._redis, self._keys)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis away: polls read for themselves
+                self._live = False
+                attempt += 1
+                if attempt == 1:
+                    log.warning("not following the drain state (%r); polls read it directly", exc)
+                await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+            finally:
+                self._live = False
+                await asyncio.shield(_close_quietly(pubsub))
 
     async def _pump(self) -> None:
         try:
@@ -89,6 +141,13 @@ class DrainView:
                         w.set_result(state)
         finally:
             self._reading = False
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    try:
+        await pubsub.aclose()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def poll_after(position: int, eta: int | None) -> int:
@@ -160,16 +219,35 @@ def _etag(body: bytes) -> str:
     return '"' + hashlib.blake2b(body, digest_size=8).hexdigest() + '"'
 
 
-async def queue_status(request: Request) -> Response:
-    state: GatewayState = request.app.state.gateway
-    status = await answer(state, request.path_params["ticket"])
+_HEADERS = [
+    (b"cache-control", b"no-cache"),
+    *((k.lower().encode(), v.encode()) for k, v in CORS.items()),
+]
+_JSON_HEADERS = [*_HEADERS, (b"content-type", JSON.encode())]
+
+
+class QueueStatusEndpoint:
+    """GET /v1/queue/{ticket} as a bare ASGI endpoint: the most-polled route skips Starlette's
+    Request and Response objects (errors still reach the app's problem handlers)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await _queue_status(scope, send)
+
+
+async def _queue_status(scope: Any, send: Any) -> None:
+    state: GatewayState = scope["app"].state.gateway
+    status = await answer(state, scope["path_params"]["ticket"])
     body = _encoder.encode(status)
-    etag = _etag(body)
-    headers = {"ETag": etag, "Cache-Control": "no-cache", **CORS}
-    match = request.headers.get("if-none-match")
-    if match and etag in (m.strip() for m in match.split(",")):
-        return Response(status_code=304, headers=headers)
-    return Response(body, media_type=JSON, headers=headers)
+    etag = _etag(body).encode()
+    for name, value in scope["headers"]:
+        if name == b"if-none-match" and etag in (m.strip() for m in value.split(b",")):
+            headers = [*_HEADERS, (b"etag", etag)]
+            await send({"type": "http.response.start", "status": 304, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+    headers = [*_JSON_HEADERS, (b"etag", etag), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def queue_events(request: Request) -> Response:

@@ -282,7 +282,10 @@ class Drainer:
         rate = self._rate()
         if rate is not None:
             fields["rate"] = f"{rate:.3f}"
-        await self.redis.hset(self.keys.drain(), mapping=fields)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.drain(), mapping=fields)
+        pipe.publish(self.keys.drain_changes(), self.state)
+        await pipe.execute()
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         """Publish while leading, or while nobody can lead because Postgres is unreachable."""

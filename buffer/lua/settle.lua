@@ -67,4 +67,5 @@ redis.call('HSET', KEYS[1], 'state', 'draining', 'reason', '', 'at', now, 'leade
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], 'rate', ARGV[5])
 end
+redis.call('PUBLISH', KEYS[1] .. ':changed', w)
 return w

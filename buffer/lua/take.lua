@@ -59,6 +59,7 @@ for i = 1, shards do
 end
 if limit > d then
   redis.call('HSET', KEYS[1], 'd', limit)
+  redis.call('PUBLISH', KEYS[1] .. ':changed', limit)
 else
   limit = d
 end
