@@ -263,3 +263,21 @@ async def test_server_sent_events_push_each_change_until_final(client, api_key, 
     assert len(events) >= 3 and positions == sorted(positions, reverse=True)
     assert events[-1]["status"] == "committed"
     assert (await client.get("/v1/queue/nope/events")).status_code == 404
+
+
+async def test_positions_stay_right_when_the_gateway_loses_its_drain_subscription(
+    client, api_key, settings, redis
+) -> None:
+    """Injects: CLIENT KILL of the gateway's pub/sub connection (repeatedly, while the queue
+    moves). Audits: every answer still shows the position Redis holds at that moment."""
+    receipts = await admit(client, api_key, 40)
+    last = max(receipts, key=lambda r: r["queue_number"])
+    assert (await _poll(client, last))["position"] == 39
+    for _ in range(3):
+        await eventually(lambda: redis.execute_command("CLIENT", "LIST", "TYPE", "pubsub"))
+        assert await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+        for _ in range(5):  # while it resubscribes, polls read the state themselves
+            assert (await _poll(client, last))["position"] == 39
+    await drain(settings)
+    status = await _poll(client, last)  # no notice needed: the answer is read or followed fresh
+    assert status["status"] == "committed" and status["position"] == 0
