@@ -74,14 +74,18 @@ class DrainView:
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[DrainState]] = []
         self._reading = False
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self._closing = True
+        task = self._task
+        while task is not None and not task.done():
+            # redis-py may turn a cancellation into a connection error; the flag ends the loop
+            task.cancel()
+            await asyncio.wait({task}, timeout=1)
 
     def current(self) -> DrainState | None:
         """The followed state, or None while the subscription is down."""
@@ -100,13 +104,13 @@ class DrainView:
 
     async def _follow(self) -> None:
         attempt = 0
-        while True:
+        while not self._closing:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._keys.drain_changes())
                 self._state = await read_drain_state(self._redis, self._keys)  # after SUBSCRIBE
                 self._live, attempt = True, 0
-                while True:
+                while not self._closing:
                     notice = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=self.REFRESH_S
                     )
@@ -117,13 +121,15 @@ class DrainView:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis away: polls read for themselves
                 self._live = False
+                if self._closing:
+                    return
                 attempt += 1
                 if attempt == 1:
                     log.warning("not following the drain state (%r); polls read it directly", exc)
                 await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
             finally:
                 self._live = False
-                await asyncio.shield(_close_quietly(pubsub))
+                await _close_quietly(pubsub)
 
     async def _pump(self) -> None:
         try:
@@ -145,7 +151,7 @@ class DrainView:
 
 async def _close_quietly(pubsub: Any) -> None:
     try:
-        await pubsub.aclose()
+        await asyncio.wait_for(pubsub.aclose(), 2)
     except Exception:  # noqa: BLE001
         pass
 
