@@ -36,6 +36,7 @@ class Outcome(enum.IntEnum):
     DUPLICATE = 2
     MISMATCH = 3
     INFLIGHT = 4
+    FULL = 5  # the buffer holds max_buffered unsettled orders already
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,7 @@ class AdmissionConfig:
     max_batch: int = 256
     max_inflight_batches: int = 2
     lease_ms: int = 10000
+    max_buffered: int = 0
 
 
 @dataclass(slots=True)
@@ -197,7 +199,7 @@ class Admitter:
                 self._keys.seq(),
                 self._keys.drain(),
             ]
-            script_args: list[Any] = [self._lease]
+            script_args: list[Any] = [self._lease, self._config.max_buffered]
             for req in reqs:
                 script_keys.extend(req.keys)
                 script_args.extend(req.args)
@@ -308,6 +310,8 @@ class Admitter:
 
 def _decode(reply: list[Any]) -> Admission:
     outcome = Outcome(int(reply[0]))
+    if outcome is Outcome.FULL:
+        return Admission(outcome, "", ahead=int(reply[1]))
     order_id = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     if outcome in (Outcome.ADMITTED, Outcome.DUPLICATE):
         return Admission(outcome, order_id, int(reply[2]), int(reply[3]), int(reply[4]))

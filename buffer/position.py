@@ -60,6 +60,15 @@ async def read_drain_state(redis: Any, keys: Keys) -> DrainState:
     )
 
 
+def seconds_until_room(drain: DrainState | None, bound: int) -> int:
+    """Retry-After for a full buffer: time for the drain to free a hundredth of the bound (at
+    least the excess), at the measured rate; 5 s when no rate is known. Between 1 and 60 s."""
+    if drain is None or not drain.rate:
+        return 5
+    room = max(drain.depth - bound + 1, bound // 100, 1)
+    return max(1, min(60, math.ceil(room / drain.rate)))
+
+
 class Place(msgspec.Struct, frozen=True):
     """An unsettled order's place in the queue."""
 

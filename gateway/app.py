@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 max_batch=settings.admission_max_batch,
                 max_inflight_batches=settings.admission_max_inflight_batches,
                 lease_ms=settings.inflight_lease_ms,
+                max_buffered=settings.max_buffered,
             ),
         )
         state = GatewayState(

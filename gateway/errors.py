@@ -67,6 +67,14 @@ class ServiceUnavailable(Problem):
     status, type, title = 503, "buffer-unavailable", "The order buffer is unavailable"
 
 
+class BufferFull(Problem):
+    """The buffer holds ``max_buffered`` orders that are not yet committed: nothing was accepted.
+    Retry after ``Retry-After`` seconds (computed from the drain rate) with the same
+    storefront_order_id."""
+
+    status, type, title = 429, "buffer-full", "The order buffer is full"
+
+
 class TicketNotFound(Problem):
     """The queue ticket is not one this deployment issued, or it expired (``ticket_ttl_s`` after
     its order was settled). The storefront's order status endpoint still knows the order."""
@@ -84,6 +92,7 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         Unauthorized,
         NotFound,
         TicketNotFound,
+        BufferFull,
         PayloadTooLarge,
         UnsupportedMediaType,
         ServiceUnavailable,

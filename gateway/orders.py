@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 from starlette.requests import Request
@@ -14,8 +14,10 @@ from starlette.responses import Response
 from buffer.admission import Outcome
 from buffer.message import admission_args
 from buffer.order import ORDER_ENCODER
+from buffer.position import DrainState, seconds_until_room
 from buffer.status import Change, read_status
 from gateway.errors import (
+    BufferFull,
     NotFound,
     OrderIdReused,
     OrderInFlight,
@@ -87,6 +89,15 @@ def base_url(request: Request, state: GatewayState) -> str:
     return f"{request.scope['scheme']}://{host}"
 
 
+def _refuse_full(drain: DrainState | None, bound: int) -> NoReturn:
+    retry = seconds_until_room(drain, bound)
+    raise BufferFull(
+        f"the buffer holds {bound} orders not yet committed; nothing was accepted."
+        f" Retry in {retry} s with the same storefront_order_id",
+        headers={"Retry-After": str(retry)},
+    )
+
+
 async def create_order(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     settings = state.settings
@@ -96,6 +107,10 @@ async def create_order(request: Request) -> Response:
     body = await read_body(request, settings.max_body_bytes)
     order = parse_order(body)
 
+    bound = settings.max_buffered
+    followed = state.drain_view.current()
+    if bound and followed is not None and followed.depth >= bound:
+        _refuse_full(followed, bound)  # shed without a Redis round trip
     sfo = order.storefront_order_id
     shard = shard_for(storefront, sfo, settings.shards)
     canonical = ORDER_ENCODER.encode(order)
@@ -114,6 +129,8 @@ async def create_order(request: Request) -> Response:
             "with a different body",
             order_id=admission.order_id,
         )
+    if admission.outcome is Outcome.FULL:
+        _refuse_full(followed, bound)
     if admission.outcome is Outcome.INFLIGHT:
         raise OrderInFlight(
             f"order {sfo!r} is being admitted by another request; retry shortly",

@@ -33,6 +33,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     shards: int = 8
     durability: Durability = "fsync"
     durability_timeout_ms: int = 1000
+    max_buffered: int = 1_000_000
     key_prefix: str = "og"
 
     # Gateway

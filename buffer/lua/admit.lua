@@ -2,13 +2,15 @@
 -- Admit a batch of orders of ONE shard, atomically per order.
 -- KEYS[1] the shard's stream, KEYS[2] the global admission counter, KEYS[3] the drain hash,
 -- then per order i: idem key, status key.
--- ARGV[1] pending lease in ms (0 = durable on reply, no pending state), then 6 args per order:
+-- ARGV[1] pending lease in ms (0 = durable on reply, no pending state), ARGV[2] the most orders
+-- the buffer may hold unsettled (0 = no bound), then 6 args per order:
 --   order_id, storefront_id, storefront_order_id, accepted_at_us, fingerprint, body.
 -- Returns one reply per order:
 --   {1, order_id, seq, accepted_at_us, ahead}     admitted
 --   {2, order_id, seq, accepted_at_us, ahead}     duplicate of an earlier order with the same body
 --   {3, order_id}                                 same storefront_order_id, different body
 --   {4, order_id}                                 its twin is still in flight (not yet durable)
+--   {5, depth}                                    refused: the buffer holds its bound already
 -- The shebang line makes Redis refuse the whole call up front when it is out of memory
 -- (noeviction), so a batch is never half written.
 -- seq is the order's queue number, global across shards: Redis runs scripts one at a time, so
@@ -17,14 +19,15 @@
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('NOSTREAM buffer stream ' .. KEYS[1] .. ' is missing')
 end
-local lease = tonumber(ARGV[1])
+local lease, bound = tonumber(ARGV[1]), tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local settled = tonumber(redis.call('HGET', KEYS[3], 'w') or '0')
+local issued = tonumber(redis.call('GET', KEYS[2]) or '0')
 local out = {}
-local n = (#ARGV - 1) / 6
+local n = (#ARGV - 2) / 6
 for i = 0, n - 1 do
-  local a = 2 + i * 6
+  local a = 3 + i * 6
   local idem_key, status_key = KEYS[4 + i * 2], KEYS[5 + i * 2]
   local prior = redis.call('HMGET', idem_key, 'oid', 'fp', 'seq', 'at', 'pending_until', 'a0')
   if prior[1] then
@@ -35,8 +38,11 @@ for i = 0, n - 1 do
     else
       out[#out + 1] = {2, prior[1], tonumber(prior[3]), prior[4], tonumber(prior[6] or '0')}
     end
+  elseif bound > 0 and issued - settled >= bound then
+    out[#out + 1] = {5, issued - settled}
   else
     local seq = redis.call('INCR', KEYS[2])
+    issued = seq
     local ahead = seq - 1 - settled
     local eid = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*',
       'v', '1', 'oid', ARGV[a], 'sf', ARGV[a + 1], 'sfo', ARGV[a + 2],

@@ -276,7 +276,14 @@ async def test_health_and_readiness(client) -> None:
         return r if r.status_code == 200 else None
 
     r = await eventually(ready, timeout=10)
-    assert r.json()["checks"] == {"redis": "ok", "postgres": "ok"}
+    assert r.json()["checks"] == {"redis": "ok"}
+    await eventually(
+        lambda: _postgres_reported(client), timeout=10
+    )  # reported, but never decides readiness
+
+
+async def _postgres_reported(client: Any) -> bool:
+    return (await client.get("/readyz")).json()["info"]["postgres"] == "ok"
 
 
 async def test_problem_types_are_documented(client) -> None:
