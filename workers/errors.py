@@ -19,3 +19,12 @@ class MigrationError(WorkerError):
 
 class LostLeadership(WorkerError):
     """The connection holding the drain lock broke: another worker may lead now."""
+
+
+class BreakerOpen(WorkerError):
+    """A circuit breaker refused the call: its destination fails or is slow. Defer, retry later."""
+
+    def __init__(self, name: str, retry_in_s: float) -> None:
+        super().__init__(f"breaker {name!r} is open; next probe in {retry_in_s:.1f} s")
+        self.name = name
+        self.retry_in_s = retry_in_s
