@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from buffer.admission import Outcome
+from buffer.errors import BufferUnavailable
 from buffer.message import admission_args
 from buffer.order import ORDER_ENCODER
 from buffer.position import DrainState, seconds_until_room
@@ -111,6 +112,12 @@ async def create_order(request: Request) -> Response:
     followed = state.drain_view.current()
     if bound and followed is not None and followed.depth >= bound:
         _refuse_full(followed, bound)  # shed without a Redis round trip
+    memory = state.drain_view.memory_ratio()
+    if settings.memory_guard and memory is not None and memory >= settings.memory_guard:
+        raise BufferUnavailable(
+            f"the buffer is near its memory limit ({memory:.0%} of Redis maxmemory)",
+            retry_after=5,
+        )
     sfo = order.storefront_order_id
     shard = shard_for(storefront, sfo, settings.shards)
     canonical = ORDER_ENCODER.encode(order)

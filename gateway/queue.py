@@ -75,6 +75,8 @@ class DrainView:
         self._waiters: list[asyncio.Future[DrainState]] = []
         self._reading = False
         self._closing = False
+        self._memory: float | None = None  # used_memory / maxmemory, when maxmemory is set
+        self._memory_at = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._follow())
@@ -86,6 +88,18 @@ class DrainView:
             # redis-py may turn a cancellation into a connection error; the flag ends the loop
             task.cancel()
             await asyncio.wait({task}, timeout=1)
+
+    def memory_ratio(self) -> float | None:
+        """Redis's used memory over its maxmemory (checked about once a second), if known."""
+        return self._memory if self._live else None
+
+    async def _check_memory(self) -> None:
+        if time.monotonic() - self._memory_at < self.REFRESH_S:
+            return
+        self._memory_at = time.monotonic()
+        info = await self._redis.info("memory")
+        limit = int(info.get("maxmemory", 0))
+        self._memory = int(info["used_memory"]) / limit if limit else None
 
     def current(self) -> DrainState | None:
         """The followed state, or None while the subscription is down."""
@@ -109,6 +123,8 @@ class DrainView:
             try:
                 await pubsub.subscribe(self._keys.drain_changes())
                 self._state = await read_drain_state(self._redis, self._keys)  # after SUBSCRIBE
+                self._memory_at = 0.0
+                await self._check_memory()
                 self._live, attempt = True, 0
                 while not self._closing:
                     notice = await pubsub.get_message(
@@ -117,6 +133,7 @@ class DrainView:
                     while notice is not None:  # fold every queued notice into one read
                         notice = await pubsub.get_message(ignore_subscribe_messages=True)
                     self._state = await read_drain_state(self._redis, self._keys)
+                    await self._check_memory()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis away: polls read for themselves

@@ -34,6 +34,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     durability: Durability = "fsync"
     durability_timeout_ms: int = 1000
     max_buffered: int = 1_000_000
+    memory_guard: float = 0.9
     key_prefix: str = "og"
 
     # Gateway
@@ -73,6 +74,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ConfigError("processes and workers must be at least 1")
         if self.ticket_secret is not None and len(self.ticket_secret) < 16:
             raise ConfigError("ticket_secret must be at least 16 characters")
+        if not 0 <= self.memory_guard <= 1:
+            raise ConfigError("memory_guard must be between 0 and 1 (0 = off)")
         if self.ticket_ttl_s < 1 or self.drain_stale_s <= 0:
             raise ConfigError("ticket_ttl_s and drain_stale_s must be positive")
         if self.max_deliveries < 1:

@@ -59,3 +59,37 @@ async def test_readiness_is_false_while_redis_is_unreachable(app_factory, server
     r = await client.get("/readyz")
     assert r.status_code == 503 and r.json()["ready"] is False
     assert r.json()["checks"]["redis"].startswith("unreachable")
+
+
+async def test_redis_memory_limit_is_503_never_202(app_factory, api_key, servers, redis) -> None:
+    """Injects: Redis maxmemory set just above what it uses (noeviction). Audits: with the guard
+    on, orders get 503 before Redis runs out; with it off, Redis's own OOM refusal is a 503 too;
+    never a 202. After the limit is lifted, orders are taken again."""
+    guarded = await app_factory(make_settings(servers, memory_guard=0.8))
+    unguarded = await app_factory(make_settings(servers, memory_guard=0))
+    used = int((await redis.info("memory"))["used_memory"])
+    try:
+        # Near the limit: the guard sheds (202s until it reads INFO, at most a second later,
+        # are fine: Redis is still below its limit).
+        await redis.config_set("maxmemory", str(int(used * 1.1)))
+
+        async def shed() -> Any:
+            r = await guarded.post("/v1/orders", json=order_body(), headers=auth(api_key))
+            return r if r.status_code == 503 else None
+
+        r = await eventually(shed, timeout=10)
+        assert "memory limit" in r.json()["detail"] and r.headers["retry-after"] == "5"
+        # At the limit: Redis itself refuses every write; never a 202, guard or not.
+        await redis.config_set("maxmemory", str(used // 2))
+        for client in (guarded, unguarded) * 5:
+            r = await client.post("/v1/orders", json=order_body(), headers=auth(api_key))
+            assert r.status_code == 503, r.text
+            assert r.json()["type"] == "/problems/buffer-unavailable"
+    finally:
+        await redis.config_set("maxmemory", "0")
+
+    async def taken() -> Any:
+        r = await guarded.post("/v1/orders", json=order_body(), headers=auth(api_key))
+        return r if r.status_code == 202 else None
+
+    await eventually(taken, timeout=10)
