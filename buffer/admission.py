@@ -311,7 +311,7 @@ class Admitter:
 def _decode(reply: list[Any]) -> Admission:
     outcome = Outcome(int(reply[0]))
     if outcome is Outcome.FULL:
-        return Admission(outcome, "", ahead=int(reply[1]))
+        return Admission(outcome, "")
     order_id = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     if outcome in (Outcome.ADMITTED, Outcome.DUPLICATE):
         return Admission(outcome, order_id, int(reply[2]), int(reply[3]), int(reply[4]))

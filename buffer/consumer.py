@@ -85,8 +85,7 @@ class Batch:
 @dataclass(slots=True)
 class Taken:
     batch: Batch
-    cursor: int
-    last_ids: list[str]
+    last_ids: list[str]  # per shard: what to wait after when nothing was taken
 
 
 class QueueConsumer:
@@ -103,7 +102,7 @@ class QueueConsumer:
 
     async def take(self, n: int) -> Taken:
         """The next ``n`` queue numbers' entries, across all shards, now pending on us."""
-        cursor, last_ids, per_shard = await self.scripts.take(
+        _cursor, last_ids, per_shard = await self.scripts.take(
             keys=self._queue_keys,
             args=[GROUP, self.consumer, n, self.keys.prefix, _now_us()],
         )
@@ -111,7 +110,7 @@ class QueueConsumer:
         for shard, entries in enumerate(per_shard):
             self._decode(batch, shard, entries)
         _sort(batch)
-        return Taken(batch, int(cursor), [_s(i) for i in last_ids])
+        return Taken(batch, [_s(i) for i in last_ids])
 
     async def claim_all(self, max_per_shard: int = 100_000) -> Batch:
         """Every pending entry of every shard, now ours (the leader's lock says they are owed)."""

@@ -51,6 +51,10 @@ class StatusRecord(msgspec.Struct, frozen=True):
         return self.status in FINAL
 
     @property
+    def accepted_at_us(self) -> int:
+        return int(self.accepted_at.timestamp() * 1e6)
+
+    @property
     def settled_at(self) -> dt.datetime | None:
         return self.committed_at or self.rejected_at
 

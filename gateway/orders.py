@@ -182,7 +182,7 @@ async def get_order(request: Request) -> Response:
         if record.storefront_id != storefront:
             raise NotFound(f"no order {order_id!r}")  # never reveal another storefront's orders
         ticket = await state.tickets.issue(
-            order_id, record.seq, record.ahead, int(record.accepted_at.timestamp() * 1e6)
+            order_id, record.seq, record.ahead, record.accepted_at_us
         )
         status = OrderStatus(
             order_id=order_id,

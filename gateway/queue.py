@@ -201,8 +201,9 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
         raise TicketNotFound("this queue ticket has expired")
     if not record.final:
         # Settled and then re-queued by an operator: its place is under its new number.
-        accepted_us = int(record.accepted_at.timestamp() * 1e6)
-        return _waiting(record.order_id, record.seq, record.ahead, accepted_us, drain, settings)
+        return _waiting(
+            record.order_id, record.seq, record.ahead, record.accepted_at_us, drain, settings
+        )
     settled_at = record.settled_at or record.accepted_at
     age = dt.datetime.now(dt.UTC) - settled_at
     if age.total_seconds() > settings.ticket_ttl_s:
@@ -254,23 +255,19 @@ class QueueStatusEndpoint:
     Request and Response objects (errors still reach the app's problem handlers)."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await _queue_status(scope, send)
-
-
-async def _queue_status(scope: Any, send: Any) -> None:
-    state: GatewayState = scope["app"].state.gateway
-    status = await answer(state, scope["path_params"]["ticket"])
-    body = _encoder.encode(status)
-    etag = _etag(body).encode()
-    for name, value in scope["headers"]:
-        if name == b"if-none-match" and etag in (m.strip() for m in value.split(b",")):
-            headers = [*_HEADERS, (b"etag", etag)]
-            await send({"type": "http.response.start", "status": 304, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-            return
-    headers = [*_JSON_HEADERS, (b"etag", etag), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        state: GatewayState = scope["app"].state.gateway
+        status = await answer(state, scope["path_params"]["ticket"])
+        body = _encoder.encode(status)
+        etag = _etag(body).encode()
+        for name, value in scope["headers"]:
+            if name == b"if-none-match" and etag in (m.strip() for m in value.split(b",")):
+                headers = [*_HEADERS, (b"etag", etag)]
+                await send({"type": "http.response.start", "status": 304, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        headers = [*_JSON_HEADERS, (b"etag", etag), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 async def queue_events(request: Request) -> Response:

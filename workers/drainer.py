@@ -158,8 +158,7 @@ class Drainer:
                 continue
             if burst and length == 0:
                 return True
-            await self._publish()
-            await self.consumer.wait_for_entries(
+            await self.consumer.wait_for_entries(  # idle: the heartbeat keeps reporting
                 taken.last_ids, 50 if burst else self.settings.read_block_ms
             )
         return False

@@ -38,6 +38,13 @@ def taking(clock: Clock, seconds: float, *, fail: bool = False):  # type: ignore
     return call
 
 
+async def fail_four_times(b: CircuitBreaker, clock: Clock) -> None:
+    """Four failed calls: the minimum, all failures, so the breaker opens."""
+    for _ in range(4):
+        with pytest.raises(ConnectionError):
+            await b.call(taking(clock, 0.01, fail=True))
+
+
 async def test_slow_successes_open_the_breaker() -> None:
     clock = Clock()
     b, changes = breaker(clock)
@@ -67,9 +74,7 @@ async def test_failure_rate_over_the_window_opens_it_and_fast_calls_keep_it_clos
 async def test_half_open_lets_exactly_one_probe_through() -> None:
     clock = Clock()
     b, changes = breaker(clock)
-    for _ in range(4):
-        with pytest.raises(ConnectionError):
-            await b.call(taking(clock, 0.01, fail=True))
+    await fail_four_times(b, clock)
     clock.now += 5.0
     assert b.state is State.HALF_OPEN
     release = asyncio.Event()
@@ -121,9 +126,7 @@ async def test_a_hung_call_is_a_counted_failure_and_a_cancellation_is_not() -> N
 async def test_open_time_follows_the_monotonic_clock_only() -> None:
     clock = Clock()
     b, _ = breaker(clock)
-    for _ in range(4):
-        with pytest.raises(ConnectionError):
-            await b.call(taking(clock, 0.01, fail=True))
+    await fail_four_times(b, clock)
     clock.now += 4.9
     assert b.state is State.OPEN and b.snapshot().open_for_s == pytest.approx(0.1)
     clock.now += 0.1
