@@ -126,8 +126,11 @@ class Admitter:
         storefront_id: str,
         storefront_order_id: str,
         args: tuple[Any, ...],
+        timeout: float | None = None,
     ) -> Admission:
-        """Admit one order; returns after the buffer confirmed it durably, or raises."""
+        """Admit one order; returns after the buffer confirmed it durably, or raises
+        ``BufferUnavailable`` once ``timeout`` seconds (default: the configured ``timeout_s``)
+        have passed without that confirmation."""
         loop = asyncio.get_running_loop()
         req = _Request(
             shard=shard,
@@ -141,11 +144,16 @@ class Admitter:
         self._queue.append(req)
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(req.future), self._config.timeout_s)
+            return await asyncio.wait_for(
+                asyncio.shield(req.future),
+                self._config.timeout_s if timeout is None else timeout,
+            )
         except TimeoutError:
             # Never sent: it never will be. Sent: Redis may still write it; the client's retry
-            # then finds it through the idempotency record.
+            # then finds it through the idempotency record. Cancelled, the future takes no late
+            # outcome (nobody is left to read it: asyncio would log it as never retrieved).
             req.abandoned = True
+            req.future.cancel()
             raise BufferUnavailable("the buffer did not confirm the order in time") from None
 
     async def _run(self) -> None:

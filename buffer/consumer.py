@@ -45,7 +45,9 @@ class Settlement:
     deliveries: int = 1
 
     @classmethod
-    def of(cls, m: OrderMessage, outcome: str, at_us: int, reason: str = "") -> Settlement:
+    def of(
+        cls, m: OrderMessage, outcome: str, at_us: int, reason: str = "", deliveries: int = 1
+    ) -> Settlement:
         return cls(
             m.shard,
             m.entry_id,
@@ -55,6 +57,7 @@ class Settlement:
             m.storefront_id,
             m.storefront_order_id,
             reason,
+            deliveries,
         )
 
     @classmethod
@@ -133,10 +136,12 @@ class QueueConsumer:
     async def settle(
         self, items: list[Settlement], ttl_s: int, *, rate: float | None, leader: str
     ) -> int:
-        """Record the outcomes, ack/delete or dead-letter, advance the watermark; returns it."""
+        """Record the outcomes, ack/delete or dead-letter, queue the webhook events, advance the
+        watermark; returns it."""
         keys: list[str] = [
             *self._queue_keys,
             *(self.keys.deadletters(s) for s in range(self.shards)),
+            self.keys.notify(),
         ]
         args: list[Any] = [
             GROUP,
@@ -145,6 +150,7 @@ class QueueConsumer:
             _now_us(),
             "" if rate is None else f"{rate:.3f}",
             leader,
+            self.keys.webhook(""),
         ]
         nothing = self.keys.drain()
         for it in items:
@@ -157,7 +163,17 @@ class QueueConsumer:
             else:
                 keys.append(nothing)
             args.extend(
-                (it.shard, it.entry_id, it.outcome, it.at_us, it.reason[:2000], it.deliveries)
+                (
+                    it.shard,
+                    it.entry_id,
+                    it.outcome,
+                    it.at_us,
+                    it.reason[:2000],
+                    it.deliveries,
+                    it.order_id or "",
+                    it.storefront_id or "",
+                    it.storefront_order_id or "",
+                )
             )
         return int(await self.scripts.settle(keys=keys, args=args))
 

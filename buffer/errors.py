@@ -19,3 +19,7 @@ class NotDurable(BufferUnavailable):
 
 class MalformedMessage(BufferError):
     """A stream entry does not follow the message contract (a poison message)."""
+
+
+class InvalidWebhook(BufferError):
+    """A webhook URL that is not an absolute http(s) URL."""

@@ -59,6 +59,40 @@ class Keys:
         """Hash: sha256(api key) -> storefront id."""
         return f"{self.prefix}:apikeys"
 
+    # Notifications (webhooks): settle.lua queues an event for every settled order whose
+    # storefront has a webhook; the notifier delivers them (workers.notifier).
+    def webhook(self, storefront_id: str) -> str:
+        """Hash: the storefront's webhook url and signing secret (its presence turns events on)."""
+        return f"{self.prefix}:webhook:{storefront_id}"
+
+    def webhooks(self) -> str:
+        """Set: storefront ids with a webhook (for listing)."""
+        return f"{self.prefix}:webhooks"
+
+    def notify(self) -> str:
+        """Stream: notification events not yet delivered nor deferred."""
+        return f"{self.prefix}:notify"
+
+    def notify_deferred(self, storefront_id: str) -> str:
+        """Stream: one destination's deferred events, replayed in order when it recovers."""
+        return f"{self.prefix}:notify:deferred:{storefront_id}"
+
+    def notify_retries(self) -> str:
+        """Hash: event id -> failed attempts and the last error of a deferred event."""
+        return f"{self.prefix}:notify:retries"
+
+    def notify_dead(self) -> str:
+        """Stream: events that kept failing for ``notify_give_up_s``, with their last error."""
+        return f"{self.prefix}:notify:dead"
+
+    def notify_leader(self) -> str:
+        """The notifier's lease: one process delivers, so each destination's order holds."""
+        return f"{self.prefix}:notify:leader"
+
+    def notify_state(self) -> str:
+        """JSON the leading notifier refreshes every second: its breakers and lanes."""
+        return f"{self.prefix}:notify:state"
+
     def worker_health(self, consumer: str) -> str:
         """A worker's heartbeat, expiring when the worker stops beating."""
         return f"{self.prefix}:worker:{consumer}"

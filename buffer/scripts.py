@@ -16,7 +16,7 @@ def source(name: str) -> str:
     """A script's text; ``_lib.lua`` goes in front of the scripts that use its helpers."""
     folder = resources.files("buffer").joinpath("lua")
     text = folder.joinpath(f"{name}.lua").read_text()
-    if name in ("take", "claim", "settle", "replay"):
+    if name in ("take", "claim", "settle", "replay", "notified"):
         body = text.removeprefix(_SHEBANG)
         text = _SHEBANG + folder.joinpath("_lib.lua").read_text() + "\n" + body
     return text
@@ -25,7 +25,7 @@ def source(name: str) -> str:
 class Scripts:
     """The buffer pool's scripts, bound to one Redis client."""
 
-    NAMES = ("admit", "confirm", "take", "claim", "settle", "replay")
+    NAMES = ("admit", "confirm", "take", "claim", "settle", "replay", "notified", "lease")
 
     def __init__(self, redis: Any) -> None:
         self.admit: AsyncScript = redis.register_script(source("admit"))
@@ -34,6 +34,8 @@ class Scripts:
         self.claim: AsyncScript = redis.register_script(source("claim"))
         self.settle: AsyncScript = redis.register_script(source("settle"))
         self.replay: AsyncScript = redis.register_script(source("replay"))
+        self.notified: AsyncScript = redis.register_script(source("notified"))
+        self.lease: AsyncScript = redis.register_script(source("lease"))
         self._redis = redis
 
     async def load(self) -> None:

@@ -17,7 +17,7 @@ from buffer.connection import create_redis
 from buffer.errors import BufferUnavailable
 from buffer.keys import Keys
 from buffer.streams import ensure_streams
-from gateway import health, orders, problems, queue, waiting
+from gateway import health, ops, orders, problems, queue, waiting
 from gateway.auth import Authenticator
 from gateway.state import GatewayState
 from gateway.tickets import Tickets
@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/wait/{ticket}", waiting.wait_page, methods=["GET"]),
             Route("/healthz", health.healthz, methods=["GET"]),
             Route("/readyz", health.readyz, methods=["GET"]),
+            Route("/v1/ops/status", ops.status, methods=["GET"]),
             Route("/problems/{name}", problems.describe, methods=["GET"]),
         ],
         exception_handlers=handlers,

@@ -108,6 +108,52 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("ids", nargs="*", help="dead letters as listed (SHARD/ID); none with --all")
     dr.add_argument("--all", action="store_true", help="replay every dead letter")
     data_dir_opt(dr)
+
+    sf = add("storefronts", "Manage storefronts' webhooks (signed order notifications).")
+    ssub = sf.add_subparsers(dest="storefronts_command", required=True, metavar="ACTION")
+    sw = ssub.add_parser(
+        "set-webhook",
+        help="register a webhook URL; prints its new signing secret once",
+        description="Send STOREFRONT_ID's order events (committed, rejected, dead-lettered) to "
+        "URL, signed with a new secret that is printed once.",
+    )
+    sw.add_argument("storefront_id")
+    sw.add_argument("url")
+    data_dir_opt(sw)
+    su = ssub.add_parser(
+        "remove-webhook",
+        help="stop sending a storefront's events",
+        description="Stop queueing STOREFRONT_ID's events (queued ones wait for a new webhook).",
+    )
+    su.add_argument("storefront_id")
+    data_dir_opt(su)
+    sl = ssub.add_parser(
+        "list", help="list webhooks (without secrets)", description="List webhooks."
+    )
+    data_dir_opt(sl)
+
+    nt = add("notifications", "Show and re-queue notifications that gave up.")
+    nsub = nt.add_subparsers(dest="notifications_command", required=True, metavar="ACTION")
+    nd = nsub.add_parser(
+        "dead",
+        help="list events that kept failing, with their last error",
+        description="List notification events that kept failing for notify_give_up_s.",
+    )
+    nd.add_argument("--limit", type=int, default=100)
+    nd.add_argument("--json", action="store_true", help="print JSON")
+    data_dir_opt(nd)
+    nr = nsub.add_parser(
+        "replay",
+        help="put dead events back for delivery",
+        description="Put dead notification events back in the notification stream.",
+    )
+    nr.add_argument("ids", nargs="*", help="entry ids as listed; none with --all")
+    nr.add_argument("--all", action="store_true", help="replay every dead event")
+    data_dir_opt(nr)
+
+    st = add("status", "Show the buffer, the drain, notifications and circuit breakers.")
+    st.add_argument("--json", action="store_true", help="print the JSON of GET /v1/ops/status")
+    data_dir_opt(st)
     return p
 
 
@@ -306,6 +352,78 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
+    from buffer import webhooks
+    from buffer.errors import InvalidWebhook
+
+    if args.storefronts_command == "set-webhook":
+        try:
+            hook = _with_redis(
+                settings,
+                lambda r, k, s: webhooks.set_webhook(r, k, args.storefront_id, args.url),
+            )
+        except InvalidWebhook as exc:
+            raise OrdergateError(str(exc)) from None
+        print(hook.secret)
+        print(
+            f"(signing secret for {args.storefront_id!r} -> {hook.url}; shown once: events carry "
+            "Ordergate-Signature: t=<unix>,v1=<HMAC-SHA256 of '<t>.' + body>)",
+            file=sys.stderr,
+        )
+    elif args.storefronts_command == "remove-webhook":
+        if not _with_redis(
+            settings, lambda r, k, s: webhooks.remove_webhook(r, k, args.storefront_id)
+        ):
+            raise OrdergateError(f"storefront {args.storefront_id!r} has no webhook")
+        print(f"removed the webhook of {args.storefront_id!r}")
+    else:
+        hooks = _with_redis(settings, lambda r, k, s: webhooks.list_webhooks(r, k))
+        for hook in hooks:
+            print(f"{hook.storefront_id}  {hook.url}")
+        if not hooks:
+            print("no webhooks")
+    return 0
+
+
+def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
+    from buffer.notifications import NotificationStreams
+
+    def streams(redis: Any, keys: Any, s: Settings) -> NotificationStreams:
+        return NotificationStreams(redis, keys, s.shards)
+
+    if args.notifications_command == "dead":
+        dead = _with_redis(settings, lambda r, k, s: streams(r, k, s).dead(args.limit))
+        if args.json:
+            print(msgspec.json.encode(dead).decode())
+        elif not dead:
+            print("no dead notifications")
+        for d in [] if args.json else dead:
+            print(
+                f"{d.event.entry_id}  {d.event.event_id}  {d.event.type}  "
+                f"storefront {d.event.storefront_id}  order {d.event.order_id}  "
+                f"attempts {d.attempts}  {d.failed_at:%Y-%m-%d %H:%M:%S}Z\n    {d.error}"
+            )
+        return 0
+    if not args.all and not args.ids:
+        raise OrdergateError("name dead notification ids, or pass --all")
+    ids = None if args.all else list(args.ids)
+    n = _with_redis(settings, lambda r, k, s: streams(r, k, s).requeue_dead(ids))
+    print(f"re-queued {n} notification(s)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from buffer.overview import read_overview
+    from ordergate.statusview import render
+
+    overview = _with_redis(settings, lambda r, k, s: read_overview(r, k, s.shards))
+    if args.json:
+        print(msgspec.json.encode(overview).decode())
+    else:
+        render(overview)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "up": cmd_up,
     "serve": cmd_serve,
@@ -313,4 +431,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "migrate": cmd_migrate,
     "keys": cmd_keys,
     "dlq": cmd_dlq,
+    "storefronts": cmd_storefronts,
+    "notifications": cmd_notifications,
+    "status": cmd_status,
 }

@@ -64,6 +64,22 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     retry_backoff_max_s: float = 5.0
     health_ttl_s: int = 10
 
+    # Circuit breakers (every non-critical step; now: each storefront's webhook)
+    breaker_slow_ms: int = 500
+    breaker_window: int = 20
+    breaker_minimum_calls: int = 5
+    breaker_failure_rate: float = 0.5
+    breaker_slow_rate: float = 0.5
+    breaker_open_s: float = 5.0
+
+    # Notifications (webhooks)
+    notify_timeout_ms: int = 5000
+    notify_concurrency: int = 16
+    notify_backoff_max_s: float = 60.0
+    notify_give_up_s: float = 24 * 3600.0
+    notify_max_held: int = 10_000
+    ops_token: str | None = None
+
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -82,6 +98,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ConfigError("max_deliveries must be at least 1")
         if self.drain_rate < 0:
             raise ConfigError("drain_rate must be >= 0 (0 = unlimited)")
+        if not (0 < self.breaker_failure_rate <= 1 and 0 < self.breaker_slow_rate <= 1):
+            raise ConfigError("breaker_failure_rate and breaker_slow_rate must be in (0, 1]")
+        if self.breaker_minimum_calls < 1 or self.breaker_window < self.breaker_minimum_calls:
+            raise ConfigError("breaker_window must be >= breaker_minimum_calls >= 1")
+        if min(self.breaker_slow_ms, self.notify_timeout_ms, self.notify_concurrency) < 1:
+            raise ConfigError("breaker_slow_ms, notify_timeout_ms, notify_concurrency must be >= 1")
+        if self.breaker_open_s <= 0 or self.notify_give_up_s <= 0:
+            raise ConfigError("breaker_open_s and notify_give_up_s must be positive")
         if self.read_block_ms < 1 or self.batch_size < 1:
             raise ConfigError("read_block_ms and batch_size must be at least 1")
 

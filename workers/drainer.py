@@ -26,7 +26,7 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from buffer.consumer import Batch, Poison, QueueConsumer, Settlement
+from buffer.consumer import Batch, QueueConsumer, Settlement
 from buffer.streams import ensure_streams
 from ordergate.settings import Settings
 from workers import leadership
@@ -189,9 +189,7 @@ class Drainer:
             prior = batch.deliveries.get(m.entry_id, 0)
             if prior >= limit:
                 reason = f"delivered {prior} times without being committed (its workers died)"
-                settlements.append(
-                    Settlement.dead(Poison(m.shard, m.entry_id, m.order_id, reason, prior), now_us)
-                )
+                settlements.append(Settlement.of(m, "dead_lettered", now_us, reason, prior))
             else:
                 messages.append(m)
         if messages:

@@ -28,3 +28,11 @@ class BreakerOpen(WorkerError):
         super().__init__(f"breaker {name!r} is open; next probe in {retry_in_s:.1f} s")
         self.name = name
         self.retry_in_s = retry_in_s
+
+
+class WebhookFailed(WorkerError):
+    """A webhook delivery got no 2xx (or there is no webhook to deliver to): retry later."""
+
+
+class LeaseLost(WorkerError):
+    """Another notifier holds the lease now (ours expired while Redis was away)."""

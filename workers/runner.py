@@ -1,4 +1,5 @@
-"""One worker process: takes its part in the drain until SIGTERM, finishing the batch in flight."""
+"""One worker process: takes its part in the drain and in notifications until SIGTERM, finishing
+the batch in flight."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from buffer.keys import Keys
 from buffer.streams import ensure_streams
 from ordergate.settings import Settings
 from workers.drainer import Drainer, DrainStats
+from workers.notifier import Notifier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,7 +37,8 @@ async def run_worker(
 ) -> DrainStats:
     """Run worker ``index``: it leads the drain or stands by to take over.
 
-    ``burst`` drains until the buffer is empty and settled, then returns (tests, audits).
+    ``burst`` drains until the buffer is empty and settled, then returns (tests, audits); it
+    delivers no notifications (they wait in their stream for a long-running worker).
     """
     assert settings.redis_url and settings.database_url, "resolve server URLs first"
     stop = stop or asyncio.Event()
@@ -58,11 +61,23 @@ async def run_worker(
         if stop.is_set():
             return drainer.stats
         health = asyncio.create_task(_health(redis, keys, drainer.stats, settings, stop))
+        # The notifier has its own connections: slow webhooks must not hold the drain's pool.
+        notify_redis = create_redis(
+            settings.redis_url,
+            socket_timeout=settings.read_block_ms / 1000 + 10,
+            max_connections=32,
+            name=f"ordergate-notifier-{index}",
+        )
+        notifier = Notifier(settings, notify_redis)
+        notifying = None if burst else asyncio.create_task(notifier.run(stop))
         try:
             await drainer.run(stop, burst=burst)
         finally:
+            stop.set()
             health.cancel()
-            await asyncio.gather(health, return_exceptions=True)
+            tasks = [health] if notifying is None else [health, notifying]
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await notify_redis.aclose()
             await _quietly_delete(redis, keys.worker_health(consumer_name))
         stats = drainer.stats
         log.info(

@@ -5,25 +5,43 @@
 -- settle atomically and positions never move backwards. A crash before this runs means
 -- redelivery, which the Postgres unique keys turn into a no-op.
 -- KEYS[1] drain hash, KEYS[2] admission counter, KEYS[3..2+S] streams of shards 0..S-1,
--- KEYS[3+S..2+2S] their dead-letter streams, then per item: status key, idem key (KEYS[1] when
--- the entry names no order of its shard).
+-- KEYS[3+S..2+2S] their dead-letter streams, KEYS[3+2S] the notification stream, then per
+-- item: status key, idem key (KEYS[1] when the entry names no order of its shard).
 -- ARGV[1] group, ARGV[2] ttl s, ARGV[3] S, ARGV[4] now_us, ARGV[5] rate ('' = unchanged),
--- ARGV[6] leader, then 6 per item: shard, entry id, outcome (committed | rejected |
--- dead_lettered), at_us, reason, deliveries.
+-- ARGV[6] leader, ARGV[7] webhook key prefix, then 9 per item: shard, entry id, outcome
+-- (committed | rejected | dead_lettered), at_us, reason, deliveries, order id, storefront id,
+-- storefront order id ('' when unknown).
+-- A settled order whose storefront has a webhook also gets an event in the notification stream,
+-- in the same atomic step: a notification can be late, never lost, and never delays a commit.
 -- Returns the new watermark.
 local group, ttl, shards, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local streams = {}
 for i = 1, shards do
   streams[i] = KEYS[2 + i]
 end
+local notify = KEYS[3 + 2 * shards]
+local hooked = {}
+local function notify_of(sf, sfo, oid, outcome, at)
+  if sf == '' or oid == '' then
+    return
+  end
+  if hooked[sf] == nil then
+    hooked[sf] = redis.call('EXISTS', ARGV[7] .. sf) == 1
+  end
+  if hooked[sf] then
+    redis.call('XADD', notify, '*', 'type', 'order.' .. outcome, 'oid', oid, 'sf', sf,
+      'sfo', sfo, 'status', outcome, 'at', at)
+  end
+end
 local done = {}
-local n = (#ARGV - 6) / 6
+local n = (#ARGV - 7) / 9
 for i = 0, n - 1 do
-  local a = 7 + i * 6
+  local a = 8 + i * 9
   local shard, eid, outcome, at, reason = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2],
     ARGV[a + 3], ARGV[a + 4]
   local stream = streams[shard + 1]
-  local status_key, idem_key = KEYS[3 + 2 * shards + i * 2], KEYS[4 + 2 * shards + i * 2]
+  local status_key, idem_key = KEYS[4 + 2 * shards + i * 2], KEYS[5 + 2 * shards + i * 2]
+  notify_of(ARGV[a + 7], ARGV[a + 8], ARGV[a + 6], outcome, at)
   local has_status = status_key ~= KEYS[1] and redis.call('EXISTS', status_key) == 1
   if outcome == 'dead_lettered' then
     local entry = redis.call('XRANGE', stream, eid, eid)
