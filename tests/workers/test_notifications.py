@@ -250,3 +250,37 @@ async def test_ops_status_endpoint_and_cli_show_breakers(
             assert printed["breakers"][0]["name"] == "webhook:shop-a"
             human = cli(settings, "status")
             assert human.returncode == 0 and "webhook:shop-a" in human.stdout
+
+
+async def test_notifier_killed_mid_delivery_loses_no_event(
+    client, api_key, servers, redis, pg
+) -> None:
+    """Injects: SIGKILL of the worker process whose notifier is delivering (receiver answers in
+    0.2 s, so deliveries are in flight), with a standby worker running. Audits: the standby takes
+    the lease when it expires and every event arrives at least once (deduplicated by event_id),
+    every order once in Postgres."""
+    from tests.workers.procs import kill9, spawn_worker
+
+    settings = fast_breakers(servers, breaker_slow_ms=1000, notify_concurrency=8)
+    async with receiving() as receiver:
+        receiver.secret = set_webhook(settings, receiver.url)
+        receiver.delay = 0.2
+        workers = [spawn_worker(settings), spawn_worker(settings)]
+        try:
+            receipts = await admit(client, api_key, 300)
+            await eventually(lambda: receiver.received >= 20, timeout=30)
+            leader = (await redis.get(KEYS.notify_leader())).decode()
+            pid = int(leader.split("-")[-2])
+            victim = next(w for w in workers if w.pid == pid)
+            kill9(victim)
+            killed_at = len(receiver.delivered())
+            await eventually(lambda: len(receiver.delivered()) >= 300, timeout=60)
+            await eventually(lambda: _lanes_empty(redis), timeout=30)
+        finally:
+            for w in workers:
+                kill9(w)
+    print(f"\nnotifier killed after {killed_at} of 300 events; the standby delivered the rest")
+    assert {e["order_id"] for e in receiver.delivered().values()} == {
+        r["order_id"] for r in receipts
+    }
+    await audit(pg, redis, receipts)
