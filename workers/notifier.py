@@ -244,6 +244,7 @@ class Notifier:
     """One per worker process; the one holding the lease delivers."""
 
     STANDBY_POLL_S = 1.0
+    LEASE_MS = 5000  # a dead leader's lanes resume within this (plus a standby poll)
 
     def __init__(self, settings: Settings, redis: Any) -> None:
         self.settings = settings
@@ -252,23 +253,21 @@ class Notifier:
         self.streams = NotificationStreams(redis, self.keys, settings.shards)
         self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lanes: dict[str, Lane] = {}
-        self.http: httpx.AsyncClient = httpx.AsyncClient()
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.notify_timeout_ms / 1000 + 1),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+            follow_redirects=False,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._fault: asyncio.Future[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Lead when the lease is free, stand by otherwise, until ``stop``."""
-        timeout = self.settings.notify_timeout_ms / 1000 + 1
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
-            follow_redirects=False,
-        )
+        """Lead when the lease is free, stand by otherwise, until ``stop``; closes the client."""
         attempt = 0
         try:
             while not stop.is_set():
                 try:
-                    if await self.streams.hold_lease(self.token, self._lease_ms):
+                    if await self.streams.hold_lease(self.token, self.LEASE_MS):
                         attempt = 0
                         await self._lead(stop)
                         continue
@@ -278,10 +277,6 @@ class Notifier:
                 await _wait(stop, self.STANDBY_POLL_S if not attempt else backoff(attempt, 5.0))
         finally:
             await self.http.aclose()
-
-    @property
-    def _lease_ms(self) -> int:
-        return 5000
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a lane's task; a failure in one (Redis gone) ends this leadership term."""
@@ -344,7 +339,7 @@ class Notifier:
 
     async def _keep_lease_and_report(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if not await self.streams.hold_lease(self.token, self._lease_ms):
+            if not await self.streams.hold_lease(self.token, self.LEASE_MS):
                 raise LeaseLost(self.token)
             state = {
                 "leader": self.token,
