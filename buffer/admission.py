@@ -21,7 +21,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
 from buffer.errors import BufferUnavailable, NotDurable
 from buffer.keys import Keys
@@ -234,6 +234,7 @@ class Admitter:
 
         self.stats.batches += 1
         self.stats.orders += len(batch)
+        confirmable = False  # this batch admitted orders whose leases can be lifted now
         unloaded: list[_Request] = []
         for shard, res in zip(shard_order, shard_results, strict=True):
             reqs = by_shard[shard]
@@ -254,6 +255,7 @@ class Admitter:
                     continue
                 if admission.outcome is Outcome.ADMITTED and self._lease:
                     self._confirms[shard].append(req.keys[0])
+                    confirmable = True
                 if not req.future.done():
                     req.future.set_result(admission)
         if unloaded:
@@ -262,7 +264,10 @@ class Admitter:
             else:
                 await self._scripts.load()
                 await self._flush_inner(unloaded, retried=True)  # idempotent: safe to re-send
-        if self._confirms and not self._queue:
+        if confirmable and not self._queue:
+            # Confirm on their own. Not after a refused confirmation (out of memory, no script):
+            # re-sent at once, it would be refused again, in a loop; it waits for the next batch
+            # instead, and without one, the lease expires by itself.
             self._wakeup.set()
 
     def _barrier(self, pipe: Any) -> bool:
@@ -291,7 +296,7 @@ class Admitter:
         if isinstance(exc, ResponseError) and text.startswith("NOSTREAM"):
             self._schedule_stream_repair()
             return BufferUnavailable("buffer stream missing; being recreated", retry_after=1)
-        if isinstance(exc, ResponseError) and text.startswith("OOM"):
+        if isinstance(exc, OutOfMemoryError) or text.startswith("OOM"):  # redis-py strips OOM
             return BufferUnavailable("buffer is out of memory", retry_after=5)
         return BufferUnavailable(f"buffer error: {text}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import time
@@ -99,10 +100,32 @@ def _refuse_full(drain: DrainState | None, bound: int) -> NoReturn:
     )
 
 
+async def _storefront(state: GatewayState, authorization: str | None, seconds: float) -> str:
+    """The API key's storefront, or 503 once ``seconds`` have passed: while Redis stalls, a key
+    not in the cache must not hold the request until the client's socket timeout (5 s)."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await state.auth.storefront(authorization)
+    except TimeoutError:
+        pass
+    except asyncio.CancelledError:
+        # Concurrent lookups of one key share one; when the request leading it times out, the
+        # others get its cancellation. Not theirs to obey: they answer 503 as it did.
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+    raise BufferUnavailable("Redis did not answer the API key lookup in time")
+
+
 async def create_order(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     settings = state.settings
-    storefront = await state.auth.storefront(request.headers.get("authorization"))
+    # One deadline for the waits on Redis, both: the API key lookup (if not cached), admission.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = settings.admission_timeout_ms / 1000
+    storefront = await _storefront(state, request.headers.get("authorization"), deadline)
+    deadline -= loop.time() - started
     if not _is_json(request.headers.get("content-type")):
         raise UnsupportedMediaType("send the order as 'Content-Type: application/json'")
     body = await read_body(request, settings.max_body_bytes)
@@ -129,6 +152,7 @@ async def create_order(request: Request) -> Response:
         storefront,
         sfo,
         admission_args(order_id, storefront, sfo, accepted_at_us, fingerprint, canonical),
+        timeout=deadline,
     )
     if admission.outcome is Outcome.MISMATCH:
         raise OrderIdReused(

@@ -1,10 +1,16 @@
-"""Admission: group commit, durability across a Valkey crash, and failure when Redis is gone."""
+"""Admission: group commit, durability across a Valkey crash under load, failure when Redis is
+gone, and a lease confirmation Redis refuses."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import time
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -14,7 +20,19 @@ from buffer.errors import BufferUnavailable
 from buffer.keys import Keys
 from buffer.message import admission_args
 from sharding import new_order_id, shard_for
-from tests.conftest import auth, drain, eventually, order_body
+from tests.conftest import eventually, make_settings, worker_running
+from tests.faultkit import (
+    LatencyProxy,
+    PrivateValkey,
+    accepted,
+    committed,
+    load,
+    one_row_per_order,
+    own_valkey,
+    retry_until_receipts,
+    shoot,
+)
+from tests.faults import audit
 
 KEYS = Keys()
 
@@ -70,28 +88,95 @@ async def test_unreachable_redis_is_a_prompt_error_not_a_hang() -> None:
         await dead.aclose()
 
 
-async def test_acknowledged_orders_survive_kill_9_of_valkey(
-    servers, client, api_key, settings, pg
+@pytest.fixture
+async def private_valkey(tmp_path: Path) -> AsyncIterator[PrivateValkey]:
+    async with own_valkey(tmp_path) as valkey:
+        yield valkey
+
+
+async def test_acknowledged_orders_survive_kill_9_of_valkey_under_load(
+    private_valkey, app_factory, servers, pg
 ) -> None:
-    """Injects: SIGKILL of the Valkey server right after 500 orders got their 202, then a restart
-    from its append-only file. Audits: all 500 are in the buffer and commit exactly once."""
-    if servers.valkey is None:
-        pytest.skip("external Redis: the test cannot kill it")
-    responses = await asyncio.gather(
-        *(client.post("/v1/orders", json=order_body(), headers=auth(api_key)) for _ in range(500))
-    )
-    assert {r.status_code for r in responses} == {202}
-    servers.valkey.kill()
-    down = await client.post("/v1/orders", json=order_body(), headers=auth(api_key))
-    assert down.status_code == 503 and down.headers["retry-after"]
-    servers.valkey.start()  # same port, same data directory: it loads the AOF
+    """Injects: SIGKILL of Valkey while 24 clients post orders and a worker drains, then a
+    restart from its append-only file. Audits: every 202 commits exactly once; the orders that
+    got no receipt, retried with the same ids, get one receipt each and create no duplicates."""
+    valkey = private_valkey
+    settings = make_settings(servers, redis_url=valkey.server.url, inflight_lease_ms=3000)
+    http = await app_factory(settings)
+    async with worker_running(settings):
+        async with load(http, valkey.api_key, "k") as shots:
+            await eventually(lambda: accepted(shots) >= 1000)
+            await eventually(lambda: committed(pg, 300))  # the drain is under way
+            valkey.server.kill()
+            killed = time.monotonic()
+            down = await shoot(http, valkey.api_key, "while-down")
+            valkey.server.start()  # same port, same data directory: it loads the AOF
+            restarted = time.monotonic()
+            await valkey.redis.connection_pool.disconnect()  # the test's own: they died
+            await eventually(lambda: accepted(shots, after=restarted))
+        first = min(s.answered for s in shots if s.sent > restarted and s.status == 202)
+        assert down.status == 503 and down.response is not None, down.text
+        assert int(down.response.headers["retry-after"]) >= 1
+        assert {s.status for s in shots if killed < s.sent and s.answered < restarted} <= {503}
+        receipts = await retry_until_receipts(http, valkey.api_key, [*shots, down])
+        print(
+            f"\nValkey SIGKILLed under load ({accepted(shots, before=killed)} orders taken),"
+            f" restarted from its AOF in {restarted - killed:.2f} s; a new order had its 202"
+            f" {first - restarted:.2f} s later, every order its receipt"
+            f" {time.monotonic() - restarted:.2f} s later; {receipts.replayed} retries found"
+            " the order written"
+        )
+        await eventually(lambda: committed(pg, len(receipts.by_sfo)))
+    await audit(pg, valkey.redis, receipts.by_sfo.values())
+    await one_row_per_order(pg, set(receipts.by_sfo))
 
-    async def accepted_again() -> bool:
-        r = await client.post("/v1/orders", json=order_body("after-restart"), headers=auth(api_key))
-        return r.status_code == 202
 
-    await eventually(accepted_again, timeout=30, interval=0.1)
-    report = await drain(settings)
-    assert report.committed == 501
-    ids = {r["order_id"] for r in await pg.fetch("SELECT order_id FROM orders")}
-    assert {r.json()["order_id"] for r in responses} <= ids
+async def _refusals(redis: Any) -> int:
+    """How many commands Redis refused as out of memory since it started."""
+    stats = await redis.info("errorstats")
+    return int(stats.get("errorstat_OOM", {}).get("count", 0))
+
+
+async def _refused_since(redis: Any, count: int) -> bool:
+    return await _refusals(redis) > count
+
+
+async def _lifted(redis: Any, idem: str) -> bool:
+    return await redis.hget(idem, "pending_until") is None
+
+
+async def test_a_refused_lease_confirmation_waits_for_the_next_batch(servers, redis) -> None:
+    """Injects: Redis out of memory (maxmemory below use) between an order's write and its lease
+    confirmation (the write's reply held back by a proxy meanwhile). Audits: the order still gets
+    its receipt; the refused confirmation is not re-sent in a loop (Redis counts one refusal),
+    a new order is refused as out of memory with Retry-After 5, and once memory is back the
+    confirmation goes out with the next batch."""
+    url = urlsplit(servers.redis_url)
+    proxy = await LatencyProxy(url.hostname or "127.0.0.1", url.port or 6379).start()
+    proxied = create_redis(proxy.url(servers.redis_url))
+    admitter = Admitter(proxied, KEYS, AdmissionConfig(shards=8, timeout_s=30))
+    await admitter.start()
+    idem = KEYS.idem(0, "shop-a", "m-1")
+    try:
+        try:
+            proxy.delay = 30
+            first = asyncio.create_task(admitter.admit(0, "shop-a", "m-1", _args("m-1", 0)))
+            await eventually(lambda: redis.hget(idem, "pending_until"))  # written, reply held
+            refused = await _refusals(redis)
+            await redis.config_set("maxmemory", "1")
+            proxy.delay = 0
+            assert (await first).outcome is Outcome.ADMITTED
+            await eventually(partial(_refused_since, redis, refused))  # the confirmation
+            assert await _refusals(redis) == refused + 1, "the confirmation was re-sent in a loop"
+            with pytest.raises(BufferUnavailable, match="out of memory") as full:
+                await admitter.admit(1, "shop-a", "m-2", _args("m-2", 1))
+            assert full.value.retry_after == 5
+        finally:
+            await redis.config_set("maxmemory", "0")
+        second = await admitter.admit(2, "shop-a", "m-3", _args("m-3", 2))
+        assert second.outcome is Outcome.ADMITTED
+        await eventually(lambda: _lifted(redis, idem))
+    finally:
+        await admitter.close()
+        await proxied.aclose()
+        await proxy.close()
