@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.gateway = state
         try:
             await ensure_streams(redis, keys, settings.shards)
+            await state.tickets.secret()  # now, not on the first receipt (Redis may stall then)
         except RedisError as exc:  # start anyway: admission answers 503 until Redis is back
             log.error("Redis unreachable at startup (%r); answering 503 until it is", exc)
         await admitter.start()

@@ -14,6 +14,7 @@ import secrets
 import time
 from typing import Any
 
+from buffer.errors import BufferUnavailable
 from buffer.keys import Keys
 from gateway.errors import Unauthorized
 
@@ -91,6 +92,12 @@ class Authenticator:
             self._cache[digest] = (storefront, now + (self._cache_s if storefront else 1.0))
             future.set_result(storefront)
             return storefront
+        except asyncio.CancelledError:
+            # The request leading the lookup gave up (its deadline passed); the requests sharing
+            # it were not cancelled: they get what the leader answers, a 503.
+            future.set_exception(BufferUnavailable("Redis did not answer the API key lookup"))
+            future.exception()
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must

@@ -107,14 +107,7 @@ async def _storefront(state: GatewayState, authorization: str | None, seconds: f
         async with asyncio.timeout(seconds):
             return await state.auth.storefront(authorization)
     except TimeoutError:
-        pass
-    except asyncio.CancelledError:
-        # Concurrent lookups of one key share one; when the request leading it times out, the
-        # others get its cancellation. Not theirs to obey: they answer 503 as it did.
-        task = asyncio.current_task()
-        if task is None or task.cancelling():
-            raise
-    raise BufferUnavailable("Redis did not answer the API key lookup in time")
+        raise BufferUnavailable("Redis did not answer the API key lookup in time") from None
 
 
 async def create_order(request: Request) -> Response:
