@@ -8,9 +8,12 @@ from workers.errors import PermanentPersistError, TransientPersistError
 
 # SQLSTATE classes that say "not now" rather than "never": connection exceptions, insufficient
 # resources, operator intervention (shutdown, restart), system errors, serialization failures
-# and deadlocks, lock timeouts. Everything else (data exceptions 22, integrity 23, ...) is the
-# data's fault and will fail again.
-_TRANSIENT_CLASSES = {"08", "53", "57", "58", "40", "55", "XX"}
+# and deadlocks, lock timeouts, and invalid transaction state (25): a read-only server (25006,
+# a demoted primary or a maintenance window) and the session-ending transaction timeouts
+# (25P03, 25P04) refuse every batch alike, and sorting them as permanent dead-lettered the whole
+# buffer. Everything else (data exceptions 22, integrity 23, ...) is the data's fault and will
+# fail again.
+_TRANSIENT_CLASSES = {"08", "25", "53", "57", "58", "40", "55", "XX"}
 
 
 def classify(exc: BaseException) -> TransientPersistError | PermanentPersistError:

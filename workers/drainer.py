@@ -31,7 +31,7 @@ from buffer.streams import ensure_streams
 from ordergate.settings import Settings
 from workers import leadership
 from workers.drainrate import DrainRate
-from workers.errors import LostLeadership, TransientPersistError
+from workers.errors import LockPollFailed, LostLeadership, TransientPersistError
 from workers.persist import Persister
 from workers.ratelimit import TokenBucket
 
@@ -50,8 +50,9 @@ class DrainStats:
 
 
 def backoff(attempt: int, cap: float, base: float = 0.05) -> float:
-    """Exponential backoff with full jitter."""
-    return random.uniform(0, min(cap, base * 2**attempt))
+    """Exponential backoff with full jitter. The exponent is bounded: ``2**attempt`` overflows
+    a float at attempt 1024, which crashed workers after about 45 minutes of Postgres down."""
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 64)))
 
 
 class Drainer:
@@ -108,6 +109,9 @@ class Drainer:
             except LostLeadership as exc:
                 log.warning("lost the drain lock (%s); standing by", exc)
                 self._set_state("stalled", f"Postgres connection lost: {exc}")
+            except LockPollFailed as exc:
+                log.warning("cannot poll the drain lock (%s); reconnecting", exc)
+                self._set_state("stalled", f"Postgres unavailable: {exc}")
             except Exception as exc:  # noqa: BLE001 - the lock connection broke mid-call
                 if not conn.is_closed():
                     raise
@@ -142,6 +146,10 @@ class Drainer:
         await self._recover(persister, stop)
         size = self.settings.batch_size
         while not stop.is_set():
+            if conn.is_closed():
+                # Postgres ended the session while we idled (restart, pg_terminate_backend, an
+                # idle timeout): the lock went with it, and taking now would race the next leader.
+                raise LostLeadership("the session holding the drain lock ended")
             self._set_state("draining")
             started = time.monotonic()  # waiting for tokens is part of draining at the cap
             granted = await self.bucket.acquire(size)

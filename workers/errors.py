@@ -21,6 +21,10 @@ class LostLeadership(WorkerError):
     """The connection holding the drain lock broke: another worker may lead now."""
 
 
+class LockPollFailed(WorkerError):
+    """The drain lock could not be asked for: the connection broke or Postgres did not answer."""
+
+
 class BreakerOpen(WorkerError):
     """A circuit breaker refused the call: its destination fails or is slow. Defer, retry later."""
 

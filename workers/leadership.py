@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from workers.errors import LockPollFailed
+
 
 def lock_key(key_prefix: str) -> int:
     """The advisory lock id of one deployment (its Redis key prefix), as a signed bigint."""
@@ -34,5 +36,12 @@ async def connect(url: str, name: str) -> Any:
 
 
 async def try_lead(conn: Any, key: int) -> bool:
-    """Take the drain lock if it is free (never waits)."""
-    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key, timeout=5))
+    """Take the drain lock if it is free (never waits).
+
+    Raises LockPollFailed when the connection breaks or Postgres does not answer within 5 s,
+    so a hung Postgres is not mistaken for a Redis error (asyncio's TimeoutError is an OSError).
+    """
+    try:
+        return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key, timeout=5))
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise LockPollFailed(f"{type(exc).__name__}: {exc}") from exc
