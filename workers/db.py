@@ -11,9 +11,11 @@ from workers.errors import PermanentPersistError, TransientPersistError
 # and deadlocks, lock timeouts, and invalid transaction state (25): a read-only server (25006,
 # a demoted primary or a maintenance window) and the session-ending transaction timeouts
 # (25P03, 25P04) refuse every batch alike, and sorting them as permanent dead-lettered the whole
-# buffer. Everything else (data exceptions 22, integrity 23, ...) is the data's fault and will
-# fail again.
-_TRANSIENT_CLASSES = {"08", "25", "53", "57", "58", "40", "55", "XX"}
+# buffer. So would class 42 (a revoked privilege, a dropped table or column): our statements are
+# fixed, so these are about the schema or the grants, never about one order; the drain stalls
+# with the reason until an operator fixes it. Everything else (data exceptions 22, integrity
+# 23, ...) is the data's fault and will fail again.
+_TRANSIENT_CLASSES = {"08", "25", "40", "42", "53", "55", "57", "58", "XX"}
 
 
 def classify(exc: BaseException) -> TransientPersistError | PermanentPersistError:

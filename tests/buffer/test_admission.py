@@ -21,10 +21,11 @@ from buffer.keys import Keys
 from buffer.message import admission_args
 from sharding import new_order_id, shard_for
 from tests.conftest import eventually, make_settings, worker_running
-from tests.faultkit import (
-    LatencyProxy,
+from tests.faults import (
+    DelayProxy,
     PrivateValkey,
     accepted,
+    audit,
     committed,
     load,
     one_row_per_order,
@@ -32,7 +33,6 @@ from tests.faultkit import (
     retry_until_receipts,
     shoot,
 )
-from tests.faults import audit
 
 KEYS = Keys()
 
@@ -152,7 +152,7 @@ async def test_a_refused_lease_confirmation_waits_for_the_next_batch(servers, re
     a new order is refused as out of memory with Retry-After 5, and once memory is back the
     confirmation goes out with the next batch."""
     url = urlsplit(servers.redis_url)
-    proxy = await LatencyProxy(url.hostname or "127.0.0.1", url.port or 6379).start()
+    proxy = await DelayProxy(url.hostname or "127.0.0.1", url.port or 6379).start()
     proxied = create_redis(proxy.url(servers.redis_url))
     admitter = Admitter(proxied, KEYS, AdmissionConfig(shards=8, timeout_s=30))
     await admitter.start()

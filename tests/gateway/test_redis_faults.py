@@ -25,12 +25,13 @@ import pytest
 from ordergate.servers import die_with_parent, free_port
 from ordergate.settings import Settings
 from tests.conftest import drain, eventually, make_settings, worker_running
-from tests.faultkit import (
+from tests.faults import (
     HANG_S,
-    LatencyProxy,
+    DelayProxy,
     PrivateValkey,
     Shot,
     accepted,
+    audit,
     committed,
     load,
     one_row_per_order,
@@ -38,7 +39,6 @@ from tests.faultkit import (
     retry_until_receipts,
     shoot,
 )
-from tests.faults import DelayProxy, audit
 
 SLACK_S = 1.5  # scheduling noise on a shared 2-core box, on top of the admission deadline
 LEASE_MS = 3000  # in-flight lease: retries of an order written without a receipt wait this long
@@ -104,7 +104,7 @@ async def test_sigstop_of_redis_for_10_s(private_valkey, app_factory, servers, p
 async def redis_proxy(servers) -> AsyncIterator[DelayProxy]:
     """A (fixed) DelayProxy in front of the session's Valkey."""
     url = urlsplit(servers.redis_url)
-    proxy = await LatencyProxy(url.hostname or "127.0.0.1", url.port or 6379).start()
+    proxy = await DelayProxy(url.hostname or "127.0.0.1", url.port or 6379).start()
     try:
         yield proxy
     finally:
