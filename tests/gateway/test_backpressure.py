@@ -6,13 +6,14 @@ from typing import Any
 
 from ordergate.servers import free_port
 from tests.conftest import admit, auth, drain, eventually, make_settings, order_body
+from tests.faults import audit
 
 
 async def test_full_buffer_is_429_with_retry_after_then_recovers(
-    app_factory, api_key, servers, pg
+    app_factory, api_key, servers, redis, pg
 ) -> None:
     """Injects: more orders than max_buffered (50). Audits: the 51st gets 429 with Retry-After and
-    nothing is written for it; after a drain the gateway takes orders again."""
+    nothing is written for it; after a drain the gateway takes orders again; the common audit."""
     settings = make_settings(servers, max_buffered=50)
     client = await app_factory(settings)
     receipts = await admit(client, api_key, 50)
@@ -34,6 +35,8 @@ async def test_full_buffer_is_429_with_retry_after_then_recovers(
     r = await eventually(accepted, timeout=10)
     assert r.json()["queue_number"] == 51
     assert {x["queue_number"] for x in receipts} == set(range(1, 51))
+    await drain(settings)
+    await audit(pg, redis, [*receipts, r.json()])
 
 
 async def test_bound_holds_for_concurrent_requests(app_factory, api_key, servers) -> None:
@@ -61,10 +64,12 @@ async def test_readiness_is_false_while_redis_is_unreachable(app_factory, server
     assert r.json()["checks"]["redis"].startswith("unreachable")
 
 
-async def test_redis_memory_limit_is_503_never_202(app_factory, api_key, servers, redis) -> None:
+async def test_redis_memory_limit_is_503_never_202(
+    app_factory, api_key, servers, redis, pg
+) -> None:
     """Injects: Redis maxmemory set just above what it uses (noeviction). Audits: with the guard
     on, orders get 503 before Redis runs out; with it off, Redis's own OOM refusal is a 503 too;
-    never a 202. After the limit is lifted, orders are taken again."""
+    never a 202. After the limit is lifted, orders are taken again; the common audit."""
     guarded = await app_factory(make_settings(servers, memory_guard=0.8))
     unguarded = await app_factory(make_settings(servers, memory_guard=0))
     used = int((await redis.info("memory"))["used_memory"])
@@ -88,8 +93,14 @@ async def test_redis_memory_limit_is_503_never_202(app_factory, api_key, servers
     finally:
         await redis.config_set("maxmemory", "0")
 
+    accepted: list[dict[str, Any]] = []
+
     async def taken() -> Any:
         r = await guarded.post("/v1/orders", json=order_body(), headers=auth(api_key))
+        if r.status_code == 202:
+            accepted.append(r.json())
         return r if r.status_code == 202 else None
 
     await eventually(taken, timeout=10)
+    await drain(make_settings(servers))
+    await audit(pg, redis, accepted)

@@ -7,6 +7,7 @@ from typing import Any
 
 from buffer.keys import Keys
 from tests.conftest import admit, eventually, make_settings
+from tests.faults import audit
 from tests.workers.procs import kill9, spawn_worker
 
 
@@ -38,6 +39,7 @@ async def test_standby_takes_over_when_the_leader_is_killed(
         await eventually(lambda: _led_by_other(redis, pid), timeout=30, interval=0.01)
         took_over = time.monotonic() - killed_at
         await eventually(lambda: _at_least(pg, 1500), timeout=60)
+        await eventually(lambda: _all_settled(redis), timeout=30)
     finally:
         for w in workers:
             kill9(w)
@@ -47,6 +49,11 @@ async def test_standby_takes_over_when_the_leader_is_killed(
     assert [r["seq"] for r in rows] == list(range(1, 1501))
     times = [r["committed_at"] for r in rows]
     assert times == sorted(times), "the takeover broke first-in first-out"
+    await audit(pg, redis, receipts)
+
+
+async def _all_settled(redis: Any) -> bool:
+    return int(await redis.hget(Keys().drain(), "w") or 0) >= 1500
 
 
 async def _led_by_other(redis: Any, pid: int) -> bool:

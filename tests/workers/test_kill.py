@@ -9,22 +9,9 @@ from typing import Any
 import asyncpg
 
 from buffer.keys import GROUP, Keys
-from tests.conftest import auth, drain, eventually, make_settings, order_body
+from tests.conftest import admit, auth, drain, eventually, make_settings
+from tests.faults import audit
 from tests.workers.procs import kill9, spawn_worker
-
-
-async def _admit(client: Any, key: str, n: int) -> list[dict[str, Any]]:
-    receipts: list[dict[str, Any]] = []
-    for start in range(0, n, 200):
-        responses = await asyncio.gather(
-            *(
-                client.post("/v1/orders", json=order_body(f"k-{i}"), headers=auth(key))
-                for i in range(start, min(n, start + 200))
-            )
-        )
-        assert {r.status_code for r in responses} == {202}
-        receipts.extend(r.json() for r in responses)
-    return receipts
 
 
 async def _pending(redis: Any) -> int:
@@ -34,22 +21,10 @@ async def _pending(redis: Any) -> int:
     return total
 
 
-async def _audit(pg: Any, redis: Any, receipts: list[dict[str, Any]]) -> None:
-    """Every acknowledged order exactly once in Postgres, the buffer empty and settled."""
-    rows = await pg.fetch("SELECT order_id FROM orders")
-    ids = [r["order_id"] for r in rows]
-    assert len(ids) == len(set(ids)), "an order was written twice"
-    assert set(ids) == {r["order_id"] for r in receipts}, "an acknowledged order is missing"
-    assert await _pending(redis) == 0
-    for shard in range(8):
-        assert await redis.xlen(Keys().stream(shard)) == 0
-        assert await redis.xlen(Keys().deadletters(shard)) == 0
-
-
 async def test_sigkill_in_the_middle_of_a_batch(client, api_key, servers, redis, pg) -> None:
     """Injects: SIGKILL of a worker whose batch transaction is open in Postgres (blocked on a
     table lock). Audits: every 202 order exactly once after a new worker reclaims the batch."""
-    receipts = await _admit(client, api_key, 400)
+    receipts = await admit(client, api_key, 400)
     settings = make_settings(servers, batch_size=50)
     blocker = await asyncpg.connect(settings.database_url)
     tx = blocker.transaction()
@@ -75,7 +50,7 @@ async def test_sigkill_in_the_middle_of_a_batch(client, api_key, servers, redis,
 
     report = await drain(settings)
     assert report.committed == 400
-    await _audit(pg, redis, receipts)
+    await audit(pg, redis, receipts)
     statuses = await asyncio.gather(
         *(client.get(r["status_url"], headers=auth(api_key)) for r in receipts[:50])
     )
@@ -86,7 +61,7 @@ async def test_repeated_sigkill_during_a_drain(client, api_key, servers, redis, 
     """Injects: SIGKILL of the worker process at four moments of a 3000-order drain (between
     reads, inserts, commits and acks, wherever it lands), restarting it each time. Audits: every
     202 order exactly once, nothing pending, nothing dead-lettered."""
-    receipts = await _admit(client, api_key, 3000)
+    receipts = await admit(client, api_key, 3000)
     settings = make_settings(servers, batch_size=100, max_deliveries=20, drain_rate=1500)
     kills = 0
     for threshold in (300, 900, 1500, 2100):
@@ -99,7 +74,7 @@ async def test_repeated_sigkill_during_a_drain(client, api_key, servers, redis, 
     assert kills == 4
     assert await pg.fetchval("SELECT count(*) FROM orders") < 3000  # the kills left work over
     await drain(settings.replace(drain_rate=0))
-    await _audit(pg, redis, receipts)
+    await audit(pg, redis, receipts)
 
 
 async def _count_at_least(pg: Any, n: int) -> bool:
