@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from buffer.consumer import Batch, QueueConsumer, Settlement
 from buffer.streams import ensure_streams
 from ordergate.settings import Settings
 from workers import leadership
+from workers.backoff import backoff, sleep_or_stop
 from workers.drainrate import DrainRate
 from workers.errors import LockPollFailed, LostLeadership, TransientPersistError
 from workers.persist import Persister
@@ -47,12 +47,6 @@ class DrainStats:
     dead_lettered: int = 0
     batches: int = 0
     transient_errors: int = 0
-
-
-def backoff(attempt: int, cap: float, base: float = 0.05) -> float:
-    """Exponential backoff with full jitter. The exponent is bounded: ``2**attempt`` overflows
-    a float at attempt 1024, which crashed workers after about 45 minutes of Postgres down."""
-    return random.uniform(0, min(cap, base * 2 ** min(attempt, 64)))
 
 
 class Drainer:
@@ -98,7 +92,7 @@ class Drainer:
                 self._set_state("stalled", f"Postgres unavailable: {exc}")
                 if attempt == 1 or attempt % 20 == 0:
                     log.warning("cannot reach Postgres (%r); retrying", exc)
-                await _sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s))
+                await sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s))
                 continue
             attempt = 0
             try:
@@ -137,7 +131,7 @@ class Drainer:
                 length, _ = await self.consumer.outstanding()
                 if length == 0:
                     return True  # someone else drained it all
-            await _sleep_or_stop(stop, self.STANDBY_POLL_S)
+            await sleep_or_stop(stop, self.STANDBY_POLL_S)
         return False
 
     async def _lead(self, conn: Any, stop: asyncio.Event, burst: bool) -> bool:
@@ -235,7 +229,7 @@ class Drainer:
                 self._set_state("stalled", f"Postgres cannot take writes: {exc}")
                 if attempt == 1 or attempt % 20 == 0:
                     log.warning("Postgres refused a batch of %d for now (%s)", len(messages), exc)
-                if await _sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s)):
+                if await sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s)):
                     return None
 
     async def _settle(self, settlements: list[Settlement], stop: asyncio.Event) -> bool:
@@ -254,7 +248,7 @@ class Drainer:
             except (RedisError, OSError) as exc:
                 attempt += 1
                 log.warning("cannot settle a batch in Redis (%r); retrying", exc)
-                if await _sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s)):
+                if await sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s)):
                     return False  # left pending: redelivery finds the rows and settles then
 
     async def _redis_trouble(self, exc: Exception, stop: asyncio.Event) -> None:
@@ -263,7 +257,7 @@ class Drainer:
             await _quietly(ensure_streams(self.redis, self.keys, self.settings.shards))
         else:
             log.warning("Redis error %r; retrying", exc)
-        await _sleep_or_stop(stop, backoff(3, self.settings.retry_backoff_max_s))
+        await sleep_or_stop(stop, backoff(3, self.settings.retry_backoff_max_s))
 
     def _rate(self) -> float | None:
         """The measured rate, never above the cap: the bucket's one-second burst after an idle
@@ -299,7 +293,7 @@ class Drainer:
                 self.state == "stalled" and await self._nobody_leads()
             ):
                 await _quietly(self._publish())
-            await _sleep_or_stop(stop, self.HEARTBEAT_S)
+            await sleep_or_stop(stop, self.HEARTBEAT_S)
 
     async def _nobody_leads(self) -> bool:
         try:
@@ -307,15 +301,6 @@ class Drainer:
         except (RedisError, OSError):
             return False
         return at is None or time.time() - int(at) / 1e6 > 3 * self.HEARTBEAT_S
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait ``seconds`` or until stop is set; True if stopping."""
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-        return True
-    except TimeoutError:
-        return False
 
 
 async def _close(conn: Any) -> None:

@@ -32,8 +32,8 @@ from buffer.keys import Keys
 from buffer.notifications import Event, NotificationStreams
 from buffer.webhooks import Webhook, get_webhook
 from ordergate.settings import Settings
+from workers.backoff import backoff, sleep_or_stop
 from workers.breaker import BreakerConfig, CircuitBreaker, State
-from workers.drainer import backoff
 from workers.errors import BreakerOpen, LeaseLost, WebhookFailed
 from workers.signing import HEADER, sign
 
@@ -274,7 +274,8 @@ class Notifier:
                 except Exception as exc:  # noqa: BLE001 - Redis away: stand by and retry
                     attempt += 1
                     log.warning("notifier: %s; retrying", _describe(exc))
-                await _wait(stop, self.STANDBY_POLL_S if not attempt else backoff(attempt, 5.0))
+                pause = backoff(attempt, 5.0) if attempt else self.STANDBY_POLL_S
+                await sleep_or_stop(stop, pause)
         finally:
             await self.http.aclose()
 
@@ -347,7 +348,7 @@ class Notifier:
                 "lanes": {sf: lane.snapshot() for sf, lane in sorted(self.lanes.items())},
             }
             await self.redis.set(self.keys.notify_state(), json.dumps(state), ex=10)
-            await _wait(stop, 1.0)
+            await sleep_or_stop(stop, 1.0)
 
 
 def _describe(exc: BaseException) -> str:
@@ -359,8 +360,3 @@ def _describe(exc: BaseException) -> str:
 def _log_change(name: str, old: State, new: State) -> None:
     level = logging.WARNING if new is State.OPEN else logging.INFO
     log.log(level, "breaker %s: %s -> %s", name, old.name.lower(), new.name.lower())
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -22,7 +22,7 @@ from ordergate.settings import Settings
 from tests.conftest import admit, auth, eventually, make_settings, order_body
 from tests.faults import DelayProxy, audit
 from tests.workers.procs import spawn_worker
-from workers.drainer import backoff
+from workers.backoff import backoff
 from workers.leadership import lock_key
 from workers.migrate import migrate
 
