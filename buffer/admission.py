@@ -143,18 +143,20 @@ class Admitter:
         )
         self._queue.append(req)
         self._wakeup.set()
+        # One timer per request (not wait_for + shield: a task and two futures per order, about
+        # 7 % of a POST's CPU). At the deadline the request is abandoned: never sent, it never
+        # will be; sent, Redis may still write it, and the client's retry finds it through the
+        # idempotency record.
+        expiry = loop.call_later(
+            self._config.timeout_s if timeout is None else timeout, _expire, req
+        )
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(req.future),
-                self._config.timeout_s if timeout is None else timeout,
-            )
-        except TimeoutError:
-            # Never sent: it never will be. Sent: Redis may still write it; the client's retry
-            # then finds it through the idempotency record. Cancelled, the future takes no late
-            # outcome (nobody is left to read it: asyncio would log it as never retrieved).
-            req.abandoned = True
-            req.future.cancel()
-            raise BufferUnavailable("the buffer did not confirm the order in time") from None
+            return await req.future
+        except asyncio.CancelledError:
+            req.abandoned = True  # the client went away: nobody reads the outcome
+            raise
+        finally:
+            expiry.cancel()
 
     async def _run(self) -> None:
         while True:
@@ -319,6 +321,12 @@ class Admitter:
         for req in reqs:
             if not req.future.done():
                 req.future.set_exception(exc)
+
+
+def _expire(req: _Request) -> None:
+    req.abandoned = True
+    if not req.future.done():
+        req.future.set_exception(BufferUnavailable("the buffer did not confirm the order in time"))
 
 
 def _decode(reply: list[Any]) -> Admission:

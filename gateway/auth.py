@@ -60,8 +60,17 @@ class Authenticator:
         self._redis = redis
         self._hash_key = keys.api_keys()
         self._cache: dict[str, tuple[str | None, float]] = {}
+        self._by_header: dict[str, tuple[str, float]] = {}  # valid keys only: the fast path
         self._lookups: dict[str, asyncio.Future[str | None]] = {}
         self._cache_s = cache_s
+
+    def cached(self, authorization: str | None) -> str | None:
+        """The storefront when the key is in the cache and valid, else None (look it up). The
+        hot path: no hashing, no await, no timeout to arm."""
+        hit = self._by_header.get(authorization) if authorization else None
+        if hit is not None and hit[1] >= time.monotonic():
+            return hit[0]
+        return None
 
     async def storefront(self, authorization: str | None) -> str:
         if not authorization or not authorization.startswith("Bearer "):
@@ -79,6 +88,9 @@ class Authenticator:
             storefront = await self._lookup(digest, now)
         if storefront is None:
             raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+        if len(self._by_header) > 10000:
+            self._by_header.clear()
+        self._by_header[authorization] = (storefront, self._cache[digest][1])
         return storefront
 
     async def _lookup(self, digest: str, now: float) -> str | None:

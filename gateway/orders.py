@@ -103,6 +103,9 @@ def _refuse_full(drain: DrainState | None, bound: int) -> NoReturn:
 async def _storefront(state: GatewayState, authorization: str | None, seconds: float) -> str:
     """The API key's storefront, or 503 once ``seconds`` have passed: while Redis stalls, a key
     not in the cache must not hold the request until the client's socket timeout (5 s)."""
+    storefront = state.auth.cached(authorization)
+    if storefront is not None:
+        return storefront
     try:
         async with asyncio.timeout(seconds):
             return await state.auth.storefront(authorization)
