@@ -1,28 +1,44 @@
-"""Locust load test of the order API: storefronts POSTing orders to one ordergate gateway.
+"""Locust load test of the order API: storefronts POSTing orders, customers following their tickets.
 
-Each simulated storefront user takes one API key from ``ORDERGATE_API_KEY`` (a comma-separated
-list is allowed; one key is picked per user) and, by task weight:
+Each simulated storefront (``StorefrontUser``) takes one API key from ``ORDERGATE_API_KEY`` (a
+comma-separated list is allowed; one key is picked per user, so several keys mean several
+storefronts) and, by task weight:
 
 * ~97 %: POSTs a new valid order (unique ``storefront_order_id``, 1-5 items, correct
   ``total_minor``, EUR) and expects 202 with a receipt;
 * ~2 %: resubmits one of its earlier orders unchanged and expects 200 with the original
-  ``order_id``;
+  ``order_id`` (a deliberate duplicate);
 * ~1 %: POSTs a deliberately invalid order and expects 422 ``/problems/invalid-order``.
 
-Anything else (503 ``buffer-unavailable`` included) is recorded as a failure.
-See ``loadtests/README.md`` for how to run it.
+A new order answered 409, 429 or 503 (or not answered at all) got no receipt; like a real
+storefront, the user retries it with the same ``storefront_order_id`` after ``Retry-After``
+until it gets one (202, or 200 when the first attempt had been written after all).
+
+Each receipt's ``queue_url`` goes to a shared pool of tickets. A ``CustomerUser`` takes the
+newest ticket and polls ``GET /v1/queue/{ticket}`` (with ``If-None-Match``) every
+``poll_after_seconds``, as the waiting page does, until its order is final; it checks that its
+position never grows.
+
+Anything else (503 ``buffer-unavailable`` included) is recorded as a failure. With
+``--record-dir DIR`` each Locust process writes what its users were told, for
+``ordergate surge``'s audit: ``receipts-<pid>.txt`` (one ``order_id storefront_order_id`` line per
+accepted order) and ``ledger-<pid>.json`` (answers counted by kind, status and problem type; the
+orders left without a receipt; what customers saw). See ``loadtests/README.md``.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
 import random
 import time
 import uuid
-from collections import deque
-from typing import Any
+from collections import Counter, deque
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
 
 from locust import between, events, task
 from locust.contrib.fasthttp import FastHttpUser
@@ -35,8 +51,68 @@ SKUS = [f"SKU-{n:04d}" for n in range(200)]
 # only orders acknowledged a little while ago keeps a legitimate 409 order-in-flight out of the
 # resubmission figures.
 RESUBMIT_MIN_AGE_S = 1.0
+# Answers that gave no receipt but ask to retry with the same storefront_order_id.
+RETRYABLE = (409, 429, 503)
+RETRY_MAX_S = 5.0
+FINAL = frozenset({"committed", "rejected", "dead_lettered"})
+# Tickets waiting for a customer: the newest are the interesting ones (a long way to go).
+TICKETS: deque[str] = deque(maxlen=1000)
 
 log = logging.getLogger(__name__)
+
+
+class Ledger:
+    """What this process's users were told, written for ``ordergate surge``'s audit.
+
+    One per Locust process. Receipts are streamed to a file (a soak test gives millions); the
+    counts, the orders still without a receipt and the customers' findings are written when the
+    test stops.
+    """
+
+    def __init__(self) -> None:
+        self.directory: Path | None = None
+        self._receipts: IO[str] | None = None
+        self.answers: Counter[str] = Counter()
+        # storefront_order_id of each valid order still without a receipt -> its last answer
+        self.unanswered: dict[str, str] = {}
+        self.wrong_receipts = 0  # a duplicate answered with another order's id
+        self.followed: Counter[str] = Counter()  # final status a customer saw
+        self.position_increases = 0
+
+    def open(self, directory: str) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._receipts = open(self.directory / f"receipts-{os.getpid()}.txt", "a")
+
+    def answer(self, kind: str, resp: Any) -> str:
+        """Count an answer; returns its label, e.g. ``new 503 /problems/buffer-unavailable``."""
+        problem = _json(resp).get("type", "") if resp.status_code >= 400 else ""
+        label = f"{kind} {resp.status_code} {problem}".rstrip()
+        self.answers[label] += 1
+        return label
+
+    def receipt(self, order_id: str, storefront_order_id: str) -> None:
+        self.unanswered.pop(storefront_order_id, None)
+        if self._receipts is not None:
+            self._receipts.write(f"{order_id} {storefront_order_id}\n")
+
+    def write(self) -> None:
+        if self.directory is None or self._receipts is None:
+            return
+        self._receipts.flush()
+        doc = {
+            "answers": dict(self.answers),
+            "unanswered": self.unanswered,
+            "wrong_receipts": self.wrong_receipts,
+            "followed": dict(self.followed),
+            "position_increases": self.position_increases,
+        }
+        tmp = self.directory / f"ledger-{os.getpid()}.json.tmp"
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(self.directory / f"ledger-{os.getpid()}.json")
+
+
+LEDGER = Ledger()
 
 
 def api_keys() -> list[str]:
@@ -83,17 +159,38 @@ def invalid_order() -> dict[str, Any]:
     return order
 
 
+@events.init_command_line_parser.add_listener
+def add_record_dir(parser: Any, **_kwargs: Any) -> None:
+    parser.add_argument(
+        "--record-dir",
+        default="",
+        help="write receipts-<pid>.txt and ledger-<pid>.json here (ordergate surge's audit)",
+    )
+
+
 @events.init.add_listener
 def require_api_key(environment: Environment, **_kwargs: Any) -> None:
     """Refuse to start without a key (a distributed master sends no orders and needs none)."""
-    if not isinstance(environment.runner, MasterRunner) and not api_keys():
+    if isinstance(environment.runner, MasterRunner):
+        return
+    if not api_keys():
         log.error("set ORDERGATE_API_KEY, e.g. ORDERGATE_API_KEY=$(ordergate keys create loadtest)")
         raise SystemExit(1)
+    record_dir = getattr(environment.parsed_options, "record_dir", "")
+    if record_dir:
+        LEDGER.open(record_dir)
+
+
+@events.test_stop.add_listener
+def write_ledger(environment: Environment, **_kwargs: Any) -> None:
+    if not isinstance(environment.runner, MasterRunner):
+        LEDGER.write()
 
 
 class StorefrontUser(FastHttpUser):
-    """One storefront sending orders."""
+    """One storefront sending orders (and retrying those that got no receipt)."""
 
+    weight = 4
     wait_time = between(0.0, 0.1)
 
     def on_start(self) -> None:
@@ -103,6 +200,8 @@ class StorefrontUser(FastHttpUser):
         }
         # (time acknowledged, body as sent, order_id) of this user's recent admitted orders
         self.admitted: deque[tuple[float, str, str]] = deque(maxlen=200)
+        # (when due, storefront_order_id, body) of orders that got no receipt yet
+        self.retries: list[tuple[float, str, str]] = []
 
     def _post(self, body: str, name: str) -> Any:
         return self.client.post(
@@ -111,17 +210,37 @@ class StorefrontUser(FastHttpUser):
 
     @task(97)
     def submit_order(self) -> None:
-        body = json.dumps(new_order())
-        with self._post(body, "POST /v1/orders [new]") as resp:
-            if resp.status_code != 202:
-                resp.failure(_unexpected(resp, 202))
+        if self.retries and self.retries[0][0] <= time.monotonic():
+            _, sfo, body = heapq.heappop(self.retries)
+            self._submit(sfo, body, "retry", (202, 200))
+            return
+        order = new_order()
+        sfo = order["storefront_order_id"]
+        LEDGER.unanswered[sfo] = "no answer (its user stopped mid-request)"
+        self._submit(sfo, json.dumps(order), "new", (202,))
+
+    def _submit(self, sfo: str, body: str, kind: str, expected: tuple[int, ...]) -> None:
+        with self._post(body, f"POST /v1/orders [{kind}]") as resp:
+            label = LEDGER.answer(kind, resp)
+            if resp.status_code not in expected:
+                LEDGER.unanswered[sfo] = label
+                resp.failure(_unexpected(resp, expected[0]))
+                if resp.status_code in RETRYABLE or resp.status_code == 0:
+                    delay = min(RETRY_MAX_S, _retry_after(resp))
+                    heapq.heappush(self.retries, (time.monotonic() + delay, sfo, body))
                 return
-            order_id = _json(resp).get("order_id")
+            receipt = _json(resp)
+            order_id = receipt.get("order_id")
             if not order_id:
-                resp.failure("202 without an order_id")
+                LEDGER.unanswered[sfo] = f"{label} without an order_id"
+                resp.failure(f"{resp.status_code} without an order_id")
                 return
             resp.success()
+            LEDGER.receipt(order_id, sfo)
             self.admitted.append((time.monotonic(), body, order_id))
+            queue_url = receipt.get("queue_url")
+            if queue_url:
+                TICKETS.append(urlsplit(queue_url).path)
 
     @task(2)
     def resubmit_order(self) -> None:
@@ -132,9 +251,11 @@ class StorefrontUser(FastHttpUser):
             return
         _, body, order_id = random.choice(earlier)
         with self._post(body, "POST /v1/orders [resubmit]") as resp:
+            LEDGER.answer("resubmit", resp)
             if resp.status_code != 200:
                 resp.failure(_unexpected(resp, 200))
             elif _json(resp).get("order_id") != order_id:
+                LEDGER.wrong_receipts += 1
                 resp.failure(
                     f"resubmission answered order {_json(resp).get('order_id')!r}, "
                     f"expected the original {order_id!r}"
@@ -145,6 +266,7 @@ class StorefrontUser(FastHttpUser):
     @task(1)
     def submit_invalid_order(self) -> None:
         with self._post(json.dumps(invalid_order()), "POST /v1/orders [invalid]") as resp:
+            LEDGER.answer("invalid", resp)
             if resp.status_code != 422:
                 resp.failure(_unexpected(resp, 422))
             elif _json(resp).get("type") != "/problems/invalid-order":
@@ -153,12 +275,77 @@ class StorefrontUser(FastHttpUser):
                 resp.success()
 
 
+class CustomerUser(FastHttpUser):
+    """A customer on the waiting page: polls one ticket at the advised interval until final."""
+
+    weight = 1
+    IDLE_S = 0.5  # no ticket to follow yet
+
+    def on_start(self) -> None:
+        self.ticket: str | None = None
+        self.etag = ""
+        self.position: int | None = None
+        self.pause = self.IDLE_S
+
+    def wait_time(self) -> float:
+        return self.pause
+
+    def _take_ticket(self) -> bool:
+        if not TICKETS:
+            self.pause = self.IDLE_S
+            return False
+        self.ticket = TICKETS.pop()
+        self.etag = ""
+        self.position = None
+        return True
+
+    @task
+    def follow_ticket(self) -> None:
+        if self.ticket is None and not self._take_ticket():
+            return
+        assert self.ticket is not None
+        headers = {"If-None-Match": self.etag} if self.etag else {}
+        with self.client.get(
+            self.ticket, headers=headers, name="GET /v1/queue/{ticket}", catch_response=True
+        ) as resp:
+            LEDGER.answer("poll", resp)
+            if resp.status_code == 304:
+                resp.success()
+                return
+            if resp.status_code != 200:
+                resp.failure(_unexpected(resp, 200))
+                self.ticket = None
+                return
+            doc = _json(resp)
+            self.etag = (resp.headers or {}).get("etag", "")
+            position = doc.get("position")
+            if isinstance(position, int) and self.position is not None and position > self.position:
+                LEDGER.position_increases += 1
+                resp.failure(f"position grew from {self.position} to {position}")
+            else:
+                resp.success()
+            self.position = position if isinstance(position, int) else self.position
+            if doc.get("status") in FINAL:
+                LEDGER.followed[str(doc["status"])] += 1
+                self.ticket = None
+                self.pause = 0.0
+            else:
+                self.pause = float(doc.get("poll_after_seconds") or 1)
+
+
 def _json(resp: Any) -> dict[str, Any]:
     try:
         doc = resp.json()
     except Exception:  # noqa: BLE001 - any undecodable body is just "not what we expected"
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+def _retry_after(resp: Any) -> float:
+    try:
+        return max(0.1, float((resp.headers or {}).get("retry-after") or 1))
+    except ValueError:
+        return 1.0
 
 
 def _unexpected(resp: Any, expected: int) -> str:

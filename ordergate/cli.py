@@ -154,6 +154,41 @@ def _parser() -> argparse.ArgumentParser:
     st = add("status", "Show the buffer, the drain, notifications and circuit breakers.")
     st.add_argument("--json", action="store_true", help="print the JSON of GET /v1/ops/status")
     data_dir_opt(st)
+
+    sg = add(
+        "surge",
+        "Rehearse a sale: Locust (the `load` extra) runs a spike, ramp or soak against a gateway, "
+        "then every receipt is audited against Postgres. Exit 0 pass, 1 fail, 3 incomplete.",
+    )
+    sg.add_argument("--shape", choices=["spike", "ramp", "soak"], required=True)
+    sg.add_argument(
+        "--host",
+        dest="target",
+        metavar="URL",
+        help="a running gateway (default: start `ordergate up` on a free port and a temporary "
+        "data dir, or --data-dir)",
+    )
+    sg.add_argument(
+        "--users",
+        type=int,
+        help="most users: the spike's peak (30x its baseline), the ramp's ceiling, the soak's "
+        "level (default 300, 500, 100)",
+    )
+    sg.add_argument(
+        "--duration", type=float, help="seconds the shape lasts (default 180, 300, 3600)"
+    )
+    sg.add_argument("--results", help="results folder (default ./surge-results/<timestamp>)")
+    sg.add_argument("--processes", type=int, help="gateway processes of the started `up`")
+    sg.add_argument(
+        "--max-p95-ms", type=float, default=500.0, help="ramp: p95 limit of a step (500)"
+    )
+    sg.add_argument(
+        "--max-error-share", type=float, default=0.01, help="ramp: error limit of a step (0.01)"
+    )
+    sg.add_argument(
+        "--drain-timeout", type=float, default=600.0, help="seconds to wait for the drain"
+    )
+    data_dir_opt(sg)
     return p
 
 
@@ -424,6 +459,26 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_surge(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from ordergate.surge import SurgeOptions, run_surge
+
+    options = SurgeOptions(
+        shape=args.shape,
+        host=args.target,
+        users=args.users,
+        duration=args.duration,
+        results=Path(args.results) if args.results else None,
+        data_dir=args.data_dir,
+        processes=args.processes,
+        drain_timeout=args.drain_timeout,
+        max_p95_ms=args.max_p95_ms,
+        max_error_share=args.max_error_share,
+    )
+    return run_surge(options, settings)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "up": cmd_up,
     "serve": cmd_serve,
@@ -434,4 +489,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "storefronts": cmd_storefronts,
     "notifications": cmd_notifications,
     "status": cmd_status,
+    "surge": cmd_surge,
 }

@@ -11,3 +11,11 @@ class ConfigError(OrdergateError):
 
 class ServerStartError(OrdergateError):
     """An embedded Valkey or PostgreSQL server did not start."""
+
+
+class SurgeError(OrdergateError):
+    """A surge test could not run: no gateway, no keys, Locust failed to start."""
+
+
+class LocustNotInstalled(SurgeError):
+    """``ordergate surge`` needs Locust, which is in the ``load`` extra."""

@@ -1,0 +1,236 @@
+"""The audit at the end of a surge: what storefronts were told against what Postgres holds.
+
+Every order that got a receipt must be in Postgres exactly once, under the receipt's order id:
+committed rows == accepted orders. An order that got no receipt (a 503 after its write, a user
+stopped mid-request) may be committed too; such rows are counted, not faulted. Then the buffer
+must have drained, nothing may be dead-lettered, duplicates must have been answered with the
+original order, customers' positions must never have grown, and no answer may be outside the
+API's table (a 500, a 401, no answer at all). 429 and 503 are the gateway's designed answers to
+overload: they are reported, and their orders retried by the load test, but not faulted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ordergate.surge_results import Latency, Ledger
+
+# (kind, status, problem type) the API may answer each kind of request with under load.
+_OVERLOAD = {("429", "/problems/buffer-full"), ("503", "/problems/buffer-unavailable")}
+_IN_FLIGHT = ("409", "/problems/order-in-flight")
+EXPECTED: dict[str, set[tuple[str, str]]] = {
+    "new": {("202", ""), *_OVERLOAD},
+    "retry": {("202", ""), ("200", ""), _IN_FLIGHT, *_OVERLOAD},
+    "resubmit": {("200", ""), _IN_FLIGHT, *_OVERLOAD},
+    "invalid": {("422", "/problems/invalid-order")},
+    "poll": {("200", ""), ("304", "")},
+}
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Postgres rows of the orders this run sent."""
+
+    rows: int = 0
+    of_accepted: int = 0  # rows of receipted orders under the receipt's order id
+    missing: int = 0  # receipted orders without a row
+    doubled: int = 0  # a storefront order with two rows, or a row under another order id
+    without_receipt: int = 0  # rows of orders that got no receipt
+    error: str = ""  # why Postgres could not be checked ("" when it was)
+
+
+async def count_committed(database_url: str, ledger: Ledger) -> Committed:
+    """Compare the receipts with the rows of the run's storefront order ids."""
+    import asyncpg
+
+    rows: dict[str, list[str]] = {}
+    conn = await asyncpg.connect(database_url)
+    try:
+        # One join over a temporary table of the run's ids: a soak sends millions of them.
+        async with conn.transaction():
+            await conn.execute("CREATE TEMPORARY TABLE surge_sent (sfo text) ON COMMIT DROP")
+            await conn.copy_records_to_table(
+                "surge_sent", records=[(s,) for s in (*ledger.receipts, *ledger.unanswered)]
+            )
+            await conn.execute("ANALYZE surge_sent")
+            for r in await conn.fetch(
+                "SELECT o.storefront_order_id, o.order_id FROM orders o "
+                "JOIN surge_sent s ON s.sfo = o.storefront_order_id"
+            ):
+                rows.setdefault(r["storefront_order_id"], []).append(r["order_id"])
+    finally:
+        await conn.close()
+    of_accepted = missing = doubled = 0
+    for sfo, order_id in ledger.receipts.items():
+        found = rows.get(sfo, [])
+        of_accepted += found.count(order_id)
+        missing += order_id not in found
+        doubled += len(found) > 1 or (bool(found) and order_id not in found)
+    without = [rows[s] for s in ledger.unanswered if s in rows]
+    doubled += sum(len(found) > 1 for found in without)
+    return Committed(
+        rows=sum(len(found) for found in rows.values()),
+        of_accepted=of_accepted,
+        missing=missing,
+        doubled=doubled,
+        without_receipt=len(without),
+    )
+
+
+def check_committed(database_url: str | None, ledger: Ledger) -> Committed:
+    if not database_url:
+        return Committed(
+            error="no Postgres URL for this gateway: set ORDERGATE_DATABASE_URL, or pass the "
+            "--data-dir of the `ordergate up` serving it"
+        )
+    try:
+        return asyncio.run(count_committed(database_url, ledger))
+    except (OSError, ConnectionError) as exc:
+        return Committed(error=f"Postgres unreachable: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - asyncpg's errors have no common base but this
+        return Committed(error=f"Postgres query failed: {type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class Drain:
+    """How the buffer emptied after the load stopped."""
+
+    drained: bool
+    seconds: float  # from the end of the load until the buffer was empty (or the deadline)
+    peak_depth: int  # deepest buffer seen, sampled about twice a second
+    dead_letters: int  # new dead letters during the run
+    error: str = ""  # why the depth could not be read
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool | None  # None: could not be checked
+    detail: str = ""
+
+
+@dataclass
+class Audit:
+    shape: str
+    accepted: int
+    answers_202: int
+    receipts_on_retry: int
+    duplicates_sent: int
+    duplicates_answered: int
+    invalid_sent: int
+    rejected: dict[str, int]
+    too_many: int  # 429
+    unavailable: int  # 503
+    unexpected: dict[str, int]
+    no_receipt: dict[str, int]
+    customers: dict[str, int]
+    latency: dict[str, dict[str, Any]]
+    drain: Drain
+    committed: Committed
+    knee: dict[str, Any] | None
+    locust_exit: int
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        """PASS, FAIL (a check failed) or INCOMPLETE (one could not be made)."""
+        if any(c.ok is False for c in self.checks):
+            return "FAIL"
+        return "INCOMPLETE" if any(c.ok is None for c in self.checks) else "PASS"
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["verdict"] = self.verdict
+        return doc
+
+
+def audit(
+    shape: str,
+    ledger: Ledger,
+    latencies: dict[str, Latency],
+    drain: Drain,
+    committed: Committed,
+    knee: dict[str, Any] | None,
+    locust_exit: int,
+) -> Audit:
+    rejected: Counter[str] = Counter()
+    unexpected: Counter[str] = Counter()
+    for label, n in ledger.answers.items():
+        kind, status, problem = (label.split(" ", 2) + [""])[:3]
+        if (status, problem) not in EXPECTED.get(kind, set()):
+            unexpected[label] += n
+        elif status.startswith("4") and status != "429":
+            rejected[f"{status} {problem}"] += n
+    a = Audit(
+        shape=shape,
+        accepted=len(ledger.receipts),
+        answers_202=ledger.count(status="202"),
+        receipts_on_retry=ledger.answers.get("retry 200", 0),
+        duplicates_sent=ledger.count("resubmit"),
+        duplicates_answered=ledger.answers.get("resubmit 200", 0),
+        invalid_sent=ledger.count("invalid"),
+        rejected=dict(rejected),
+        too_many=ledger.count(status="429"),
+        unavailable=ledger.count(status="503"),
+        unexpected=dict(unexpected),
+        no_receipt=dict(Counter(ledger.unanswered.values())),
+        customers={**ledger.followed, "position_increases": ledger.position_increases},
+        latency={name: asdict(lat) for name, lat in latencies.items()},
+        drain=drain,
+        committed=committed,
+        knee=knee,
+        locust_exit=locust_exit,
+    )
+    a.checks = _checks(a, ledger)
+    return a
+
+
+def _checks(a: Audit, ledger: Ledger) -> list[Check]:
+    c = a.committed
+    checks = [
+        Check("Locust ran to the end", a.locust_exit == 0, f"exit code {a.locust_exit}"),
+        Check("orders were accepted", a.accepted > 0, f"{a.accepted:,} receipts"),
+    ]
+    if c.error:
+        checks.append(Check("committed rows == accepted orders", None, c.error))
+    else:
+        checks.append(
+            Check(
+                "committed rows == accepted orders",
+                c.of_accepted == a.accepted and c.missing == 0 and c.doubled == 0,
+                f"{c.of_accepted:,} rows of {a.accepted:,} accepted orders; missing {c.missing}, "
+                f"doubled {c.doubled}",
+            )
+        )
+    checks += [
+        Check(
+            "one order id per receipted storefront order",
+            ledger.conflicting_receipts == 0,
+            f"{ledger.conflicting_receipts} storefront orders receipted under two ids",
+        ),
+        Check(
+            "duplicates answered with the original order",
+            ledger.wrong_receipts == 0,
+            f"{ledger.wrong_receipts} answered with another order id",
+        ),
+        Check(
+            "the buffer drained",
+            None if a.drain.error else a.drain.drained,
+            a.drain.error or f"{a.drain.seconds:.1f} s after the load stopped",
+        ),
+        Check("nothing dead-lettered", a.drain.dead_letters == 0, f"{a.drain.dead_letters} new"),
+        Check(
+            "customers' positions never grew",
+            ledger.position_increases == 0,
+            f"{ledger.position_increases} increases",
+        ),
+        Check(
+            "every answer in the API's table",
+            not a.unexpected,
+            ", ".join(f"{k}: {n}" for k, n in a.unexpected.items()) or "none outside it",
+        ),
+    ]
+    return checks

@@ -1,0 +1,98 @@
+"""The surge audit as text: the figures first, then each check and the verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ordergate.surge_audit import Audit
+
+NEW_ORDERS = "POST /v1/orders [new]"
+POLLS = "GET /v1/queue/{ticket}"
+
+
+def render(a: Audit) -> str:
+    c, d = a.committed, a.drain
+    lines = [
+        _row(
+            "accepted orders",
+            f"{a.accepted:,}",
+            f"distinct order ids with a receipt (202: {a.answers_202:,}; "
+            f"200 to a retry: {a.receipts_on_retry:,})",
+        ),
+        _row(
+            "duplicates answered",
+            f"{a.duplicates_answered:,} of {a.duplicates_sent:,}",
+            "200 with the original order id",
+        ),
+        _row("rejected", f"{sum(a.rejected.values()):,}", _counts(a.rejected)),
+        _row("429 buffer-full", f"{a.too_many:,}", ""),
+        _row("503 unavailable", f"{a.unavailable:,}", ""),
+        _row("other answers", f"{sum(a.unexpected.values()):,}", _counts(a.unexpected)),
+        _row("no receipt", f"{sum(a.no_receipt.values()):,}", _counts(a.no_receipt)),
+        _row("latency, new orders", *_latency(a.latency.get(NEW_ORDERS))),
+        _row("latency, queue polls", *_latency(a.latency.get(POLLS))),
+        _row(
+            "customers",
+            f"{sum(n for k, n in a.customers.items() if k != 'position_increases'):,}",
+            "tickets followed to the end: "
+            + (_counts({k: n for k, n in a.customers.items() if k != "position_increases"})),
+        ),
+        _row("peak buffer depth", f"{d.peak_depth:,}", "sampled about twice a second"),
+        _row(
+            "time to drain",
+            f"{d.seconds:.1f} s" if d.drained else "not drained",
+            "from the end of the load to an empty buffer",
+        ),
+        _row(
+            "committed rows",
+            "?" if c.error else f"{c.rows:,}",
+            "not checked"
+            if c.error
+            else f"= {c.of_accepted:,} of accepted orders + "
+            f"{c.without_receipt:,} of orders without a receipt",
+        ),
+    ]
+    if a.knee is not None:
+        lines.append(_row("ramp knee", *_knee(a.knee)))
+    lines.append("")
+    for check in a.checks:
+        mark = {True: "ok  ", False: "FAIL", None: "??  "}[check.ok]
+        lines.append(f"  {mark}  {check.name}: {check.detail}")
+    lines += ["", a.verdict]
+    return "\n".join(lines)
+
+
+def _row(name: str, value: str, detail: str) -> str:
+    return f"{name:<22}{value:>14}   {detail}".rstrip()
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return "; ".join(f"{k}: {n:,}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _latency(lat: dict[str, Any] | None) -> tuple[str, str]:
+    if not lat or not lat["requests"]:
+        return "-", "no requests"
+    p = [("-" if lat[k] is None else f"{lat[k]:.0f}") for k in ("p50", "p95", "p99")]
+    return (
+        f"p50 {p[0]} ms",
+        f"p95 {p[1]} ms, p99 {p[2]} ms ({lat['requests']:,} requests, {lat['rps']:,.0f}/s)",
+    )
+
+
+def _knee(report: dict[str, Any]) -> tuple[str, str]:
+    knee, stop = report["knee"], report["stopped_by"]
+    limits = report["limits"]
+    why = (
+        f"the next step, {stop['users']} users, had p95 {stop['p95_ms']} ms and "
+        f"{100 * stop['error_share']:.2f} % errors"
+        if stop
+        else "no step passed a limit"
+    )
+    rule = f"limits p95 {limits['max_p95_ms']:.0f} ms, errors {100 * limits['max_error_share']:g} %"
+    if knee is None:
+        return "below the first step", f"{why} ({rule})"
+    return (
+        f"{knee['users']} users",
+        f"{knee['rps']:,.0f} req/s, p95 {knee['p95_ms']} ms; {why} ({rule})",
+    )
