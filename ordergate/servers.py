@@ -145,7 +145,25 @@ class EmbeddedValkey(_Child):
                 preexec_fn=die_with_parent,
             )
         _wait_port(self.host, self.port, self.proc, timeout, log)
+        self._wait_loaded(time.monotonic() + 300, log)
         return self.url
+
+    def _wait_loaded(self, deadline: float, log: Path) -> None:
+        """The port opens before a large AOF is loaded; until then every command is refused
+        with LOADING. Wait (a large data set takes its time) for PING to answer PONG."""
+        while True:
+            try:
+                with socket.create_connection((self.host, self.port or 0), timeout=2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServerStartError(f"valkey exited while loading its data; see {log}")
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"valkey did not finish loading its data; see {log}")
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM: Valkey fsyncs the AOF and exits."""
