@@ -1,11 +1,16 @@
 """Write a batch into the partitioned ``orders`` table, exactly once.
 
-One transaction per batch: a multi-row ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO
-NOTHING`` into ``orders``, which routes each row to its shard's partition. The batch spans
+One transaction per batch, which routes each row to its shard's partition. The batch spans
 shards (the drain follows the one queue), and one transaction makes it commit at one instant.
-Redelivered entries (a worker died between COMMIT and XACK) hit the primary key and change
-nothing; an order whose storefront id was already used by a *different* order (its idempotency
-record had expired) is reported as a rejected duplicate.
+
+The usual batch holds only new orders, and goes in by the fastest way Postgres has: a binary
+``COPY`` into ``orders`` (about twice as fast here as the ``INSERT ... ON CONFLICT`` below, which
+does a speculative insertion per row). COPY is one statement: it writes every row of the batch
+or none. When it hits a unique key -- a redelivered entry (a worker died between COMMIT and
+XACK), or an order whose storefront id was already used by a *different* order (its
+idempotency record had expired) -- the transaction rolls back and the batch goes again as a
+multi-row ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING``: redelivered rows change
+nothing and count as committed, and the other kind is reported as a rejected duplicate.
 A batch refused for a data reason is split in halves until the culprits are alone, so one poison
 order never holds back the rest.
 """
@@ -16,6 +21,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import msgspec
 
 from buffer.message import OrderMessage
@@ -38,10 +44,21 @@ class Refused:
     error: str
 
 
-_COLUMNS = (
-    "shard, order_id, storefront_id, storefront_order_id, customer_id, customer_email, currency,"
-    " total_minor, item_count, seq, accepted_at, body"
+COPY_COLUMNS = (
+    "shard",
+    "order_id",
+    "storefront_id",
+    "storefront_order_id",
+    "customer_id",
+    "customer_email",
+    "currency",
+    "total_minor",
+    "item_count",
+    "seq",
+    "accepted_at",
+    "body",
 )
+_COLUMNS = ", ".join(COPY_COLUMNS)
 
 
 _INSERT = (
@@ -70,7 +87,7 @@ class Persister:
         refused: list[Refused] = []
         for m in messages:
             try:
-                rows.append((m, _row(m)))
+                rows.append((m, row_of(m)))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 refused.append(Refused(m, f"order body does not decode: {exc}"))
         persisted = await self._write_rows(rows, refused)
@@ -97,6 +114,22 @@ class Persister:
     async def _transaction(
         self, rows: list[tuple[OrderMessage, tuple[Any, ...]]]
     ) -> list[Persisted]:
+        conn = self.conn
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "orders", records=[r for _, r in rows], columns=COPY_COLUMNS
+                )
+                # committed_at defaults to now(): the transaction's start, the same for all rows.
+                committed_at = await conn.fetchval("SELECT now()")
+        except asyncpg.UniqueViolationError:
+            return await self._insert_on_conflict(rows)  # rolled back; some rows exist already
+        return [Persisted(m, "committed", committed_at) for m, _ in rows]
+
+    async def _insert_on_conflict(
+        self, rows: list[tuple[OrderMessage, tuple[Any, ...]]]
+    ) -> list[Persisted]:
+        """The batch when some of its rows are in Postgres already (see the module docstring)."""
         columns = list(zip(*(r for _, r in rows), strict=True))
         conn = self.conn
         async with conn.transaction():
@@ -135,7 +168,9 @@ class Persister:
         return out
 
 
-def _row(m: OrderMessage) -> tuple[Any, ...]:
+def row_of(m: OrderMessage) -> tuple[Any, ...]:
+    """The ``orders`` row of one entry, in ``COPY_COLUMNS`` order (raises if the body does not
+    decode)."""
     order = ORDER_DECODER.decode(m.body)
     return (
         m.shard,

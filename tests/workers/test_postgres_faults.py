@@ -324,7 +324,8 @@ async def _drain_backend_other_than(pg: Any, pid: int) -> bool:
     return bool(
         await pg.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'ordergate-drain%'"
-            " AND pid <> $1 AND query LIKE 'INSERT INTO orders%'",
+            " AND pid <> $1"
+            " AND (query LIKE 'COPY \"orders\"%' OR query LIKE 'INSERT INTO orders%')",
             pid,
         )
     )
