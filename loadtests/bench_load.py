@@ -1,23 +1,19 @@
-"""A closed-loop HTTP/1.1 keep-alive load generator for GET endpoints (asyncio, uvloop, raw).
+"""Closed-loop load: wrk (Debian's, with a Lua script) or a built-in raw asyncio generator.
 
-Why not httpx/aiohttp or Locust: their client costs more CPU per request than a Starlette
-handler does, so on a small machine they measure themselves. Here each connection is a bare
-``asyncio.Protocol`` that sends one prebuilt request, waits for the whole answer (framed by
-Content-Length; 1xx/204/304 have no body) and sends the next: no pipelining, no parsing beyond
-the status line and the length. The requests come round-robin from one list, so many
-connections spread over many distinct paths.
+Closed loop: every connection keeps one request in flight and sends the next as soon as the
+answer is complete (HTTP/1.1 keep-alive, no pipelining). What is sent is either a list of GET
+paths taken round-robin (``RequestSpec``) or ``PostOrders``: one order per request, each with
+its own ``storefront_order_id``, so idempotency and unique keys see new orders only.
 
-The generator runs in child processes (``processes``, forked), never in the caller's process, so
-the caller can sample the CPU of the server under test (``watch``) over exactly the measured
-window. With Debian's ``wrk`` installed, ``generator="wrk"`` runs that instead.
-
-    python loadtests/loadgen.py http://127.0.0.1:8000 --path /healthz -c 64 -d 10
-    python loadtests/loadgen.py http://127.0.0.1:8000 --paths-file paths.json --json
+Why not httpx/aiohttp or Locust: their client costs more CPU per request than a Starlette handler
+does, so on a small machine they would measure themselves. The built-in generator is a bare
+``asyncio.Protocol`` per connection that parses only the status line and Content-Length; it runs
+in forked children, never in the caller's process, so the caller can sample the CPU of the
+servers under test (``watch``) over exactly the measured window.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
@@ -27,22 +23,46 @@ import re
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import psutil
 
-# A request to send: a path, or a path with extra headers (e.g. If-None-Match).
+# A GET to send: a path, or a path with extra headers (e.g. If-None-Match).
 RequestSpec = str | tuple[str, Mapping[str, str]]
 
 START_MARGIN_S = 0.3  # time for the forked generators to connect before the clock starts
 _WARMUP, _MEASURE, _STOPPED = 0, 1, 2
+ID_DIGITS = 10
+
+
+@dataclass(frozen=True)
+class PostOrders:
+    """POST ``body_prefix + <unique id> + body_suffix`` to ``path``, one new id per request.
+
+    The id is ``<tag><generator index, 2 digits><counter, 10 digits>``: fixed width, so every
+    request of a run has the same Content-Length, and unique across runs with distinct tags.
+    """
+
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body_prefix: bytes
+    body_suffix: bytes
+    tag: str
+
+    def id_of(self, generator: int, n: int) -> bytes:
+        return b"%s%02d%0*d" % (self.tag.encode(), generator, ID_DIGITS, n)
+
+    def body_length(self) -> int:
+        return len(self.body_prefix) + len(self.id_of(0, 0)) + len(self.body_suffix)
+
+
+Load = Sequence[RequestSpec] | PostOrders
 
 
 @dataclass
@@ -72,33 +92,112 @@ class LoadResult:
         total = self.requests + self.socket_errors
         return (self.other + self.socket_errors) / total if total else 1.0
 
+    @property
+    def ok_rps(self) -> float:
+        """Successful answers (2xx and 304) per second."""
+        return (self.ok + self.not_modified) / self.seconds if self.seconds else 0.0
 
-def build_requests(host: str, port: int, specs: Sequence[RequestSpec]) -> list[bytes]:
+
+def split_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"only http://host:port URLs are supported, not {url!r}")
+    return parts.hostname, parts.port or 80
+
+
+def _authority(host: str, port: int) -> str:
+    return host if port == 80 else f"{host}:{port}"
+
+
+def build_gets(host: str, port: int, specs: Sequence[RequestSpec]) -> list[bytes]:
     """The raw bytes of each GET, built once: the hot loop only writes them."""
     out: list[bytes] = []
-    authority = host if port == 80 else f"{host}:{port}"
     for spec in specs:
         path, extra = (spec, {}) if isinstance(spec, str) else spec
-        lines = [f"GET {path} HTTP/1.1", f"Host: {authority}", "User-Agent: og-loadgen"]
+        lines = [f"GET {path} HTTP/1.1", f"Host: {_authority(host, port)}", "User-Agent: og-bench"]
         lines += [f"{k}: {v}" for k, v in extra.items()]
         out.append(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     return out
 
 
+def request_maker(host: str, port: int, load: Load, generator: int) -> Callable[[int], bytes]:
+    """``make(n)``: the raw bytes of this generator's n-th request."""
+    if isinstance(load, PostOrders):
+        lines = [f"POST {load.path} HTTP/1.1", f"Host: {_authority(host, port)}"]
+        lines += [f"{k}: {v}" for k, v in load.headers]
+        lines.append(f"Content-Length: {load.body_length()}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + load.body_prefix
+        suffix, id_of = load.body_suffix, load.id_of
+
+        def make_post(n: int) -> bytes:
+            return head + id_of(generator, n) + suffix
+
+        return make_post
+    gets = build_gets(host, port, load)
+    offset = generator * 7919
+
+    def make_get(n: int) -> bytes:
+        return gets[(n + offset) % len(gets)]
+
+    return make_get
+
+
+class ResponseParser:
+    """Frames HTTP/1.1 responses on one connection by Content-Length (1xx/204/304: no body)."""
+
+    __slots__ = ("buf", "need", "status")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.need = -1  # bytes of the current response once its head is parsed
+        self.status = 0
+
+    def feed(self, data: bytes) -> int:
+        """The status of the response completed by ``data``, 0 if none is complete yet.
+
+        Raises ValueError for an answer it cannot frame. No pipelining: at most one response
+        is outstanding, so nothing follows it in the buffer.
+        """
+        buf = self.buf
+        buf += data
+        if self.need < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return 0
+            head = bytes(buf[:end]).lower()
+            self.status = int(head[9:12])
+            i = head.find(b"\r\ncontent-length:")
+            if i >= 0:
+                j = head.find(b"\r\n", i + 2)
+                length = int(head[i + 17 : j if j >= 0 else len(head)])
+            elif self.status in (204, 304) or self.status < 200:
+                length = 0
+            else:
+                raise ValueError("no Content-Length")
+            self.need = end + 4 + length
+        if len(buf) < self.need:
+            return 0
+        del buf[: self.need]
+        self.need = -1
+        return self.status
+
+
+# --- built-in closed loop -----------------------------------------------------------------------
+
+
 class _Run:
     """One process's share of the connections, its counters and its clock."""
 
-    def __init__(self, requests: list[bytes], offset: int) -> None:
-        self.requests = requests
-        self.next = offset % len(requests)
+    def __init__(self, make: Callable[[int], bytes]) -> None:
+        self.make = make
+        self.n = 0
         self.phase = _WARMUP
         self.ok = self.not_modified = self.other = self.socket_errors = 0
         self.latencies_us: array[int] = array("q")
 
     def take(self) -> bytes:
-        i = self.next
-        self.next = i + 1 if i + 1 < len(self.requests) else 0
-        return self.requests[i]
+        self.n += 1
+        return self.make(self.n)
 
     def record(self, status: int, latency_ns: int) -> None:
         if self.phase != _MEASURE:
@@ -118,9 +217,7 @@ class _Conn(asyncio.Protocol):
     def __init__(self, run: _Run, lost: asyncio.Queue[_Conn]) -> None:
         self.run = run
         self.lost = lost
-        self.buf = bytearray()
-        self.need = -1  # bytes of the current response once its head is parsed
-        self.status = 0
+        self.parser = ResponseParser()
         self.sent_ns = 0
         self.transport: asyncio.Transport | None = None
 
@@ -136,38 +233,15 @@ class _Conn(asyncio.Protocol):
         self.transport.write(self.run.take())
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        if self.need < 0:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(buf[:end]).lower()
-            try:
-                self.status = int(head[9:12])
-                i = head.find(b"\r\ncontent-length:")
-                if i >= 0:
-                    j = head.find(b"\r\n", i + 2)
-                    length = int(head[i + 17 : j if j >= 0 else len(head)])
-                elif self.status in (204, 304) or self.status < 200:
-                    length = 0
-                else:
-                    raise ValueError("no Content-Length")
-            except ValueError:
-                self._fail()
-                return
-            self.need = end + 4 + length
-        if len(buf) < self.need:
+        try:
+            status = self.parser.feed(data)
+        except ValueError:
+            assert self.transport is not None
+            self.transport.abort()  # counted in connection_lost
             return
-        done_ns = time.perf_counter_ns()
-        del buf[: self.need]  # no pipelining: nothing else can be in the buffer
-        self.need = -1
-        self.run.record(self.status, done_ns - self.sent_ns)
-        self.send()
-
-    def _fail(self) -> None:
-        assert self.transport is not None
-        self.transport.abort()  # counted in connection_lost
+        if status:
+            self.run.record(status, time.perf_counter_ns() - self.sent_ns)
+            self.send()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Closed loop: a request is always in flight, so a lost connection is a lost request.
@@ -180,15 +254,15 @@ class _Conn(asyncio.Protocol):
 async def _generate(
     host: str,
     port: int,
-    requests: list[bytes],
+    load: Load,
+    index: int,
     connections: int,
-    offset: int,
     start_at: float,
     warmup: float,
     duration: float,
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    run = _Run(requests, offset)
+    run = _Run(request_maker(host, port, load, index))
     lost: asyncio.Queue[_Conn] = asyncio.Queue()
     conns: list[_Conn] = []
 
@@ -240,25 +314,31 @@ def _child(args: tuple[Any, ...]) -> dict[str, Any]:
     return uvloop.run(_generate(*args))
 
 
-def _percentile(sorted_us: Sequence[int], q: float) -> float:
+def percentile_ms(sorted_us: Sequence[int] | Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (nearest rank) of sorted microseconds, in milliseconds."""
     if not sorted_us:
         return math.nan
     k = min(len(sorted_us) - 1, max(0, math.ceil(q / 100 * len(sorted_us)) - 1))
     return sorted_us[k] / 1000.0
 
 
-def _cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process and its live children (uvicorn workers)."""
     out: dict[int, float] = {}
     for pid in pids:
         try:
-            t = psutil.Process(pid).cpu_times()
-            out[pid] = t.user + t.system
+            proc = psutil.Process(pid)
+            total = 0.0
+            for p in [proc, *proc.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system
+            out[pid] = total
         except psutil.Error:
             out[pid] = math.nan
     return out
 
 
-def _busy(t0: Sequence[Any], t1: Sequence[Any]) -> list[float]:
+def busy(t0: Sequence[Any], t1: Sequence[Any]) -> list[float]:
     """Per-CPU busy share between two ``psutil.cpu_times(percpu=True)`` samples."""
     out = []
     for a, b in zip(t0, t1, strict=True):
@@ -268,16 +348,9 @@ def _busy(t0: Sequence[Any], t1: Sequence[Any]) -> list[float]:
     return out
 
 
-def _split_url(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"only http://host:port URLs are supported, not {url!r}")
-    return parts.hostname, parts.port or 80
-
-
 def run_builtin(
     url: str,
-    specs: Sequence[RequestSpec],
+    load: Load,
     *,
     connections: int = 64,
     duration: float = 10.0,
@@ -286,24 +359,20 @@ def run_builtin(
     watch: Mapping[str, int] | None = None,
 ) -> LoadResult:
     """Run the built-in generator in ``processes`` forked children; block until done."""
-    host, port = _split_url(url)
-    requests = build_requests(host, port, specs)
+    host, port = split_url(url)
     processes = max(1, min(processes, connections))
     watch = dict(watch or {})
     start_at = time.monotonic() + START_MARGIN_S
     shares = [connections // processes + (i < connections % processes) for i in range(processes)]
-    jobs = [
-        (host, port, requests, n, i * len(requests) // processes, start_at, warmup, duration)
-        for i, n in enumerate(shares)
-    ]
+    jobs = [(host, port, load, i, n, start_at, warmup, duration) for i, n in enumerate(shares)]
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(processes) as pool:
         pending = pool.map_async(_child, jobs)
         time.sleep(max(0.0, start_at + warmup - time.monotonic()))
-        c0, m0 = _cpu_seconds(list(watch.values())), psutil.cpu_times(percpu=True)
+        c0, m0 = cpu_seconds(list(watch.values())), psutil.cpu_times(percpu=True)
         w0 = time.perf_counter()
         time.sleep(max(0.0, start_at + warmup + duration - time.monotonic()))
-        c1, m1 = _cpu_seconds(list(watch.values())), psutil.cpu_times(percpu=True)
+        c1, m1 = cpu_seconds(list(watch.values())), psutil.cpu_times(percpu=True)
         window = time.perf_counter() - w0
         parts = pending.get(timeout=duration + warmup + 60)
     latencies: array[int] = array("q")
@@ -324,23 +393,47 @@ def run_builtin(
         not_modified=nm,
         other=other,
         socket_errors=sum(p["socket_errors"] for p in parts),
-        p50_ms=_percentile(ordered, 50),
-        p95_ms=_percentile(ordered, 95),
-        p99_ms=_percentile(ordered, 99),
+        p50_ms=percentile_ms(ordered, 50),
+        p95_ms=percentile_ms(ordered, 95),
+        p99_ms=percentile_ms(ordered, 99),
         generator_cpu=sum(p["cpu"] for p in parts) / seconds,
         watched_cpu={name: (c1[pid] - c0[pid]) / window for name, pid in watch.items()},
-        cpu_busy=_busy(m0, m1),
+        cpu_busy=busy(m0, m1),
     )
 
 
-def _lua_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+# --- wrk ----------------------------------------------------------------------------------------
 
 
-_WRK_LUA = r"""
+def _lua_str(s: str | bytes) -> str:
+    text = s.decode("latin-1") if isinstance(s, bytes) else s
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+_WRK_DONE = r"""
+function done(summary, latency, requests)
+  local a, b, c = 0, 0, 0
+  for _, t in ipairs(threads) do
+    a = a + (t:get("n2xx") or 0); b = b + (t:get("n304") or 0); c = c + (t:get("nother") or 0)
+  end
+  local e = summary.errors
+  if counted == 0 then  -- no response(): wrk's own count, where >= 400 is an error
+    c = e.status; a = summary.requests - c
+  end
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"ok":%d,"not_modified":%d,"other":%d,' ..
+    '"socket_errors":%d,"p50":%.0f,"p95":%.0f,"p99":%.0f}\n',
+    summary.requests, summary.duration, a, b, c,
+    e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+_WRK_GET = r"""
 local threads = {}
 local reqs = {}
 local i = 0
+counted = 1
 n2xx, n304, nother = 0, 0, 0
 
 function setup(thread)
@@ -363,39 +456,48 @@ function response(status, headers, body)
   elseif status >= 200 and status < 300 then n2xx = n2xx + 1
   else nother = nother + 1 end
 end
+"""
 
-function done(summary, latency, requests)
-  local a, b, c = 0, 0, 0
-  for _, t in ipairs(threads) do
-    a = a + t:get("n2xx"); b = b + t:get("n304"); c = c + t:get("nother")
-  end
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%d,"duration_us":%d,"ok":%d,"not_modified":%d,"other":%d,' ..
-    '"socket_errors":%d,"p50":%.0f,"p95":%.0f,"p99":%.0f}\n',
-    summary.requests, summary.duration, a, b, c,
-    e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+# No response() callback for POSTs: it would make wrk parse every header into Lua; wrk's own
+# error count (status >= 400) tells failures from 2xx.
+_WRK_POST = r"""
+local threads = {}
+local n = 0
+counted = 0
+
+function setup(thread)
+  table.insert(threads, thread)
+  thread:set("gen", #threads - 1)
+end
+
+function request()
+  n = n + 1
+  local body = prefix .. string.format("%s%02d%010d", tag, gen, n) .. suffix
+  return wrk.format("POST", path, headers, body)
 end
 """
 
 
-def wrk_script(specs: Sequence[RequestSpec]) -> str:
-    """A wrk Lua script sending ``specs`` round-robin and printing counts as one JSON line.
-
-    wrk counts only >= 400 as errors, so 2xx and 304 are counted here via ``response``.
-    """
+def wrk_script(load: Load) -> str:
+    """A wrk Lua script for ``load`` that prints its counts as one JSON line."""
+    if isinstance(load, PostOrders):
+        hdrs = ", ".join(f"[{_lua_str(k)}] = {_lua_str(v)}" for k, v in load.headers)
+        return (
+            f"path = {_lua_str(load.path)}\nheaders = {{{hdrs}}}\n"
+            f"prefix = {_lua_str(load.body_prefix)}\nsuffix = {_lua_str(load.body_suffix)}\n"
+            f"tag = {_lua_str(load.tag)}\n" + _WRK_POST + _WRK_DONE
+        )
     rows = []
-    for spec in specs:
+    for spec in load:
         path, extra = (spec, {}) if isinstance(spec, str) else spec
         hdrs = ", ".join(f"[{_lua_str(k)}] = {_lua_str(v)}" for k, v in extra.items())
         rows.append(f"  {{{_lua_str(path)}, {{{hdrs}}}}},")
-    return "local specs = {\n" + "\n".join(rows) + "\n}\n" + _WRK_LUA
+    return "local specs = {\n" + "\n".join(rows) + "\n}\n" + _WRK_GET + _WRK_DONE
 
 
 def run_wrk(
     url: str,
-    specs: Sequence[RequestSpec],
+    load: Load,
     *,
     connections: int = 64,
     duration: float = 10.0,
@@ -403,33 +505,44 @@ def run_wrk(
     threads: int = 1,
     watch: Mapping[str, int] | None = None,
 ) -> LoadResult:
-    """Run Debian's ``wrk`` (warm-up run, then the measured run) with a round-robin script."""
+    """Run Debian's ``wrk``: a warm-up run, then the measured run."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
     watch = dict(watch or {})
     threads = max(1, min(threads, connections))
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(wrk_script(specs))
-        script = f.name
+    target = url.rstrip("/")
+    if isinstance(load, PostOrders):
+        target += load.path
+    scripts: list[str] = []
+
+    def wrk_run(seconds: float, run_load: Load) -> subprocess.Popen[str]:
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+            f.write(wrk_script(run_load))
+            scripts.append(f.name)
+        cmd = [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s"]
+        return subprocess.Popen(
+            [*cmd, "--timeout", "5s", "-s", scripts[-1], target], stdout=subprocess.PIPE, text=True
+        )
+
     try:
-
-        def wrk_run(seconds: float) -> subprocess.Popen[str]:
-            cmd = [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s"]
-            return subprocess.Popen(
-                [*cmd, "--timeout", "5s", "-s", script, url], stdout=subprocess.PIPE, text=True
-            )
-
         if warmup > 0:
-            wrk_run(max(1.0, round(warmup))).communicate()
-        proc = wrk_run(max(1.0, round(duration)))
+            warm = load
+            if isinstance(load, PostOrders):  # other ids than the measured run's
+                warm = PostOrders(
+                    load.path, load.headers, load.body_prefix, load.body_suffix, load.tag + "w"
+                )
+            wrk_run(max(1.0, round(warmup)), warm).communicate()
+        seconds = max(1.0, round(duration))
+        proc = wrk_run(seconds, load)
         pids = [*watch.values(), proc.pid]
-        c0, m0, w0 = _cpu_seconds(pids), psutil.cpu_times(percpu=True), time.perf_counter()
-        time.sleep(0.98 * max(1.0, round(duration)))  # wrk's own window; ends just before
-        c1, m1, window = _cpu_seconds(pids), psutil.cpu_times(percpu=True), time.perf_counter() - w0
+        c0, m0, w0 = cpu_seconds(pids), psutil.cpu_times(percpu=True), time.perf_counter()
+        time.sleep(0.98 * seconds)  # wrk's own window; ends just before
+        c1, m1, window = cpu_seconds(pids), psutil.cpu_times(percpu=True), time.perf_counter() - w0
         out, _ = proc.communicate()
     finally:
-        os.unlink(script)
+        for script in scripts:
+            os.unlink(script)
     m = re.search(r"^WRKJSON (.*)$", out, re.M)
     if proc.returncode != 0 or m is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}):\n{out}")
@@ -437,7 +550,7 @@ def run_wrk(
     seconds = d["duration_us"] / 1e6
     return LoadResult(
         generator="wrk",
-        url=url,
+        url=target,
         connections=connections,
         processes=threads,
         seconds=seconds,
@@ -452,26 +565,26 @@ def run_wrk(
         p99_ms=d["p99"] / 1000,
         generator_cpu=(c1[proc.pid] - c0[proc.pid]) / window,
         watched_cpu={name: (c1[pid] - c0[pid]) / window for name, pid in watch.items()},
-        cpu_busy=_busy(m0, m1),
+        cpu_busy=busy(m0, m1),
     )
 
 
 def run_load(
     url: str,
-    specs: Sequence[RequestSpec],
+    load: Load,
     *,
-    generator: str = "builtin",
+    generator: str = "wrk",
     connections: int = 64,
     duration: float = 10.0,
     warmup: float = 2.0,
     processes: int = 1,
     watch: Mapping[str, int] | None = None,
 ) -> LoadResult:
-    """One measured run with the chosen generator (``builtin`` or ``wrk``)."""
+    """One measured closed-loop run with the chosen generator (``wrk`` or ``builtin``)."""
     if generator == "wrk":
         return run_wrk(
             url,
-            specs,
+            load,
             connections=connections,
             duration=duration,
             warmup=warmup,
@@ -480,66 +593,13 @@ def run_load(
         )
     return run_builtin(
         url,
-        specs,
+        load,
         connections=connections,
         duration=duration,
         warmup=warmup,
         processes=processes,
         watch=watch,
     )
-
-
-class HttpClient:
-    """A minimal keep-alive HTTP/1.1 client for setup work (admitting orders, reading ETags)."""
-
-    def __init__(self, url: str) -> None:
-        self.host, self.port = _split_url(url)
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        headers: Mapping[str, str] | None = None,
-        body: bytes = b"",
-    ) -> tuple[int, dict[str, str], bytes]:
-        """Status, headers (lower-case names) and body; reconnects once if the peer closed."""
-        for attempt in (0, 1):
-            if self._writer is None:
-                self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-            assert self._reader is not None
-            lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
-            lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-            if body or method in ("POST", "PUT"):
-                lines.append(f"Content-Length: {len(body)}")
-            self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-            try:
-                head = await self._reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                await self.close()
-                if attempt:
-                    raise
-                continue
-            status_line, *header_lines = head.decode("latin-1").split("\r\n")
-            hdrs = {}
-            for line in header_lines:
-                if ":" in line:
-                    k, v = line.split(":", 1)
-                    hdrs[k.strip().lower()] = v.strip()
-            status = int(status_line.split()[1])
-            length = int(hdrs.get("content-length", "0"))
-            data = await self._reader.readexactly(length) if length else b""
-            if hdrs.get("connection", "").lower() == "close":
-                await self.close()
-            return status, hdrs, data
-        raise AssertionError("unreachable")
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._reader = None
 
 
 def format_result(r: LoadResult) -> str:
@@ -551,49 +611,3 @@ def format_result(r: LoadResult) -> str:
         f"2xx {r.ok}, 304 {r.not_modified}, other {r.other}, socket errors {r.socket_errors}; "
         f"generator cpu {r.generator_cpu:.0%}{watched}"
     )
-
-
-def _load_specs(path: str) -> list[RequestSpec]:
-    """A JSON list of paths or of {"path": ..., "headers": {...}} objects."""
-    with open(path) as f:
-        raw = json.load(f)
-    return [x if isinstance(x, str) else (x["path"], x.get("headers", {})) for x in raw]
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("url", help="http://host:port")
-    p.add_argument("--path", action="append", default=[], help="a path to GET (repeatable)")
-    p.add_argument("--paths-file", help="JSON list of paths or {path, headers} objects")
-    p.add_argument("-c", "--connections", type=int, default=64)
-    p.add_argument("-d", "--duration", type=float, default=10.0, help="measured seconds")
-    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
-    p.add_argument("-p", "--processes", type=int, default=1, help="generator processes/threads")
-    p.add_argument("--generator", choices=["builtin", "wrk"], default="builtin")
-    p.add_argument("--watch-pid", type=int, action="append", default=[], help="report its CPU")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = p.parse_args(argv)
-    specs: list[RequestSpec] = list(args.path)
-    if args.paths_file:
-        specs += _load_specs(args.paths_file)
-    if not specs:
-        p.error("give --path or --paths-file")
-    result = run_load(
-        args.url,
-        specs,
-        generator=args.generator,
-        connections=args.connections,
-        duration=args.duration,
-        warmup=args.warmup,
-        processes=args.processes,
-        watch={f"pid {pid}": pid for pid in args.watch_pid},
-    )
-    if args.json:
-        print(json.dumps({**asdict(result), "error_share": result.error_share}, indent=2))
-    else:
-        print(format_result(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,108 @@
+"""(d): how fast ordergate's workers drain the buffer, against a raw COPY of the same rows.
+
+Both run as a child process on the server CPU (``python -m loadtests.bench_drain copy|drain``,
+settings from the ``ORDERGATE_*`` environment), against the same Valkey and PostgreSQL:
+
+* ``copy`` reads every entry of the buffer (untimed), turns each into exactly the row the
+  workers write (``workers.persist.row_of``), and times ``COPY`` of those rows into ``orders``
+  (the partitioned table), one transaction per ``batch_size`` rows, as the drain commits, and
+  then once more as one single COPY; then it empties the table again.
+* ``drain`` times one worker in burst mode (``run_worker(burst=True)``): take in queue order,
+  one Postgres transaction per batch, settle in Redis, until the buffer is empty and settled.
+
+Each prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from buffer.connection import create_redis
+from buffer.keys import Keys
+from buffer.message import OrderMessage, decode_entry
+from ordergate.settings import Settings
+
+
+async def buffered_messages(s: Settings) -> list[OrderMessage]:
+    """Every entry in the buffer's streams, in queue order."""
+    redis = create_redis(s.redis_url or "", socket_timeout=60)
+    keys = Keys(s.key_prefix)
+    out: list[OrderMessage] = []
+    try:
+        for shard in range(s.shards):
+            entries: list[Any] = await redis.xrange(keys.stream(shard)) or []
+            for eid, fields in entries:
+                out.append(decode_entry(shard, eid, fields))
+    finally:
+        await redis.aclose()
+    out.sort(key=lambda m: m.seq)
+    return out
+
+
+async def time_copy(s: Settings) -> dict[str, Any]:
+    import asyncpg
+
+    from workers.persist import COPY_COLUMNS, row_of
+
+    messages = await buffered_messages(s)
+    rows = [row_of(m) for m in messages]
+    conn = await asyncpg.connect(s.database_url or "")
+    try:
+        await conn.execute("TRUNCATE orders")
+        t0 = time.perf_counter()
+        for start in range(0, len(rows), s.batch_size):
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "orders", records=rows[start : start + s.batch_size], columns=COPY_COLUMNS
+                )
+        batched = time.perf_counter() - t0
+        await conn.execute("TRUNCATE orders")
+        t0 = time.perf_counter()
+        await conn.copy_records_to_table("orders", records=rows, columns=COPY_COLUMNS)
+        single = time.perf_counter() - t0
+        await conn.execute("TRUNCATE orders")
+    finally:
+        await conn.close()
+    return {
+        "rows": len(rows),
+        "batch_size": s.batch_size,
+        "batched_seconds": batched,
+        "batched_rate": len(rows) / batched if batched else 0.0,
+        "single_seconds": single,
+        "single_rate": len(rows) / single if single else 0.0,
+    }
+
+
+async def time_drain(s: Settings) -> dict[str, Any]:
+    from workers.runner import run_worker
+
+    t0 = time.perf_counter()
+    stats = await run_worker(s, 0, burst=True)
+    seconds = time.perf_counter() - t0
+    return {
+        "committed": stats.committed,
+        "rejected": stats.rejected,
+        "dead_lettered": stats.dead_lettered,
+        "batches": stats.batches,
+        "seconds": seconds,
+        "rate": stats.committed / seconds if seconds else 0.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvloop
+
+    p = argparse.ArgumentParser(description="Time the drain or a raw COPY (loadtests/bench.py).")
+    p.add_argument("what", choices=["copy", "drain"])
+    args = p.parse_args(argv)
+    s = Settings.load()
+    result = uvloop.run(time_copy(s) if args.what == "copy" else time_drain(s))
+    print("DRAINJSON " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The benchmark's own parts that can be checked in milliseconds (the benchmark is not a test)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from array import array
+from pathlib import Path
+
+from buffer.order import ORDER_DECODER
+from loadtests.bench_load import ResponseParser, request_maker, wrk_script
+from loadtests.bench_openloop import ERROR_CODE, TIMEOUT_CODE, _summarize
+from loadtests.bench_setup import post_orders
+
+BENCH = Path(__file__).resolve().parents[2] / "loadtests" / "bench.py"
+
+
+def test_help_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--quick" in out.stdout
+
+
+def test_posted_orders_are_valid_and_unique() -> None:
+    load = post_orders("og_key", "t1-")
+    seen = set()
+    for generator in (0, 1):
+        make = request_maker("127.0.0.1", 8000, load, generator)
+        for n in (1, 2, 10**9):
+            raw = make(n)
+            head, body = raw.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"POST /v1/orders HTTP/1.1")
+            assert b"Authorization: Bearer og_key" in head
+            assert f"Content-Length: {len(body)}".encode() in head
+            seen.add(ORDER_DECODER.decode(body).storefront_order_id)
+    assert len(seen) == 6
+
+
+def test_wrk_script_builds_the_same_bodies() -> None:
+    script = wrk_script(post_orders("og_key", "t2-"))
+    assert 'tag = "t2-"' in script
+    assert 'string.format("%s%02d%010d", tag, gen, n)' in script
+
+
+def test_response_parser_frames_by_length() -> None:
+    parser = ResponseParser()
+    assert parser.feed(b"HTTP/1.1 202 Accepted\r\ncontent-length: 4\r\n\r\nab") == 0
+    assert parser.feed(b"cd") == 202
+    assert parser.feed(b"HTTP/1.1 304 Not Modified\r\netag: x\r\n\r\n") == 304
+
+
+def test_open_loop_counts_timeouts_as_infinitely_slow() -> None:
+    results = array("q", [1000] * 96 + [TIMEOUT_CODE, TIMEOUT_CODE, ERROR_CODE, 3_000_000])
+    status = array("h", [202] * 96 + [0, 0, 0, 202])
+    part = {
+        "results": results.tobytes(),
+        "status": status.tobytes(),
+        "sent": 100,
+        "late": array("q", [0]).tobytes(),
+        "max_used": 3,
+        "cpu": 0.1,
+    }
+    r = _summarize("http://x", 100.0, 0.0, 1.0, 2.0, [part])
+    assert (r.scheduled, r.ok, r.timeouts, r.socket_errors) == (100, 96, 3, 1)
+    assert r.error_share == 0.04
+    assert r.p50_ms == 1.0
+    assert math.isinf(r.p99_ms)
