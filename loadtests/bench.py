@@ -243,7 +243,8 @@ class Bench:
         drained = self._drain_child("drain", s, profile=self.args.profile)
         print(
             f"  drain: {drained['committed']:,} committed in {drained['seconds']:.2f} s = "
-            f"{drained['rate']:,.0f} orders/s ({drained['batches']} batches)",
+            f"{drained['rate']:,.0f} orders/s ({drained['batches']} batches; with the "
+            f"worker's start {drained['wall_seconds']:.2f} s = {drained['wall_rate']:,.0f}/s)",
             flush=True,
         )
         return {"filled": fill.ok, "copy": copy, "drain": drained}
@@ -254,7 +255,8 @@ class Bench:
             spy = shutil.which("py-spy")
             if spy:
                 out = Path(profile) / f"{what}.txt"
-                cmd = [spy, "record", "-r", "200", "-f", "raw", "-o", str(out), "--", *cmd]
+                cmd = [spy, "record", "-r", "200", "-f", "raw", "--nonblocking", "-o", str(out)]
+                cmd += ["--", sys.executable, "-m", "loadtests.bench_drain", what]
         log = self.tmp / f"drain-{what}.log"
         proc = spawn(cmd, self.env, log, self.place, True)
         proc.wait()
@@ -300,7 +302,7 @@ class Bench:
             post_orders(key, self.next_tag("o")),
             rate=rate,
             duration=seconds,
-            warmup=self.opts.warmup,
+            warmup=self.args.open_warmup,
             timeout=self.args.timeout,
             processes=self.args.open_procs,
             max_connections=self.args.max_connections,
@@ -412,6 +414,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overload-seconds", type=float, help="held this long (30; quick 5)")
     p.add_argument("--c-peak", type=float, help="(c)'s peak req/s when post is not run")
     p.add_argument("--timeout", type=float, default=2.0, help="open-loop client timeout (s)")
+    p.add_argument(
+        "--open-warmup", type=float, help="open-loop ramp from 0 to the rate (5; quick 2)"
+    )
     p.add_argument("--open-procs", type=int, default=1, help="open-loop generator processes")
     p.add_argument("--max-connections", type=int, default=1024, help="open-loop connection cap")
     p.add_argument(
@@ -432,6 +437,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("rounds", 2, 1),
         ("fill", 3.0, 1.0),
         ("overload_seconds", 30.0, 5.0),
+        ("open_warmup", 5.0, 2.0),
     ):
         if getattr(args, name) is None:
             setattr(args, name, short if quick else full)
