@@ -231,7 +231,7 @@ def chart(report: Mapping[str, Any], path: Path) -> None:
         if not r:
             continue
         cap = r["timeout_s"] * 1000
-        ys = [min(p["p99_ms"], cap) if p["p99_ms"] == p["p99_ms"] else cap for p in r["per_second"]]
+        ys = [cap if p["p99_ms"] is None else min(p["p99_ms"], cap) for p in r["per_second"]]
         ax.plot(
             range(1, len(ys) + 1),
             ys,
@@ -241,11 +241,15 @@ def chart(report: Mapping[str, Any], path: Path) -> None:
         )
     at80 = open_loop.get("c_at_80")
     if at80:
-        ax.axhline(
-            min(at80["p99_ms"], at80["timeout_s"] * 1000),
+        cap = at80["timeout_s"] * 1000
+        ys = [cap if p["p99_ms"] is None else min(p["p99_ms"], cap) for p in at80["per_second"]]
+        ax.plot(
+            range(1, len(ys) + 1),
+            ys,
             color="tab:green",
             ls=":",
-            label=f"c at 80 % ({at80['offered_rps']:,.0f}/s), p99",
+            marker=".",
+            label=f"c at 80 % ({at80['offered_rps']:,.0f}/s)",
         )
     ax.axhline(P99_BOUND_MS, color="black", ls="--", lw=0.8, label=f"{P99_BOUND_MS:g} ms")
     ax.set_yscale("log")
