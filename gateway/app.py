@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     handlers[RedisError] = _redis_down
     return Starlette(
         routes=[
-            Route("/v1/orders", orders.create_order, methods=["POST"]),
+            Route("/v1/orders", orders.CreateOrderEndpoint(), methods=["POST"]),
             Route("/v1/orders/{order_id}", orders.get_order, methods=["GET"]),
             Route("/v1/queue/{ticket}", queue.QueueStatusEndpoint(), methods=["GET"]),
             Route("/v1/queue/{ticket}/events", queue.queue_events, methods=["GET"]),

@@ -113,7 +113,23 @@ async def _storefront(state: GatewayState, authorization: str | None, seconds: f
         raise BufferUnavailable("Redis did not answer the API key lookup in time") from None
 
 
-async def create_order(request: Request) -> Response:
+class CreateOrderEndpoint:
+    """POST /v1/orders as a bare ASGI endpoint: the hottest route skips Starlette's per-request
+    wrapper and Response object (errors still reach the app's problem handlers)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        status, body, location = await create_order(Request(scope, receive))
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"location", location.encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def create_order(request: Request) -> tuple[int, bytes, str]:
+    """Admit one order: (202 new | 200 already admitted, the receipt, its status URL)."""
     state: GatewayState = request.app.state.gateway
     settings = state.settings
     # One deadline for the waits on Redis, both: the API key lookup (if not cached), admission.
@@ -182,12 +198,7 @@ async def create_order(request: Request) -> Response:
         wait_url=f"{base}/wait/{ticket}",
     )
     created = admission.outcome is Outcome.ADMITTED
-    return Response(
-        _encoder.encode(receipt),
-        status_code=202 if created else 200,
-        media_type=JSON,
-        headers={"Location": receipt.status_url},
-    )
+    return (202 if created else 200), _encoder.encode(receipt), receipt.status_url
 
 
 async def get_order(request: Request) -> Response:
