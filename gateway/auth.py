@@ -59,15 +59,15 @@ class Authenticator:
     def __init__(self, redis: Any, keys: Keys, cache_s: float = 5.0) -> None:
         self._redis = redis
         self._hash_key = keys.api_keys()
+        # Keyed by the Authorization header itself: a hit needs no hashing.
         self._cache: dict[str, tuple[str | None, float]] = {}
-        self._by_header: dict[str, tuple[str, float]] = {}  # valid keys only: the fast path
         self._lookups: dict[str, asyncio.Future[str | None]] = {}
         self._cache_s = cache_s
 
     def cached(self, authorization: str | None) -> str | None:
         """The storefront when the key is in the cache and valid, else None (look it up). The
         hot path: no hashing, no await, no timeout to arm."""
-        hit = self._by_header.get(authorization) if authorization else None
+        hit = self._cache.get(authorization) if authorization else None
         if hit is not None and hit[1] >= time.monotonic():
             return hit[0]
         return None
@@ -77,31 +77,27 @@ class Authenticator:
             raise Unauthorized(
                 "send 'Authorization: Bearer <api key>'", headers={"WWW-Authenticate": "Bearer"}
             )
-        digest = hash_key(authorization[7:].strip())
         now = time.monotonic()
-        hit = self._cache.get(digest)
+        hit = self._cache.get(authorization)
         if hit is not None and hit[1] >= now:
             storefront = hit[0]
-        elif digest in self._lookups:  # single flight: a burst of one key does one lookup
-            storefront = await asyncio.shield(self._lookups[digest])
+        elif authorization in self._lookups:  # single flight: a burst of one key does one lookup
+            storefront = await asyncio.shield(self._lookups[authorization])
         else:
-            storefront = await self._lookup(digest, now)
+            storefront = await self._lookup(authorization, now)
         if storefront is None:
             raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
-        if len(self._by_header) > 10000:
-            self._by_header.clear()
-        self._by_header[authorization] = (storefront, self._cache[digest][1])
         return storefront
 
-    async def _lookup(self, digest: str, now: float) -> str | None:
+    async def _lookup(self, authorization: str, now: float) -> str | None:
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._lookups[digest] = future
+        self._lookups[authorization] = future
         try:
-            raw = await self._redis.hget(self._hash_key, digest)
+            raw = await self._redis.hget(self._hash_key, hash_key(authorization[7:].strip()))
             storefront = raw.decode() if raw else None
             if len(self._cache) > 10000:
                 self._cache.clear()
-            self._cache[digest] = (storefront, now + (self._cache_s if storefront else 1.0))
+            self._cache[authorization] = (storefront, now + (self._cache_s if storefront else 1.0))
             future.set_result(storefront)
             return storefront
         except asyncio.CancelledError:
@@ -115,4 +111,4 @@ class Authenticator:
             future.exception()  # retrieved: waiters re-raise it, nobody else must
             raise
         finally:
-            del self._lookups[digest]
+            del self._lookups[authorization]
