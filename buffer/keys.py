@@ -77,6 +77,10 @@ class Keys:
         """Stream: one destination's deferred events, replayed in order when it recovers."""
         return f"{self.prefix}:notify:deferred:{storefront_id}"
 
+    def notify_lanes(self) -> str:
+        """Set: storefront ids that have (or had) a deferred stream; read instead of a SCAN."""
+        return f"{self.prefix}:notify:lanes"
+
     def notify_retries(self) -> str:
         """Hash: event id -> failed attempts and the last error of a deferred event."""
         return f"{self.prefix}:notify:retries"

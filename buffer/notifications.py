@@ -121,13 +121,12 @@ class NotificationStreams:
 
     async def lane_lengths(self) -> dict[str, int]:
         """Deferred events per destination (only destinations with some)."""
-        prefix = self.keys.notify_deferred("")
-        out: dict[str, int] = {}
-        async for key in self.redis.scan_iter(match=prefix + "*", count=500):
-            n = int(await self.redis.xlen(key))
-            if n:
-                out[key.decode()[len(prefix) :]] = n
-        return out
+        lanes = sorted(m.decode() for m in await self.redis.smembers(self.keys.notify_lanes()))
+        pipe = self.redis.pipeline(transaction=False)
+        for storefront_id in lanes:
+            pipe.xlen(self.keys.notify_deferred(storefront_id))
+        lengths = await pipe.execute() if lanes else []
+        return {sf: int(n) for sf, n in zip(lanes, lengths, strict=True) if n}
 
     async def defer(self, events: list[Event]) -> None:
         """Move events from ``og:notify`` to their lanes, in the given order."""
@@ -137,6 +136,7 @@ class NotificationStreams:
         pipe = self.redis.pipeline(transaction=True)
         for e in events:
             pipe.xadd(self.keys.notify_deferred(e.storefront_id), {**e.fields(), "dat": now})
+        pipe.sadd(self.keys.notify_lanes(), *{e.storefront_id for e in events})
         pipe.xdel(self.keys.notify(), *(e.entry_id for e in events))
         await pipe.execute()
 
@@ -163,18 +163,15 @@ class NotificationStreams:
         attempts, _ = await pipe.execute()
         return int(attempts)
 
-    async def last_failure(self, event: Event) -> tuple[int, str]:
-        n, e = await self.redis.hmget(
-            self.keys.notify_retries(), f"{event.event_id}:n", f"{event.event_id}:e"
-        )
-        return int(n or 0), (e or b"").decode()
-
     async def bury(self, events: list[Event], error: str) -> None:
         """Move deferred events of one lane to the dead list with the last error."""
         if not events:
             return
         now = _now_us()
-        attempts = [(await self.last_failure(e))[0] for e in events]
+        counts = await self.redis.hmget(
+            self.keys.notify_retries(), [f"{e.event_id}:n" for e in events]
+        )
+        attempts = [int(n or 0) for n in counts]
         pipe = self.redis.pipeline(transaction=True)
         for e, n in zip(events, attempts, strict=True):
             pipe.xadd(

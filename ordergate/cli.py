@@ -430,9 +430,10 @@ def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
         dead = _with_redis(settings, lambda r, k, s: streams(r, k, s).dead(args.limit))
         if args.json:
             print(msgspec.json.encode(dead).decode())
-        elif not dead:
+            return 0
+        if not dead:
             print("no dead notifications")
-        for d in [] if args.json else dead:
+        for d in dead:
             print(
                 f"{d.event.entry_id}  {d.event.event_id}  {d.event.type}  "
                 f"storefront {d.event.storefront_id}  order {d.event.order_id}  "

@@ -93,6 +93,11 @@ class Lane:
             self.inflight += 1
             self.n.spawn(self._direct(event))
 
+    @property
+    def held(self) -> int:
+        """Events this lane holds in memory: in flight, or waiting to be written deferred."""
+        return self.inflight + len(self._to_defer)
+
     def snapshot(self) -> dict[str, Any]:
         b = self.breaker.snapshot()
         return {
@@ -336,7 +341,7 @@ class Notifier:
                 self.lane(event.storefront_id).submit(event)
 
     def _held(self) -> int:
-        return sum(lane.inflight + len(lane._to_defer) for lane in self.lanes.values())
+        return sum(lane.held for lane in self.lanes.values())
 
     async def _keep_lease_and_report(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

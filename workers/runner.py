@@ -61,15 +61,7 @@ async def run_worker(
         if stop.is_set():
             return drainer.stats
         health = asyncio.create_task(_health(redis, keys, drainer.stats, settings, stop))
-        # The notifier has its own connections: slow webhooks must not hold the drain's pool.
-        notify_redis = create_redis(
-            settings.redis_url,
-            socket_timeout=settings.read_block_ms / 1000 + 10,
-            max_connections=32,
-            name=f"ordergate-notifier-{index}",
-        )
-        notifier = Notifier(settings, notify_redis)
-        notifying = None if burst else asyncio.create_task(notifier.run(stop))
+        notifying = None if burst else asyncio.create_task(_notify(settings, index, stop))
         try:
             await drainer.run(stop, burst=burst)
         finally:
@@ -77,7 +69,6 @@ async def run_worker(
             health.cancel()
             tasks = [health] if notifying is None else [health, notifying]
             await asyncio.gather(*tasks, return_exceptions=True)
-            await notify_redis.aclose()
             await _quietly_delete(redis, keys.worker_health(consumer_name))
         stats = drainer.stats
         log.info(
@@ -88,6 +79,22 @@ async def run_worker(
             stats.dead_lettered,
         )
         return stats
+    finally:
+        await redis.aclose()
+
+
+async def _notify(settings: Settings, index: int, stop: asyncio.Event) -> None:
+    """The process's notifier, on connections of its own: slow webhooks must not hold the
+    drain's pool."""
+    assert settings.redis_url
+    redis = create_redis(
+        settings.redis_url,
+        socket_timeout=settings.read_block_ms / 1000 + 10,
+        max_connections=32,
+        name=f"ordergate-notifier-{index}",
+    )
+    try:
+        await Notifier(settings, redis).run(stop)
     finally:
         await redis.aclose()
 
