@@ -34,7 +34,7 @@ def render(o: Overview, console: Console | None = None) -> None:
     )
     console.print(summary)
     if not o.breakers:
-        console.print("circuit breakers: none yet (no webhook deliveries since the notifier led)")
+        console.print("circuit breakers: none reported (the leading notifier reports each second)")
         return
     table = Table(title="circuit breakers")
     table.add_column("breaker", no_wrap=True)
