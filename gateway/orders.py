@@ -9,7 +9,7 @@ import time
 from typing import Any, NoReturn
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from buffer.admission import Outcome
@@ -68,27 +68,32 @@ def _is_json(content_type: str | None) -> bool:
     return media == JSON or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes without reading it all."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
+async def _receive_body(receive: Any, limit: int) -> bytes:
+    """The body straight from ASGI ``receive`` (no Request.stream generator on the hot path)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def base_url(request: Request, state: GatewayState) -> str:
     """Where customers reach this gateway: ``public_url`` if set, else as this request did."""
+    return _base_url(request.scope, state, request.headers.get("host"))
+
+
+def _base_url(scope: Any, state: GatewayState, host: str | None) -> str:
     if state.settings.public_url:
         return state.settings.public_url.rstrip("/")
-    host = request.headers.get("host") or "{}:{}".format(*request.scope["server"])
-    return f"{request.scope['scheme']}://{host}"
+    return f"{scope['scheme']}://{host or '{}:{}'.format(*scope['server'])}"
 
 
 def _refuse_full(drain: DrainState | None, bound: int) -> NoReturn:
@@ -114,11 +119,27 @@ async def _storefront(state: GatewayState, authorization: str | None, seconds: f
 
 
 class CreateOrderEndpoint:
-    """POST /v1/orders as a bare ASGI endpoint: the hottest route skips Starlette's per-request
-    wrapper and Response object (errors still reach the app's problem handlers)."""
+    """POST /v1/orders as a bare ASGI endpoint, the hottest route: no Starlette middleware,
+    routing, Request or Response object on the way (``GatewayApp`` dispatches here first). Errors
+    still become problem+json through the app's own exception handlers."""
+
+    def __init__(self, handlers: dict[Any, Any]) -> None:
+        self._handlers = handlers
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        status, body, location = await create_order(Request(scope, receive))
+        try:
+            status, body, location = await create_order(scope, receive)
+        except ClientDisconnect:
+            return  # nobody to answer; an order admitted meanwhile is found again by its retry
+        except Exception as exc:  # noqa: BLE001 - every error is answered as problem+json
+            handler = next(
+                (self._handlers[c] for c in type(exc).__mro__ if c in self._handlers), None
+            )
+            if handler is None:
+                raise
+            response = await handler(Request(scope, receive), exc)
+            await response(scope, receive, send)
+            return
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -128,20 +149,28 @@ class CreateOrderEndpoint:
         await send({"type": "http.response.body", "body": body})
 
 
-async def create_order(request: Request) -> tuple[int, bytes, str]:
+async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
     """Admit one order: (202 new | 200 already admitted, the receipt, its status URL)."""
-    state: GatewayState = request.app.state.gateway
+    state: GatewayState = scope["app"].state.gateway
     settings = state.settings
+    headers: dict[bytes, bytes] = dict(scope["headers"])  # one pass; names arrive lower-case
     # One deadline for the waits on Redis, both: the API key lookup (if not cached), admission.
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = settings.admission_timeout_ms / 1000
-    storefront = await _storefront(state, request.headers.get("authorization"), deadline)
+    authorization = headers.get(b"authorization")
+    storefront = await _storefront(
+        state, authorization.decode("latin-1") if authorization else None, deadline
+    )
     deadline -= loop.time() - started
-    if not _is_json(request.headers.get("content-type")):
+    content_type = headers.get(b"content-type")
+    if not _is_json(content_type.decode("latin-1") if content_type else None):
         raise UnsupportedMediaType("send the order as 'Content-Type: application/json'")
-    body = await read_body(request, settings.max_body_bytes)
-    order = parse_order(body)
+    limit = settings.max_body_bytes
+    length = headers.get(b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the body is {length.decode()} bytes; the limit is {limit}")
+    order = parse_order(await _receive_body(receive, limit))
 
     bound = settings.max_buffered
     followed = state.drain_view.current()
@@ -184,7 +213,8 @@ async def create_order(request: Request) -> tuple[int, bytes, str]:
     ticket = await state.tickets.issue(
         order_id, admission.seq, admission.ahead, admission.accepted_at_us
     )
-    base = base_url(request, state)
+    host = headers.get(b"host")
+    base = _base_url(scope, state, host.decode("latin-1") if host else None)
     receipt = Receipt(
         order_id=order_id,
         status="queued",

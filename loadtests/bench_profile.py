@@ -24,7 +24,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("validation (gateway/validation.py)", ("gateway/validation.py",)),
     ("API key lookup (gateway/auth.py)", ("gateway/auth.py",)),
     ("ticket (gateway/tickets.py)", ("gateway/tickets.py",)),
-    ("request body (read_body)", ("read_body", "Request.stream", "RequestResponseCycle.receive")),
+    (
+        "request body (_receive_body)",
+        ("_receive_body", "Request.stream", "RequestResponseCycle.receive"),
+    ),
     ("create_order itself (receipt, hashing, checks)", ("gateway/orders.py",)),
     ("baseline handler (decode, 202)", ("loadtests/bench_apps.py",)),
     ("drain: take, settle (buffer/consumer.py)", ("buffer/consumer.py",)),

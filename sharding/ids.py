@@ -6,6 +6,7 @@ time + 80 random bits, Crockford base32), so ids sort by admission time within a
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 
@@ -13,19 +14,24 @@ _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _PREFIX = "ord_"
 
 
-def _b32(value: int, length: int) -> str:
-    out = []
-    for _ in range(length):
-        out.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+# RFC 4648 base32hex has Crockford's order (digits, then letters); only the letters differ.
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUV", _CROCKFORD[10:].encode())
+
+
+def _b32_128(value: int) -> str:
+    """A 128-bit value as 26 Crockford digits, most significant first. 26 digits are 130 bits:
+    shifted left by 6 into 17 bytes, the value's digits are the first 26 of its base32hex
+    encoding (C speed; a Python loop over the digits was 7 % of a POST's CPU)."""
+    return (
+        base64.b32hexencode((value << 6).to_bytes(17, "big"))[:26].translate(_TO_CROCKFORD).decode()
+    )
 
 
 def new_order_id(shard: int, now_ms: int | None = None) -> str:
     """A fresh, unguessable, time-sortable order id for ``shard``."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     value = (ms & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
-    return f"{_PREFIX}{shard}_{_b32(value, 26)}"
+    return f"{_PREFIX}{shard}_{_b32_128(value)}"
 
 
 def shard_of_order_id(order_id: str, shards: int) -> int | None:

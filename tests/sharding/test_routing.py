@@ -41,5 +41,16 @@ def test_order_ids_carry_their_shard() -> None:
     assert a < b  # time-sortable within a shard
 
 
+def test_order_id_suffix_is_crockford_base32_of_time_and_randomness() -> None:
+    crockford = "0123456789abcdefghjkmnpqrstvwxyz"
+    for now_ms in (0, 1, 1_764_000_000_123, (1 << 48) - 1):
+        suffix = new_order_id(2, now_ms=now_ms).split("_")[2]
+        value = 0
+        for char in suffix:
+            value = value * 32 + crockford.index(char)
+        assert value < 1 << 128
+        assert value >> 80 == now_ms  # the top 48 bits are the admission millisecond
+
+
 def test_shards_are_aligned_to_partitions() -> None:
     assert partition_table(5) == "orders_p5"
