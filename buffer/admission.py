@@ -2,8 +2,15 @@
 
 Concurrent requests are gathered into one batch; a batch is one pipeline, one round trip: one
 ``admit.lua`` call per shard carrying all of that shard's orders as arguments, then one
-durability barrier (``WAITAOF`` for fsync, ``WAIT`` for replica). A caller's future resolves
-only after the barrier confirmed the write, so a 202 always means durable.
+durability barrier (``WAITAOF`` for fsync, ``WAIT`` for replica, ``CONFIG GET`` of the AOF
+policy for aof-always). A caller's future resolves only after the barrier confirmed the write,
+so a 202 always means durable.
+
+``aof-always`` rests on how Redis and Valkey run ``appendfsync always``: the AOF is written and
+fsync'd before any reply of the same event-loop cycle goes out, so the admission script's reply
+itself means durable (and any reply revealing the write, such as a twin's duplicate receipt,
+goes out after that fsync too: no lease is needed). The policy is read in every batch's
+pipeline, so a server not running it (or switched away from it) gives no receipt.
 
 Until that confirmation, the idempotency record holds a lease (``pending_until``): a twin that
 arrives meanwhile gets ``INFLIGHT`` (409) instead of a receipt for a write that might still be
@@ -94,7 +101,7 @@ class Admitter:
         self._flushes: set[asyncio.Task[None]] = set()
         self._last_stream_repair = 0.0
         self.stats = _Stats()
-        self._lease = 0 if config.durability == "none" else config.lease_ms
+        self._lease = 0 if config.durability in ("none", "aof-always") else config.lease_ms
 
     async def start(self) -> None:
         try:
@@ -280,11 +287,16 @@ class Admitter:
         if self._config.durability == "replica":
             pipe.execute_command("WAIT", 1, timeout)
             return True
+        if self._config.durability == "aof-always":
+            pipe.execute_command("CONFIG", "GET", "appendonly", "appendfsync")
+            return True
         return False
 
     def _check_barrier(self, result: Any) -> Exception | None:
         if isinstance(result, Exception):
             return NotDurable(f"durability barrier failed: {result}")
+        if self._config.durability == "aof-always":
+            return _check_aof_always(result)
         if self._config.durability == "fsync":
             numlocal = int(result[0])
             if numlocal < 1:
@@ -327,6 +339,28 @@ def _expire(req: _Request) -> None:
     req.abandoned = True
     if not req.future.done():
         req.future.set_exception(BufferUnavailable("the buffer did not confirm the order in time"))
+
+
+def _check_aof_always(reply: Any) -> Exception | None:
+    """``CONFIG GET appendonly appendfsync`` (flat list or dict) must say yes and always."""
+    if isinstance(reply, dict):
+        items = list(reply.items())
+    else:
+        flat = list(reply or [])
+        items = list(zip(flat[::2], flat[1::2], strict=True))
+    config = {
+        (k.decode() if isinstance(k, bytes) else str(k)): (
+            v.decode() if isinstance(v, bytes) else str(v)
+        )
+        for k, v in items
+    }
+    if config.get("appendonly") == "yes" and config.get("appendfsync") == "always":
+        return None
+    return NotDurable(
+        "durability aof-always needs the Redis server to run appendonly yes and appendfsync"
+        f" always; it runs appendonly {config.get('appendonly', '?')}, appendfsync"
+        f" {config.get('appendfsync', '?')}"
+    )
 
 
 def _decode(reply: list[Any]) -> Admission:

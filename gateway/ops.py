@@ -1,6 +1,6 @@
 """GET /v1/ops/status: the operators' overview as JSON (what ``ordergate status`` prints).
 
-When ``ops_token`` is set the endpoint wants ``Authorization: Bearer <ops_token>``; without one
+When ``admin_token`` is set the endpoint wants ``Authorization: Bearer <admin_token>``; without one
 it is open, like a metrics endpoint, and belongs on an internal network."""
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ from gateway.state import GatewayState
 _encoder = msgspec.json.Encoder()
 
 
-async def status(request: Request) -> Response:
+def require_admin(request: Request) -> GatewayState:
+    """The gateway's state, once the request carries the admin token (when one is set)."""
     state: GatewayState = request.app.state.gateway
-    token = state.settings.ops_token
+    token = state.settings.admin_token
     if token is not None:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
-            raise Unauthorized("this endpoint needs Authorization: Bearer <ops_token>")
+            raise Unauthorized("this endpoint needs Authorization: Bearer <admin_token>")
+    return state
+
+
+async def status(request: Request) -> Response:
+    state = require_admin(request)
     try:
         overview = await read_overview(state.redis, state.keys, state.settings.shards)
     except (RedisError, OSError) as exc:

@@ -12,7 +12,8 @@ Valkey, PostgreSQL, workers) on the others:
   (a) a plain Starlette ``POST /v1/orders`` that only decodes the order with msgspec;
   (b) a naive endpoint: one INSERT per order through an asyncpg pool, durable commit;
   (f) Starlette + arq: one ``enqueue_job`` per order;
-  (c) ordergate's ``POST /v1/orders`` (fsync durability: WAITAOF);
+  (c) ordergate's ``POST /v1/orders``, durability ``aof-always``: like (f), durable by the
+      server's appendfsync always (``--set durability=fsync`` adds a WAITAOF barrier per batch);
   then (c) open loop at 80 % of its closed-loop peak, and an overload run: a fixed rate above
   what (b) sustains, offered open-loop to (b) and then to (c).
 
@@ -467,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 "log_level": "warning",
                 "workers": 1,
                 "max_buffered": 100_000_000,
+                "durability": "aof-always",  # as (f): the server's appendfsync always
             }
             | dict(item.split("=", 1) for item in args.set),
             environ={},
@@ -486,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             arq_valkey.stop()
     report = bench.report
+    report["durability"] = settings.durability
     report["seconds"] = time.monotonic() - started
     out = Path(args.out)
     json_path = Path(args.json) if args.json else out / "bench.json"

@@ -96,7 +96,8 @@ def print_summary(report: Mapping[str, Any]) -> None:
     print(
         f"cpus: {report['cpus']}; server under test on {report['server_cpus'] or 'any'}, "
         f"generator/Valkey/Postgres/workers on {report['other_cpus'] or 'any'}; "
-        f"{report.get('processes', 1)} uvicorn process(es) per server"
+        f"{report.get('processes', 1)} uvicorn process(es) per server; (c) with durability"
+        f" {report.get('durability', 'fsync')}"
     )
     post = report.get("post")
     if post:

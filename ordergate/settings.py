@@ -18,7 +18,7 @@ from ordergate.errors import ConfigError
 
 ENV_PREFIX = "ORDERGATE_"
 
-Durability = Literal["fsync", "replica", "none"]
+Durability = Literal["fsync", "aof-always", "replica", "none"]
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -78,7 +78,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     notify_backoff_max_s: float = 60.0
     notify_give_up_s: float = 24 * 3600.0
     notify_max_held: int = 10_000
-    ops_token: str | None = None
+    admin_token: str | None = None
 
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

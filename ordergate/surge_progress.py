@@ -62,8 +62,8 @@ def read_history(path: Path) -> LocustFigures:
 class OpsProbe:
     """``GET /v1/ops/status`` of the target gateway, remembering the deepest buffer it saw."""
 
-    def __init__(self, url: str, ops_token: str | None) -> None:
-        headers = {"Authorization": f"Bearer {ops_token}"} if ops_token else {}
+    def __init__(self, url: str, admin_token: str | None) -> None:
+        headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
         self._http = httpx.Client(base_url=url, timeout=2.0, headers=headers)
         self.peak_depth = 0
         self.error = ""  # why the last read failed ("" when it did not)
@@ -77,7 +77,7 @@ class OpsProbe:
         if resp.status_code != 200:
             self.error = f"HTTP {resp.status_code} from /v1/ops/status"
             if resp.status_code == 401:
-                self.error += " (set ORDERGATE_OPS_TOKEN)"
+                self.error += " (set ORDERGATE_ADMIN_TOKEN)"
             return None
         try:
             doc: dict[str, Any] = resp.json()

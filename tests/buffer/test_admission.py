@@ -16,9 +16,10 @@ import pytest
 
 from buffer.admission import AdmissionConfig, Admitter, Outcome
 from buffer.connection import create_redis
-from buffer.errors import BufferUnavailable
+from buffer.errors import BufferUnavailable, NotDurable
 from buffer.keys import Keys
 from buffer.message import admission_args
+from buffer.streams import ensure_streams
 from sharding import new_order_id, shard_for
 from tests.conftest import eventually, make_settings, worker_running
 from tests.faults import (
@@ -94,14 +95,18 @@ async def private_valkey(tmp_path: Path) -> AsyncIterator[PrivateValkey]:
         yield valkey
 
 
+@pytest.mark.parametrize("durability", ["fsync", "aof-always"])
 async def test_acknowledged_orders_survive_kill_9_of_valkey_under_load(
-    private_valkey, app_factory, servers, pg
+    private_valkey, app_factory, servers, pg, durability
 ) -> None:
     """Injects: SIGKILL of Valkey while 24 clients post orders and a worker drains, then a
     restart from its append-only file. Audits: every 202 commits exactly once; the orders that
-    got no receipt, retried with the same ids, get one receipt each and create no duplicates."""
+    got no receipt, retried with the same ids, get one receipt each and create no duplicates.
+    Both barriers: WAITAOF, and aof-always's reliance on the server's appendfsync always."""
     valkey = private_valkey
-    settings = make_settings(servers, redis_url=valkey.server.url, inflight_lease_ms=3000)
+    settings = make_settings(
+        servers, redis_url=valkey.server.url, inflight_lease_ms=3000, durability=durability
+    )
     http = await app_factory(settings)
     async with worker_running(settings):
         async with load(http, valkey.api_key, "k") as shots:
@@ -120,7 +125,8 @@ async def test_acknowledged_orders_survive_kill_9_of_valkey_under_load(
         assert {s.status for s in shots if killed < s.sent and s.answered < restarted} <= {503}
         receipts = await retry_until_receipts(http, valkey.api_key, [*shots, down])
         print(
-            f"\nValkey SIGKILLed under load ({accepted(shots, before=killed)} orders taken),"
+            f"\n[{durability}] Valkey SIGKILLed under load"
+            f" ({accepted(shots, before=killed)} orders taken),"
             f" restarted from its AOF in {restarted - killed:.2f} s; a new order had its 202"
             f" {first - restarted:.2f} s later, every order its receipt"
             f" {time.monotonic() - restarted:.2f} s later; {receipts.replayed} retries found"
@@ -129,6 +135,40 @@ async def test_acknowledged_orders_survive_kill_9_of_valkey_under_load(
         await eventually(lambda: committed(pg, len(receipts.by_sfo)))
     await audit(pg, valkey.redis, receipts.by_sfo.values())
     await one_row_per_order(pg, set(receipts.by_sfo))
+
+
+async def test_aof_always_gives_no_receipt_once_the_server_stops_fsyncing_every_write(
+    private_valkey,
+) -> None:
+    """Injects: ``CONFIG SET appendfsync everysec`` on the running server. Audits: with
+    durability aof-always an admission is durable on its reply and carries no lease (a twin gets
+    the receipt at once); after the switch, no order gets a receipt (NotDurable, 503), and once
+    the policy is back, orders are admitted again."""
+    valkey = private_valkey
+    await ensure_streams(valkey.redis, KEYS, 8)
+    config = AdmissionConfig(shards=8, durability="aof-always", timeout_s=5)
+    admitter = Admitter(valkey.redis, KEYS, config)
+    await admitter.start()
+    try:
+        first = await admitter.admit(0, "shop-a", "a-1", _args("a-1", 0))
+        assert first.outcome is Outcome.ADMITTED
+        assert await valkey.redis.hget(KEYS.idem(0, "shop-a", "a-1"), "pending_until") is None
+        twin = await admitter.admit(0, "shop-a", "a-1", _args("a-1", 0))
+        assert twin.outcome is Outcome.DUPLICATE and twin.order_id == first.order_id
+        await valkey.redis.config_set("appendfsync", "everysec")
+        try:
+            with pytest.raises(NotDurable, match="appendfsync everysec"):
+                await admitter.admit(1, "shop-a", "a-2", _args("a-2", 1))
+        finally:
+            await valkey.redis.config_set("appendfsync", "always")
+        # The refused order was written; its retry finds it, and this reply went out after an
+        # always-policy fsync of everything before it: a true receipt.
+        again = await admitter.admit(1, "shop-a", "a-2", _args("a-2", 1))
+        assert again.outcome is Outcome.DUPLICATE
+        other = await admitter.admit(2, "shop-a", "a-3", _args("a-3", 2))
+        assert other.outcome is Outcome.ADMITTED
+    finally:
+        await admitter.close()
 
 
 async def _refusals(redis: Any) -> int:

@@ -229,9 +229,9 @@ async def _dead_count(streams: NotificationStreams, n: int) -> bool:
 async def test_ops_status_endpoint_and_cli_show_breakers(
     app_factory, api_key, servers, redis
 ) -> None:
-    """GET /v1/ops/status (behind ops_token when set) and ``ordergate status --json`` report the
+    """GET /v1/ops/status (behind admin_token when set) and ``ordergate status --json`` report the
     breakers and the notification counts."""
-    settings = fast_breakers(servers, ops_token="ops-secret-123")
+    settings = fast_breakers(servers, admin_token="admin-secret-123")
     client = await app_factory(settings)
     assert (await client.get("/v1/ops/status")).status_code == 401
     async with receiving() as receiver:
@@ -240,7 +240,7 @@ async def test_ops_status_endpoint_and_cli_show_breakers(
         async with worker_running(settings):
             await admit(client, api_key, 12)
             await eventually(lambda: _breaker_is(redis, "open"), timeout=30)
-            r = await client.get("/v1/ops/status", headers=auth("ops-secret-123"))
+            r = await client.get("/v1/ops/status", headers=auth("admin-secret-123"))
             assert r.status_code == 200
             body = r.json()
             assert body["breakers"][0]["name"] == "webhook:shop-a"
