@@ -100,3 +100,11 @@ class Keys:
     def worker_health(self, consumer: str) -> str:
         """A worker's heartbeat, expiring when the worker stops beating."""
         return f"{self.prefix}:worker:{consumer}"
+
+    def history(self) -> str:
+        """List of per-second samples of the buffer (newest first), for the dashboard."""
+        return f"{self.prefix}:history"
+
+    def drain_control(self) -> str:
+        """Hash of the operators' drain controls (paused, rate), read by the leading drainer."""
+        return f"{self.prefix}:drain:control"

@@ -25,6 +25,7 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
+from buffer import history
 from buffer.consumer import Batch, QueueConsumer, Settlement
 from buffer.streams import ensure_streams
 from ordergate.settings import Settings
@@ -293,6 +294,7 @@ class Drainer:
                 self.state == "stalled" and await self._nobody_leads()
             ):
                 await _quietly(self._publish())
+                await _quietly(history.record(self.redis, self.keys, self.settings.shards))
             await sleep_or_stop(stop, self.HEARTBEAT_S)
 
     async def _nobody_leads(self) -> bool:

@@ -1,0 +1,71 @@
+"""The last minutes of the buffer, one sample a second, for the dashboard's charts and rates.
+
+The leading drainer records a sample on each heartbeat (one writer at a time, so samples are
+evenly spaced and survive a gateway restart); readers get ingest and drain rates from the
+differences of consecutive samples: ``issued`` is the admission counter, ``settled`` the drain's
+watermark, so both are exact and never go back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from buffer.keys import Keys
+
+KEEP = 900  # samples kept: 15 minutes at one a second
+
+
+class Sample(msgspec.Struct, frozen=True):
+    t: float  # unix seconds
+    issued: int  # queue numbers handed out so far
+    settled: int  # every queue number <= settled is committed, rejected or dead-lettered
+    depth: list[int]  # per shard: entries in the stream, admitted and not yet settled
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Sample)
+
+
+async def take_sample(redis: Any, keys: Keys, shards: int) -> Sample:
+    pipe = redis.pipeline(transaction=False)
+    pipe.get(keys.seq())
+    pipe.hget(keys.drain(), "w")
+    for shard in range(shards):
+        pipe.xlen(keys.stream(shard))
+    issued, settled, *depth = await pipe.execute()
+    return Sample(time.time(), int(issued or 0), int(settled or 0), [int(d) for d in depth])
+
+
+async def record(redis: Any, keys: Keys, shards: int) -> Sample:
+    """Take a sample and keep it (the newest KEEP)."""
+    sample = await take_sample(redis, keys, shards)
+    pipe = redis.pipeline(transaction=False)
+    pipe.lpush(keys.history(), _encoder.encode(sample))
+    pipe.ltrim(keys.history(), 0, KEEP - 1)
+    await pipe.execute()
+    return sample
+
+
+async def read(redis: Any, keys: Keys, seconds: float = 300) -> list[Sample]:
+    """The samples of the last ``seconds``, oldest first."""
+    raw = await redis.lrange(keys.history(), 0, max(0, int(seconds)))
+    cutoff = time.time() - seconds
+    samples = [_decoder.decode(r) for r in raw]
+    return [s for s in reversed(samples) if s.t >= cutoff]
+
+
+def rates(samples: Sequence[Sample], window_s: float = 10) -> tuple[float | None, float | None]:
+    """(ingest, drain) in orders per second over the last ``window_s`` of ``samples`` (oldest
+    first); None without two samples in the window."""
+    if len(samples) < 2:
+        return None, None
+    last = samples[-1]
+    first = next((s for s in samples if s.t >= last.t - window_s), samples[0])
+    span = last.t - first.t
+    if span <= 0:
+        return None, None
+    return (last.issued - first.issued) / span, (last.settled - first.settled) / span
