@@ -2,7 +2,8 @@
 
 ``ordergate status`` prints it and the gateway serves it as JSON (``GET /v1/ops/status``). Both
 read the same keys, so they cannot disagree: the drain state the leader publishes, the streams'
-lengths, the notifier's breakers and lanes (refreshed every second by the leading notifier).
+lengths and pending entries, the per-second history (rates), the operators' drain controls, the
+notifier's breakers and lanes (refreshed every second by the leading notifier).
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from typing import Any
 
 import msgspec
 
-from buffer.keys import Keys
+from buffer import history
+from buffer.control import DrainControl, from_hash
+from buffer.keys import GROUP, Keys
 from buffer.notifications import NotificationStreams
-from buffer.position import read_drain_state
+from buffer.position import place_in_line, read_drain_state
+
+RATE_WINDOW_S = 10  # ingest and drain rates are averaged over the last this many seconds
 
 
 class Breaker(msgspec.Struct, frozen=True):
@@ -39,6 +44,16 @@ class Drain(msgspec.Struct, frozen=True):
     leader: str
     rate_per_s: float | None
     heard_s_ago: float | None
+    cap_per_s: float | None = None  # the limit the leader applies: drain_rate or the operators'
+
+
+class Shard(msgspec.Struct, frozen=True):
+    """One shard's stream."""
+
+    shard: int
+    depth: int  # entries in the stream: admitted, not yet settled
+    pending: int  # of those, taken by the drain and not yet settled
+    oldest_age_s: float | None  # age of the oldest entry (None: the stream is empty)
 
 
 class Notifications(msgspec.Struct, frozen=True):
@@ -57,16 +72,34 @@ class Overview(msgspec.Struct, frozen=True):
     drain: Drain
     notifications: Notifications
     breakers: list[Breaker]
+    shards: list[Shard] = []
+    ingest_rate: float | None = None  # orders admitted per second, last RATE_WINDOW_S
+    drain_rate: float | None = None  # orders settled per second, last RATE_WINDOW_S
+    eta_tail_s: int | None = None  # until the last order admitted is settled
+    eta_tail_reason: str | None = None  # why there is no ETA, when there is none
+    control: DrainControl = DrainControl()
 
 
-async def read_overview(redis: Any, keys: Keys, shards: int) -> Overview:
+async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.0) -> Overview:
+    """The overview; ``stale_s`` is ``drain_stale_s`` (a leader silent longer has stopped)."""
     now = time.time()
     drain = await read_drain_state(redis, keys)
     pipe = redis.pipeline(transaction=False)
     for shard in range(shards):
         pipe.xlen(keys.deadletters(shard))
     pipe.get(keys.notify_state())
-    *dlq, raw_state = await pipe.execute()
+    pipe.hget(keys.drain(), "cap")
+    pipe.hgetall(keys.drain_control())
+    for shard in range(shards):
+        pipe.xlen(keys.stream(shard))
+        pipe.xpending(keys.stream(shard), GROUP)
+        pipe.xrange(keys.stream(shard), count=1)
+    replies = await pipe.execute(raise_on_error=False)
+    for reply in replies:  # a missing group (NOGROUP) only means nothing is pending there
+        if isinstance(reply, Exception) and "NOGROUP" not in str(reply):
+            raise reply
+    dlq, (raw_state, cap, control) = replies[:shards], replies[shards : shards + 3]
+    streams = replies[shards + 3 :]
     waiting, deferred, dead = await NotificationStreams(redis, keys, shards).counts()
     state: dict[str, Any] = json.loads(raw_state) if raw_state else {}
     breakers = [
@@ -84,6 +117,12 @@ async def read_overview(redis: Any, keys: Keys, shards: int) -> Overview:
         )
         for sf, lane in state.get("lanes", {}).items()
     ]
+    ingest, drained = history.rates(await history.read(redis, keys, 2 * RATE_WINDOW_S))
+    eta: int | None = 0
+    eta_reason: str | None = None
+    if drain.depth:
+        place = place_in_line(drain.issued, drain, stale_s, now)
+        eta, eta_reason = place.eta_seconds, place.eta_reason
     return Overview(
         at=now,
         buffered=drain.depth,
@@ -96,7 +135,28 @@ async def read_overview(redis: Any, keys: Keys, shards: int) -> Overview:
             leader=drain.leader,
             rate_per_s=drain.rate,
             heard_s_ago=round(now - drain.heard_at_us / 1e6, 2) if drain.heard_at_us else None,
+            cap_per_s=float(cap) if cap else None,
         ),
         notifications=Notifications(state.get("leader"), waiting, deferred, dead),
         breakers=breakers,
+        shards=[_shard(shard, streams[3 * shard : 3 * shard + 3], now) for shard in range(shards)],
+        ingest_rate=_round(ingest),
+        drain_rate=_round(drained if drained is not None else drain.rate),
+        eta_tail_s=eta,
+        eta_tail_reason=eta_reason,
+        control=from_hash(control),
     )
+
+
+def _shard(shard: int, replies: list[Any], now: float) -> Shard:
+    depth, pending, first = replies
+    oldest = None
+    if first:  # the oldest entry; its id starts with the unix ms of its admission
+        ms = int(first[0][0].split(b"-", 1)[0])
+        oldest = round(max(0.0, now - ms / 1000), 3)
+    count = pending["pending"] if isinstance(pending, dict) else 0
+    return Shard(shard, int(depth), int(count), oldest)
+
+
+def _round(rate: float | None) -> float | None:
+    return None if rate is None else round(rate, 1)

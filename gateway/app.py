@@ -17,7 +17,7 @@ from buffer.connection import create_redis
 from buffer.errors import BufferUnavailable
 from buffer.keys import Keys
 from buffer.streams import ensure_streams
-from gateway import health, ops, orders, problems, queue, waiting
+from gateway import dashboard, health, metrics, ops, orders, problems, queue, waiting
 from gateway.auth import Authenticator
 from gateway.state import GatewayState
 from gateway.tickets import Tickets
@@ -88,10 +88,14 @@ def create_app(settings: Settings | None = None) -> GatewayApp:
             Route("/v1/orders/{order_id}", orders.get_order, methods=["GET"]),
             Route("/v1/queue/{ticket}", queue.QueueStatusEndpoint(), methods=["GET"]),
             Route("/v1/queue/{ticket}/events", queue.queue_events, methods=["GET"]),
+            Route("/dashboard", dashboard.dashboard_page, methods=["GET"]),
+            Route("/v1/ops/dashboard", dashboard.dashboard_data, methods=["GET"]),
             Route("/wait/{ticket}", waiting.wait_page, methods=["GET"]),
             Route("/healthz", health.healthz, methods=["GET"]),
             Route("/readyz", health.readyz, methods=["GET"]),
             Route("/v1/ops/status", ops.status, methods=["GET"]),
+            Route("/metrics", metrics.metrics, methods=["GET"]),
+            Route("/v1/ops/drain", ops.drain, methods=["POST"]),
             Route("/problems/{name}", problems.describe, methods=["GET"]),
         ],
         exception_handlers=handlers,

@@ -25,6 +25,14 @@ class InvalidOrder(Problem):
     status, type, title = 422, "invalid-order", "The order is invalid"
 
 
+class InvalidDrainCommand(Problem):
+    """The body is not a drain command: ``{"action": "pause" | "resume" | "rate", "rate": N}``,
+    where N (orders per second, 0 = no limit) comes with action rate only. ``errors`` names each
+    bad field by JSON pointer."""
+
+    status, type, title = 400, "invalid-drain-command", "The drain command is invalid"
+
+
 class MalformedJson(Problem):
     status, type, title = 422, "malformed-json", "The body is not valid JSON"
 
@@ -86,6 +94,7 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
     cls.type: cls
     for cls in (
         InvalidOrder,
+        InvalidDrainCommand,
         MalformedJson,
         OrderIdReused,
         OrderInFlight,

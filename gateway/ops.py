@@ -1,22 +1,27 @@
-"""GET /v1/ops/status: the operators' overview as JSON (what ``ordergate status`` prints).
+"""The operators' endpoints: ``GET /v1/ops/status`` (what ``ordergate status`` prints) and
+``POST /v1/ops/drain`` (what ``ordergate drain`` does: pause, resume, rate limit).
 
-When ``admin_token`` is set the endpoint wants ``Authorization: Bearer <admin_token>``; without one
-it is open, like a metrics endpoint, and belongs on an internal network."""
+When ``admin_token`` is set they want ``Authorization: Bearer <admin_token>``; without one they
+are open, like a metrics endpoint, and belong on an internal network."""
 
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 import msgspec
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from buffer.control import check_rate, set_control
 from buffer.overview import read_overview
-from gateway.errors import ServiceUnavailable, Unauthorized
+from gateway.errors import InvalidDrainCommand, ServiceUnavailable, Unauthorized
 from gateway.state import GatewayState
 
 _encoder = msgspec.json.Encoder()
+_HEADERS = {"Cache-Control": "no-store"}
+MAX_COMMAND_BYTES = 4096
 
 
 def require_admin(request: Request) -> GatewayState:
@@ -30,15 +35,70 @@ def require_admin(request: Request) -> GatewayState:
     return state
 
 
+def _redis_down(exc: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable(f"Redis unavailable: {exc}", headers={"Retry-After": "1"})
+
+
 async def status(request: Request) -> Response:
     state = require_admin(request)
+    s = state.settings
     try:
-        overview = await read_overview(state.redis, state.keys, state.settings.shards)
+        overview = await read_overview(state.redis, state.keys, s.shards, s.drain_stale_s)
     except (RedisError, OSError) as exc:
-        detail = f"Redis unavailable: {exc}"
-        raise ServiceUnavailable(detail, headers={"Retry-After": "1"}) from None
-    return Response(
-        _encoder.encode(overview),
-        media_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
+        raise _redis_down(exc) from None
+    return Response(_encoder.encode(overview), media_type="application/json", headers=_HEADERS)
+
+
+async def drain(request: Request) -> Response:
+    """POST /v1/ops/drain: pause, resume or limit the drain; answers the controls now in force."""
+    state = require_admin(request)
+    paused, rate = _command(await request.body())
+    who = f"dashboard@{request.client.host}" if request.client else "dashboard"
+    try:
+        control = await set_control(state.redis, state.keys, paused=paused, rate=rate, by=who)
+    except (RedisError, OSError) as exc:
+        raise _redis_down(exc) from None
+    return Response(_encoder.encode(control), media_type="application/json", headers=_HEADERS)
+
+
+def _command(body: bytes) -> tuple[bool | None, float | None]:
+    """(paused, rate) for set_control, or InvalidDrainCommand naming every bad field."""
+    if len(body) > MAX_COMMAND_BYTES:
+        raise _invalid([("", f"the body is larger than {MAX_COMMAND_BYTES} bytes")])
+    try:
+        doc: Any = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        raise _invalid([("", "the body is not valid JSON")]) from None
+    if not isinstance(doc, dict):
+        raise _invalid([("", "expected an object")])
+    errors = [(f"/{_escape(k)}", "unknown field") for k in doc if k not in ("action", "rate")]
+    action, rate = doc.get("action"), doc.get("rate")
+    if action is None:
+        errors.append(("/action", "required field is missing"))
+    elif action not in ("pause", "resume", "rate"):
+        errors.append(("/action", "expected one of 'pause', 'resume', 'rate'"))
+    if action == "rate":
+        if rate is None:
+            errors.append(("/rate", "required with action 'rate' (0 removes the limit)"))
+        else:
+            try:
+                check_rate(rate)
+            except ValueError as exc:
+                errors.append(("/rate", str(exc)))
+    elif rate is not None and action in ("pause", "resume"):
+        errors.append(("/rate", "only with action 'rate'"))
+    if errors:
+        raise _invalid(errors)
+    if action == "rate":
+        return None, float(rate or 0)
+    return action == "pause", None
+
+
+def _escape(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")  # RFC 6901
+
+
+def _invalid(errors: list[tuple[str, str]]) -> InvalidDrainCommand:
+    listed = [{"pointer": f"#{pointer}", "detail": detail} for pointer, detail in errors]
+    detail = "; ".join(f"{e['pointer']}: {e['detail']}" for e in listed)
+    return InvalidDrainCommand(detail, errors=listed)

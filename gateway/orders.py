@@ -18,6 +18,7 @@ from buffer.message import admission_args
 from buffer.order import ORDER_ENCODER
 from buffer.position import DrainState, seconds_until_room
 from buffer.status import Change, read_status
+from gateway import metrics
 from gateway.errors import (
     BufferFull,
     NotFound,
@@ -127,11 +128,13 @@ class CreateOrderEndpoint:
         self._handlers = handlers
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = time.perf_counter()
         try:
             status, body, location = await create_order(scope, receive)
         except ClientDisconnect:
             return  # nobody to answer; an order admitted meanwhile is found again by its retry
         except Exception as exc:  # noqa: BLE001 - every error is answered as problem+json
+            metrics.count_refusal(exc)
             handler = next(
                 (self._handlers[c] for c in type(exc).__mro__ if c in self._handlers), None
             )
@@ -140,6 +143,8 @@ class CreateOrderEndpoint:
             response = await handler(Request(scope, receive), exc)
             await response(scope, receive, send)
             return
+        metrics.ADMISSION.observe(time.perf_counter() - started)
+        (metrics.ACCEPTED if status == 202 else metrics.DUPLICATE).inc()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

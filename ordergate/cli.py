@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from ordergate import __version__
+from ordergate import __version__, metricsdir
 from ordergate.errors import OrdergateError
 from ordergate.logs import configure as configure_logging
 from ordergate.settings import Settings
@@ -153,7 +153,28 @@ def _parser() -> argparse.ArgumentParser:
 
     st = add("status", "Show the buffer, the drain, notifications and circuit breakers.")
     st.add_argument("--json", action="store_true", help="print the JSON of GET /v1/ops/status")
+    st.add_argument("--watch", action="store_true", help="keep the screen live until Ctrl-C")
+    st.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
     data_dir_opt(st)
+
+    dr = add(
+        "drain",
+        "Pause, resume or rate-limit the drain without a restart; the leading worker follows "
+        "within a second.",
+    )
+    what = dr.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pause", action="store_true", help="take nothing until --resume")
+    what.add_argument("--resume", action="store_true", help="drain again")
+    what.add_argument(
+        "--rate",
+        type=float,
+        metavar="N",
+        help="drain at most N orders per second (0 removes the limit; drain_rate still applies)",
+    )
+    dr.add_argument("--json", action="store_true", help="print the controls as JSON")
+    data_dir_opt(dr)
 
     sg = add(
         "surge",
@@ -244,10 +265,21 @@ def _live_urls(settings: Settings) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    import tempfile
 
     settings = _live_urls(settings)
-    os.environ.update(settings.to_env())  # each uvicorn worker process rebuilds the settings
+    with tempfile.TemporaryDirectory(prefix="ordergate-metrics-") as own:
+        if settings.processes > 1 and not settings.metrics_dir:
+            settings = settings.replace(metrics_dir=own)  # /metrics adds up its processes
+        metricsdir.use(settings)  # before anything imports prometheus_client
+        os.environ.update(settings.to_env())  # each uvicorn worker process rebuilds the settings
+        _uvicorn(settings)
+    return 0
+
+
+def _uvicorn(settings: Settings) -> None:
+    import uvicorn
+
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,
@@ -261,19 +293,27 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         log_config=None,
         timeout_graceful_shutdown=10,
     )
-    return 0
 
 
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.runner import run_worker
-
     settings = _live_urls(settings)
     if args.worker_index is None and settings.workers > 1 and not args.burst:
+        import tempfile
+
         from ordergate.supervisor import Supervisor
 
-        return Supervisor(settings, gateway=False, migrate=False).run()
+        with tempfile.TemporaryDirectory(prefix="ordergate-metrics-") as own:
+            if settings.worker_metrics_port and not settings.metrics_dir:
+                settings = settings.replace(metrics_dir=own)  # worker 0 reports them all
+            return Supervisor(settings, gateway=False, migrate=False).run()
+    metricsdir.use(settings)  # before anything imports prometheus_client
+    from workers import metrics
+    from workers.runner import run_worker
+
     if args.burst:
         settings = settings.replace(workers=1)
+    elif settings.worker_metrics_port and not args.worker_index:
+        metrics.serve(settings.worker_metrics_port, settings.host, settings.metrics_dir)
     report = _run(
         run_worker(settings, args.worker_index or 0, burst=args.burst, install_signals=True)
     )
@@ -314,6 +354,8 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _with_redis(settings: Settings, fn: Callable[[Any, Any, Settings], Awaitable[Any]]) -> Any:
+    from redis.exceptions import ConnectionError, TimeoutError
+
     from buffer.connection import create_redis
     from buffer.keys import Keys
     from ordergate.runtime import resolved
@@ -324,10 +366,25 @@ def _with_redis(settings: Settings, fn: Callable[[Any, Any, Settings], Awaitable
             redis = create_redis(s.redis_url or "")
             try:
                 return await fn(redis, Keys(s.key_prefix), s)
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                raise OrdergateError(
+                    f"cannot reach Redis at {_where(s.redis_url)}: {exc}"
+                ) from None
             finally:
                 await redis.aclose()
 
         return _run(go())
+
+
+def _where(url: str | None) -> str:
+    """host:port of a URL, without the password it may carry."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url or "")
+        return f"{parts.hostname}:{parts.port or 6379}"
+    except ValueError:
+        return "(unparseable URL)"
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -450,13 +507,59 @@ def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from buffer.overview import read_overview
-    from ordergate.statusview import render
+    from ordergate.statusview import render, watch
 
-    overview = _with_redis(settings, lambda r, k, s: read_overview(r, k, s.shards))
+    def read(r: Any, k: Any, s: Settings) -> Awaitable[Any]:
+        return read_overview(r, k, s.shards, s.drain_stale_s)
+
+    if args.watch:
+        if not args.interval > 0:
+            raise OrdergateError("--interval must be a positive number of seconds")
+        try:
+            _with_redis(settings, lambda r, k, s: watch(lambda: read(r, k, s), args.interval))
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends
+        return 0
+    overview = _with_redis(settings, read)
     if args.json:
         print(msgspec.json.encode(overview).decode())
     else:
         render(overview)
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+    import socket
+    import time
+
+    from buffer.control import check_rate, set_control
+
+    if args.rate is not None:
+        try:
+            check_rate(args.rate)
+        except ValueError as exc:
+            raise OrdergateError(f"--rate: {exc}") from None
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    who = f"cli:{user}@{socket.gethostname()}"
+    paused = True if args.pause else False if args.resume else None
+    control = _with_redis(
+        settings, lambda r, k, s: set_control(r, k, paused=paused, rate=args.rate, by=who)
+    )
+    if args.json:
+        print(msgspec.json.encode(control).decode())
+        return 0
+    at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(control.at_us / 1e6))
+    print(
+        f"drain {'paused' if control.paused else 'running'}; operator rate limit "
+        f"{f'{control.rate:g} orders/s' if control.rate else 'none'}; set by {control.by} at {at}"
+    )
+    print(
+        "(the leading worker applies it within a second; see `ordergate status`)", file=sys.stderr
+    )
     return 0
 
 
@@ -490,5 +593,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "storefronts": cmd_storefronts,
     "notifications": cmd_notifications,
     "status": cmd_status,
+    "drain": cmd_drain,
     "surge": cmd_surge,
 }

@@ -80,6 +80,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     notify_max_held: int = 10_000
     admin_token: str | None = None
 
+    # Metrics (Prometheus)
+    metrics_dir: str | None = None  # prometheus_client multiprocess dir; up: <data_dir>/metrics
+    worker_metrics_port: int = 0  # a worker's own /metrics port (0: off)
+
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -106,6 +110,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ConfigError("breaker_slow_ms, notify_timeout_ms, notify_concurrency must be >= 1")
         if self.breaker_open_s <= 0 or self.notify_give_up_s <= 0:
             raise ConfigError("breaker_open_s and notify_give_up_s must be positive")
+        if not 0 <= self.worker_metrics_port <= 65535:
+            raise ConfigError("worker_metrics_port must be a port number (0 = off)")
         if self.read_block_ms < 1 or self.batch_size < 1:
             raise ConfigError("read_block_ms and batch_size must be at least 1")
 

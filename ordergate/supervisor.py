@@ -21,6 +21,7 @@ from pathlib import Path
 from buffer.connection import create_redis
 from buffer.keys import Keys
 from buffer.streams import ensure_streams
+from ordergate import metricsdir
 from ordergate.runtime import clear_runtime, data_dir_lock, write_runtime
 from ordergate.servers import EmbeddedPostgres, EmbeddedValkey, die_with_parent
 from ordergate.settings import Settings
@@ -80,6 +81,8 @@ class Supervisor:
                 signal.signal(sig, self._on_signal)
             try:
                 settings = self._start_servers()
+                if self.with_gateway:  # `up`: the host's processes share one metrics dir
+                    settings = metricsdir.fresh(settings)
                 if self.with_migrate:
                     self._prepare(settings)
                 write_runtime(self.data_dir, settings.redis_url or "", settings.database_url or "")

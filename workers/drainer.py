@@ -27,9 +27,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from buffer import history
 from buffer.consumer import Batch, QueueConsumer, Settlement
+from buffer.control import DrainControl, read_control
 from buffer.streams import ensure_streams
 from ordergate.settings import Settings
-from workers import leadership
+from workers import leadership, metrics
 from workers.backoff import backoff, sleep_or_stop
 from workers.drainrate import DrainRate
 from workers.errors import LockPollFailed, LostLeadership, TransientPersistError
@@ -55,6 +56,8 @@ class Drainer:
 
     STANDBY_POLL_S = 0.5
     HEARTBEAT_S = 1.0
+    CONTROL_S = 0.5  # the operators' controls are re-read this often while leading
+    IDLE_BLOCK_MS = 1000  # an idle leader waits for entries at most this long between looks
 
     def __init__(self, settings: Settings, redis: Any, consumer: QueueConsumer) -> None:
         assert settings.database_url, "resolve server URLs first"
@@ -63,7 +66,9 @@ class Drainer:
         self.consumer = consumer
         self.name = consumer.consumer
         self.keys = consumer.keys
-        self.bucket = TokenBucket(settings.drain_rate)
+        self.bucket = TokenBucket(settings.drain_rate)  # the operators' rate may lower it
+        self.control = DrainControl()
+        self._control_read = 0.0
         self.rate = DrainRate()
         self.stats = DrainStats(consumer.consumer)
         self.state = "starting"
@@ -138,23 +143,37 @@ class Drainer:
     async def _lead(self, conn: Any, stop: asyncio.Event, burst: bool) -> bool:
         persister = Persister(conn)
         await ensure_streams(self.redis, self.keys, self.settings.shards)
-        await self._recover(persister, stop)
+        self._control_read = 0.0  # a new leader reads the operators' controls before anything
+        recovered = False
         size = self.settings.batch_size
+        started: float | None = None
         while not stop.is_set():
             if conn.is_closed():
                 # Postgres ended the session while we idled (restart, pg_terminate_backend, an
                 # idle timeout): the lock went with it, and taking now would race the next leader.
                 raise LostLeadership("the session holding the drain lock ended")
+            if not await self._obey(stop):
+                started = None  # paused: take nothing, not even what earlier leaders left
+                continue
+            if not recovered:
+                await self._recover(persister, stop)
+                recovered = True
+                continue
             self._set_state("draining")
-            started = time.monotonic()  # waiting for tokens is part of draining at the cap
-            granted = await self.bucket.acquire(size)
+            if started is None:
+                started = time.monotonic()  # waiting for tokens is part of draining at the cap
+            granted = await self.bucket.acquire(size, timeout=self.CONTROL_S)
+            if not granted:
+                continue  # a very low cap: look at the controls again before waiting on
             taken = await self.consumer.take(granted)
             self.bucket.refund(granted - len(taken.batch))
             if len(taken.batch):
                 if not await self._process(taken.batch, persister, stop):
                     return False  # stopping while Postgres is down: the batch stays pending
                 self.rate.record(len(taken.batch), time.monotonic() - started)
+                started = None
                 continue
+            started = None
             length, pending = await self.consumer.outstanding()
             if pending:
                 await self._recover(persister, stop)  # orphans of a deposed leader
@@ -162,9 +181,37 @@ class Drainer:
             if burst and length == 0:
                 return True
             await self.consumer.wait_for_entries(  # idle: the heartbeat keeps reporting
-                taken.last_ids, 50 if burst else self.settings.read_block_ms
+                taken.last_ids,
+                50 if burst else min(self.settings.read_block_ms, self.IDLE_BLOCK_MS),
             )
         return False
+
+    async def _obey(self, stop: asyncio.Event) -> bool:
+        """Apply the operators' controls (re-read every CONTROL_S): the bucket's rate becomes
+        the lower of ``drain_rate`` and theirs. False while paused, after waiting CONTROL_S."""
+        if time.monotonic() - self._control_read >= self.CONTROL_S:
+            control = await read_control(self.redis, self.keys)
+            self._control_read = time.monotonic()
+            self.bucket.set_rate(control.cap(self.settings.drain_rate))
+            if control.paused:
+                at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(control.at_us / 1e6))
+                self._set_state("paused", f"paused by {control.by or 'an operator'} at {at}")
+            elif self.state == "paused":
+                self._set_state("draining")
+            if control != self.control:
+                self.control = control
+                log.info(
+                    "%s: drain %s, cap %s (set by %s)",
+                    self.name,
+                    "paused" if control.paused else "running",
+                    f"{self.bucket.rate:g}/s" if self.bucket.rate else "none",
+                    control.by or "-",
+                )
+                await _quietly(self._publish())  # now, not at the next heartbeat
+        if self.control.paused:
+            await sleep_or_stop(stop, self.CONTROL_S)
+            return False
+        return True
 
     async def _recover(self, persister: Persister, stop: asyncio.Event) -> None:
         """Claim what earlier leaders left pending and finish it, in queue order, first."""
@@ -184,6 +231,7 @@ class Drainer:
 
     async def _process(self, batch: Batch, persister: Persister, stop: asyncio.Event) -> bool:
         """Write and settle one batch; False if stopping left it pending."""
+        started = time.monotonic()
         now_us = time.time_ns() // 1000
         limit = self.settings.max_deliveries
         settlements = [Settlement.dead(p, now_us) for p in batch.poison]
@@ -211,10 +259,24 @@ class Drainer:
             log.error("%s: %d entries -> dead letters", self.name, dead)
         if not await self._settle(settlements, stop):
             return False
+        committed = sum(1 for s in settlements if s.outcome == "committed")
+        rejected = sum(1 for s in settlements if s.outcome == "rejected")
+        seconds = time.monotonic() - started
+        metrics.observe_batch(committed, rejected, dead, seconds)
         self.stats.batches += 1
-        self.stats.committed += sum(1 for s in settlements if s.outcome == "committed")
-        self.stats.rejected += sum(1 for s in settlements if s.outcome == "rejected")
+        self.stats.committed += committed
+        self.stats.rejected += rejected
         self.stats.dead_lettered += dead
+        seqs = [m.seq for m in batch.messages]
+        log.info(
+            "batch %s: %d entries, %d committed, %d rejected, %d dead-lettered in %.3f s",
+            f"q{min(seqs)}-{max(seqs)}" if seqs else f"{self.name}#{self.stats.batches}",
+            len(settlements),
+            committed,
+            rejected,
+            dead,
+            seconds,
+        )
         return True
 
     async def _persist(self, persister: Persister, messages: list[Any], stop: asyncio.Event) -> Any:
@@ -283,6 +345,10 @@ class Drainer:
         if rate is not None:
             fields["rate"] = f"{rate:.3f}"
         pipe = self.redis.pipeline(transaction=False)
+        if self.bucket.rate:  # the effective cap: drain_rate or the operators' limit
+            fields["cap"] = f"{self.bucket.rate:.3f}"
+        else:
+            pipe.hdel(self.keys.drain(), "cap")
         pipe.hset(self.keys.drain(), mapping=fields)
         pipe.publish(self.keys.drain_changes(), self.state)
         await pipe.execute()

@@ -17,12 +17,12 @@ def spawn_worker(settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        # Not a pipe: nobody reads it, and a worker logging a line per batch would fill it and
+        # block on its next write.
+        stderr=subprocess.DEVNULL,
     )
 
 
 def kill9(proc: subprocess.Popen[bytes]) -> None:
     proc.kill()
     proc.wait(10)
-    if proc.stderr:
-        proc.stderr.close()

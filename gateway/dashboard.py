@@ -1,0 +1,123 @@
+"""The operators' live dashboard: ``GET /dashboard`` (the page) and ``GET /v1/ops/dashboard``
+(what it polls every second, usable by scripts too).
+
+The page is one static file (``static/dashboard.html``, inline CSS and JS, canvas charts, no
+library or CDN) read once at import. It holds no data, so it is served without a token; the
+script reads the admin token from the URL fragment (``#token=...``, never sent to a server or a
+log) or a form, and sends it with each poll. The Content-Security-Policy allows exactly the
+page's own inline script and style by their sha256 hashes, fetches to its own origin only, and
+no framing."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import time
+from importlib import resources
+from typing import Any
+
+import msgspec
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from buffer import history
+from buffer.overview import read_overview
+from gateway import metrics
+from gateway.errors import ServiceUnavailable
+from gateway.ops import require_admin
+
+PAGE: bytes = resources.files("gateway").joinpath("static/dashboard.html").read_bytes()
+ETAG = f'"{hashlib.sha256(PAGE).hexdigest()[:20]}"'
+HISTORY_S = 300  # what the charts show
+RATE_WINDOW_S = 10  # what the rate figures average over
+
+
+def _hashes(tag: str) -> str:
+    """CSP source expressions for the contents of every inline ``<tag>`` element of the page."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>".encode(), PAGE, flags=re.DOTALL)
+    if not blocks:
+        raise RuntimeError(f"static/dashboard.html has no inline <{tag}>")
+    return " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(block).digest()).decode()}'" for block in blocks
+    )
+
+
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'none'",
+        f"script-src {_hashes('script')}",
+        f"style-src {_hashes('style')}",
+        "connect-src 'self'",
+        "img-src 'self' data:",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
+
+HEADERS = {
+    "Cache-Control": "no-cache",
+    "ETag": ETAG,
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class Rates(msgspec.Struct, frozen=True):
+    """Orders per second over the last RATE_WINDOW_S of samples (None: fewer than two)."""
+
+    ingest: float | None
+    drain: float | None
+
+
+class Dashboard(msgspec.Struct, frozen=True):
+    at: float
+    overview: Any  # buffer.overview.Overview, encoded as it is (its fields flow through)
+    history: list[history.Sample]  # oldest first, one a second while a drainer leads
+    rates: Rates
+    # cumulative admission-latency buckets over all gateway processes: (upper bound in s,
+    # count), the last one +Inf (encoded as null)
+    admission_buckets: list[tuple[float, int]]
+
+
+_encoder = msgspec.json.Encoder()
+
+
+async def dashboard_page(request: Request) -> Response:
+    """The dashboard page: no data in it, so no token needed to load it."""
+    if ETAG in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=HEADERS)
+    return Response(PAGE, media_type="text/html; charset=utf-8", headers=HEADERS)
+
+
+async def dashboard_data(request: Request) -> Response:
+    """GET /v1/ops/dashboard: the overview, the last minutes of samples, rates and buckets."""
+    state = require_admin(request)
+    try:
+        overview = await read_overview(
+            state.redis, state.keys, state.settings.shards, state.settings.drain_stale_s
+        )
+        samples = await history.read(state.redis, state.keys, HISTORY_S)
+    except (RedisError, OSError) as exc:
+        detail = f"Redis unavailable: {exc}"
+        raise ServiceUnavailable(detail, headers={"Retry-After": "1"}) from None
+    ingest, drain = history.rates(samples, RATE_WINDOW_S)
+    body = Dashboard(
+        at=time.time(),
+        overview=overview,
+        history=samples,
+        rates=Rates(_round(ingest), _round(drain)),
+        admission_buckets=metrics.admission_buckets(state.settings.metrics_dir),
+    )
+    return Response(
+        _encoder.encode(body),
+        media_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _round(rate: float | None) -> float | None:
+    return None if rate is None else round(rate, 2)
