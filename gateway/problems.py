@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import secrets
 from typing import Any
 
 import msgspec
@@ -65,9 +67,35 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
     return problem_response(problem, request.url.path)
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id(request: Request) -> str:
+    """The caller's ``X-Request-Id`` when it is a plain token, else a fresh one."""
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+
+
 async def on_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem_response(Problem("an unexpected error occurred; it has been logged"))
+    """A 500 names its request id, in the answer and in the one log line with the traceback,
+    so a support ticket leads to the log line."""
+    rid = request_id(request)
+    log.error(
+        "unhandled error on %s %s (request %s)",
+        request.method,
+        request.url.path,
+        rid,
+        exc_info=exc,
+        extra={"request_id": rid},
+    )
+    return problem_response(
+        Problem(
+            f"an unexpected error occurred; it has been logged as request {rid}",
+            headers={"X-Request-Id": rid},
+            request_id=rid,
+        ),
+        request.url.path,
+    )
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

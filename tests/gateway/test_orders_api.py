@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
 
 from buffer.keys import Keys
+from gateway.app import create_app
+from sharding import new_order_id
 from tests.conftest import auth, drain, order_body
 
 
@@ -297,3 +300,34 @@ def _reordered_json(body: dict[str, Any]) -> bytes:
 
     reordered = dict(reversed(list(body.items())))
     return json.dumps(reordered, indent=2).encode()
+
+
+async def test_an_unexpected_error_is_problem_json_with_a_request_id_in_the_log(
+    settings, api_key, redis, caplog
+) -> None:
+    """Injects: a corrupted status record in Redis (a queue number that is not a number). The
+    status read fails in a way no handler expects: 500 problem+json, never a bare traceback,
+    naming a request id that the one error log line carries too."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://og") as client:
+            order_id = new_order_id(0)
+            await redis.hset(
+                Keys().status(0, order_id),
+                mapping={"status": "queued", "sf": "shop-a", "seq": "not-a-number"},
+            )
+            r = await client.get(
+                f"/v1/orders/{order_id}",
+                headers={**auth(api_key), "X-Request-Id": "support-42"},
+            )
+            assert r.status_code == 500
+            assert r.headers["content-type"] == "application/problem+json"
+            body = r.json()
+            assert body["type"] == "/problems/internal-error"
+            assert body["request_id"] == "support-42" == r.headers["x-request-id"]
+            logged = [rec for rec in caplog.records if getattr(rec, "request_id", None)]
+            assert [rec.request_id for rec in logged] == ["support-42"]
+            assert logged[0].exc_info is not None
+            r = await client.get(f"/v1/orders/{order_id}", headers=auth(api_key))
+            assert len(r.json()["request_id"]) == 16  # none given: a fresh one
