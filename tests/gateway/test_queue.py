@@ -56,13 +56,20 @@ async def test_receipt_carries_a_ticket_and_unknown_tickets_are_404(client, api_
         assert r.status_code == 404, bad
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["type"].endswith("/problems/ticket-not-found")
-    # a resubmission gets the same ticket
-    again = await client.post(
-        "/v1/orders",
-        json=order_body(receipt["storefront_order_id"]),
-        headers=auth(api_key),
-    )
-    assert again.status_code == 200 and again.json()["ticket"] == ticket
+
+    # a resubmission gets the same ticket: once the in-flight lease is lifted (409 until the
+    # confirmation, sent on its own pipeline, has reached Redis -- see Durability)
+    async def resubmitted() -> Any:
+        r = await client.post(
+            "/v1/orders",
+            json=order_body(receipt["storefront_order_id"]),
+            headers=auth(api_key),
+        )
+        assert r.status_code in (200, 409), r.text
+        return r if r.status_code == 200 else None
+
+    again = await eventually(resubmitted, timeout=10, interval=0.05)
+    assert again.json()["ticket"] == ticket
 
 
 async def test_position_is_the_true_count_ahead_during_a_throttled_drain(

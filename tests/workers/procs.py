@@ -9,7 +9,8 @@ import sys
 from ordergate.settings import Settings
 
 
-def spawn_worker(settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
+def spawn_worker(settings: Settings, *extra: str, logs: bool = False) -> subprocess.Popen[bytes]:
+    """A worker; with ``logs`` its stderr is a pipe the caller must keep reading."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERGATE_")}
     env.update(settings.to_env())
     return subprocess.Popen(
@@ -17,9 +18,9 @@ def spawn_worker(settings: Settings, *extra: str) -> subprocess.Popen[bytes]:
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        # Not a pipe: nobody reads it, and a worker logging a line per batch would fill it and
-        # block on its next write.
-        stderr=subprocess.DEVNULL,
+        # A pipe only for a caller that reads it: unread, a worker logging a line per batch
+        # would fill it and block on its next write.
+        stderr=subprocess.PIPE if logs else subprocess.DEVNULL,
     )
 
 

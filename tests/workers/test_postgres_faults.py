@@ -35,7 +35,7 @@ class _Worker:
     stall the worker and look like the very hang these tests look for) and shown on failure."""
 
     def __init__(self, settings: Settings) -> None:
-        self.proc = spawn_worker(settings)
+        self.proc = spawn_worker(settings, logs=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
