@@ -152,7 +152,7 @@ async def test_a_rate_limit_caps_the_drain_and_rate_zero_lifts_it(
         assert "operator rate limit none" in done.stdout
         lifted = time.monotonic()
         rest = (await _state(redis)).depth
-        assert rest > 800
+        assert rest > 200  # enough left to tell 200/s from unlimited (the CLI's start varies)
         await eventually(lambda: _all_settled(redis), timeout=60, interval=0.02)
         took = time.monotonic() - lifted
         print(f"{rest} orders left after the limit was lifted, drained in {took:.2f} s")
