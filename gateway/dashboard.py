@@ -10,11 +10,7 @@ no framing."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import re
 import time
-from importlib import resources
 from typing import Any
 
 import msgspec
@@ -27,43 +23,11 @@ from buffer.overview import read_overview
 from gateway import metrics
 from gateway.errors import ServiceUnavailable
 from gateway.ops import require_admin
+from gateway.pages import StaticPage
 
-PAGE: bytes = resources.files("gateway").joinpath("static/dashboard.html").read_bytes()
-ETAG = f'"{hashlib.sha256(PAGE).hexdigest()[:20]}"'
+PAGE = StaticPage("dashboard.html", frame_ancestors="'none'")
 HISTORY_S = 300  # what the charts show
 RATE_WINDOW_S = 10  # what the rate figures average over
-
-
-def _hashes(tag: str) -> str:
-    """CSP source expressions for the contents of every inline ``<tag>`` element of the page."""
-    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>".encode(), PAGE, flags=re.DOTALL)
-    if not blocks:
-        raise RuntimeError(f"static/dashboard.html has no inline <{tag}>")
-    return " ".join(
-        f"'sha256-{base64.b64encode(hashlib.sha256(block).digest()).decode()}'" for block in blocks
-    )
-
-
-CONTENT_SECURITY_POLICY = "; ".join(
-    [
-        "default-src 'none'",
-        f"script-src {_hashes('script')}",
-        f"style-src {_hashes('style')}",
-        "connect-src 'self'",
-        "img-src 'self' data:",
-        "base-uri 'none'",
-        "form-action 'none'",
-        "frame-ancestors 'none'",
-    ]
-)
-
-HEADERS = {
-    "Cache-Control": "no-cache",
-    "ETag": ETAG,
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 
 
 class Rates(msgspec.Struct, frozen=True):
@@ -88,9 +52,7 @@ _encoder = msgspec.json.Encoder()
 
 async def dashboard_page(request: Request) -> Response:
     """The dashboard page: no data in it, so no token needed to load it."""
-    if ETAG in request.headers.get("if-none-match", ""):
-        return Response(status_code=304, headers=HEADERS)
-    return Response(PAGE, media_type="text/html; charset=utf-8", headers=HEADERS)
+    return PAGE.response(request)
 
 
 async def dashboard_data(request: Request) -> Response:
