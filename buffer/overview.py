@@ -88,7 +88,6 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
     for shard in range(shards):
         pipe.xlen(keys.deadletters(shard))
     pipe.get(keys.notify_state())
-    pipe.hget(keys.drain(), "cap")
     pipe.hgetall(keys.drain_control())
     for shard in range(shards):
         pipe.xlen(keys.stream(shard))
@@ -98,8 +97,8 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
     for reply in replies:  # a missing group (NOGROUP) only means nothing is pending there
         if isinstance(reply, Exception) and "NOGROUP" not in str(reply):
             raise reply
-    dlq, (raw_state, cap, control) = replies[:shards], replies[shards : shards + 3]
-    streams = replies[shards + 3 :]
+    dlq, (raw_state, control) = replies[:shards], replies[shards : shards + 2]
+    streams = replies[shards + 2 :]
     waiting, deferred, dead = await NotificationStreams(redis, keys, shards).counts()
     state: dict[str, Any] = json.loads(raw_state) if raw_state else {}
     breakers = [
@@ -135,7 +134,7 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
             leader=drain.leader,
             rate_per_s=drain.rate,
             heard_s_ago=round(now - drain.heard_at_us / 1e6, 2) if drain.heard_at_us else None,
-            cap_per_s=float(cap) if cap else None,
+            cap_per_s=drain.cap,
         ),
         notifications=Notifications(state.get("leader"), waiting, deferred, dead),
         breakers=breakers,

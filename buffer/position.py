@@ -34,6 +34,7 @@ class DrainState(msgspec.Struct, frozen=True):
     reason: str = ""
     heard_at_us: int = 0  # the leader's last heartbeat
     leader: str = ""
+    cap: float | None = None  # the drain's rate limit in force (drain_rate or the operators')
 
     @property
     def depth(self) -> int:
@@ -46,7 +47,7 @@ async def read_drain_state(redis: Any, keys: Keys) -> DrainState:
     pipe.get(keys.seq())
     pipe.hgetall(keys.drain())
     issued, raw = await pipe.execute()
-    rate = raw.get(b"rate")
+    rate, cap = raw.get(b"rate"), raw.get(b"cap")
     return DrainState(
         issued=int(issued or 0),
         settled=int(raw.get(b"w", 0)),
@@ -57,6 +58,7 @@ async def read_drain_state(redis: Any, keys: Keys) -> DrainState:
         reason=raw.get(b"reason", b"").decode(),
         heard_at_us=int(raw.get(b"at", 0)),
         leader=raw.get(b"leader", b"").decode(),
+        cap=float(cap) if cap else None,
     )
 
 
