@@ -21,6 +21,7 @@ itself if this process dies, after which twins get the receipt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -30,10 +31,10 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
-from buffer.errors import BufferUnavailable, NotDurable
-from buffer.keys import Keys
-from buffer.scripts import Scripts
-from buffer.streams import ensure_streams
+from ordergate.buffer.errors import BufferUnavailable, NotDurable
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.scripts import Scripts
+from ordergate.buffer.streams import ensure_streams
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class Admitter:
         self._confirms: dict[int, list[str]] = defaultdict(list)
         self._task: asyncio.Task[None] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()  # nothing queued, in flight or left to confirm
+        self._closing = False
         self._last_stream_repair = 0.0
         self.stats = _Stats()
         self._lease = 0 if config.durability in ("none", "aof-always") else config.lease_ms
@@ -112,11 +115,11 @@ class Admitter:
 
     async def close(self) -> None:
         """Flush what is queued (and pending confirmations), then stop."""
-        deadline = time.monotonic() + self._config.timeout_s
-        while (self._queue or self._flushes or self._confirms) and time.monotonic() < deadline:
-            if self._confirms and not self._queue and not self._flushes:
-                self._wakeup.set()
-            await asyncio.sleep(0.01)
+        self._closing = True
+        self._check_idle()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._config.timeout_s):
+                await self._idle.wait()
         if self._task:
             self._task.cancel()
             try:
@@ -133,7 +136,7 @@ class Admitter:
         storefront_id: str,
         storefront_order_id: str,
         args: tuple[Any, ...],
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - one call_later, see below
     ) -> Admission:
         """Admit one order; returns after the buffer confirmed it durably, or raises
         ``BufferUnavailable`` once ``timeout`` seconds (default: the configured ``timeout_s``)
@@ -177,7 +180,22 @@ class Admitter:
                 continue
             task = asyncio.create_task(self._flush(batch))
             self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+            task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        if self._closing:
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        """While closing: set ``_idle`` once everything is out, and send the confirmations left
+        (they otherwise ride on the next batch, and there will be none)."""
+        if self._queue or self._flushes or self._confirms:
+            self._idle.clear()
+            if not self._queue and not self._flushes:
+                self._wakeup.set()
+        else:
+            self._idle.set()
 
     def _take_batch(self) -> list[_Request]:
         batch: list[_Request] = []
@@ -191,7 +209,7 @@ class Admitter:
     async def _flush(self, batch: list[_Request]) -> None:
         try:
             await self._flush_inner(batch)
-        except Exception as exc:  # noqa: BLE001 - a flush must never kill the loop
+        except Exception as exc:
             log.exception("admission flush failed")
             self._fail(batch, BufferUnavailable(f"admission failed: {exc}"))
         finally:
@@ -322,7 +340,7 @@ class Admitter:
         log.error("buffer streams missing (Redis lost its data?); recreating them")
         task = asyncio.create_task(ensure_streams(self._redis, self._keys, self._config.shards))
         self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+        task.add_done_callback(self._flushed)
 
     def _requeue_confirms(self, confirms: dict[int, list[str]]) -> None:
         for shard, idems in confirms.items():

@@ -12,11 +12,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from buffer.errors import MalformedMessage
-from buffer.keys import GROUP, Keys
-from buffer.message import OrderMessage, decode_entry
-from buffer.scripts import Scripts
-from sharding.ids import shard_of_order_id
+from ordergate.buffer.errors import MalformedMessage
+from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.message import OrderMessage, decode_entry
+from ordergate.buffer.scripts import Scripts
+from ordergate.sharding.ids import shard_of_order_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from buffer.keys import Keys
+from ordergate.buffer.keys import Keys
 
 
 class DrainControl(msgspec.Struct, frozen=True):

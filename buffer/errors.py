@@ -1,11 +1,13 @@
 """Errors of the buffer pool; the gateway maps each to one HTTP problem in one place."""
 
+from ordergate.errors import OrdergateError
 
-class BufferError(Exception):
+
+class BufferPoolError(OrdergateError):
     """Base class of every buffer pool error."""
 
 
-class BufferUnavailable(BufferError):
+class BufferUnavailable(BufferPoolError):
     """Redis did not confirm the operation (down, paused, timed out, out of memory, no stream)."""
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
@@ -17,9 +19,9 @@ class NotDurable(BufferUnavailable):
     """The write reached Redis but its durability (fsync / replica) was not confirmed in time."""
 
 
-class MalformedMessage(BufferError):
+class MalformedMessage(BufferPoolError):
     """A stream entry does not follow the message contract (a poison message)."""
 
 
-class InvalidWebhook(BufferError):
+class InvalidWebhook(BufferPoolError):
     """A webhook URL that is not an absolute http(s) URL."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from buffer.keys import Keys
+from ordergate.buffer.keys import Keys
 
 KEEP = 900  # samples kept: 15 minutes at one a second
 

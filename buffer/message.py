@@ -21,7 +21,7 @@ import datetime as dt
 
 import msgspec
 
-from buffer.errors import MalformedMessage
+from ordergate.buffer.errors import MalformedMessage
 
 VERSION = b"1"
 

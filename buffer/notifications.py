@@ -26,9 +26,9 @@ from typing import Any
 
 import msgspec
 
-from buffer.keys import Keys
-from buffer.scripts import Scripts
-from sharding.ids import shard_of_order_id
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.scripts import Scripts
+from ordergate.sharding.ids import shard_of_order_id
 
 
 class Event(msgspec.Struct, frozen=True):

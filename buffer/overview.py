@@ -14,11 +14,11 @@ from typing import Any
 
 import msgspec
 
-from buffer import history
-from buffer.control import DrainControl, from_hash
-from buffer.keys import GROUP, Keys
-from buffer.notifications import NotificationStreams
-from buffer.position import place_in_line, read_drain_state
+from ordergate.buffer import history
+from ordergate.buffer.control import DrainControl, from_hash
+from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.notifications import NotificationStreams
+from ordergate.buffer.position import place_in_line, read_drain_state
 
 RATE_WINDOW_S = 10  # ingest and drain rates are averaged over the last this many seconds
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from buffer.keys import Keys
+from ordergate.buffer.keys import Keys
 
 
 class DrainState(msgspec.Struct, frozen=True):

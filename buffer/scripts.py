@@ -14,7 +14,7 @@ _SHEBANG = "#!lua\n"
 @cache
 def source(name: str) -> str:
     """A script's text; ``_lib.lua`` goes in front of the scripts that use its helpers."""
-    folder = resources.files("buffer").joinpath("lua")
+    folder = resources.files("ordergate.buffer").joinpath("lua")
     text = folder.joinpath(f"{name}.lua").read_text()
     if name in ("take", "claim", "settle", "replay", "notified"):
         body = text.removeprefix(_SHEBANG)

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from buffer.keys import Keys
+from ordergate.buffer.keys import Keys
 
 #: The status codes of an order, in the order they can happen. ``requeued``: an operator replayed
 #: the dead letter (``ordergate dlq replay``); ``notified``: its webhook was delivered.

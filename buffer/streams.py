@@ -6,7 +6,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import GROUP, Keys
 
 
 async def ensure_streams(redis: Any, keys: Keys, shards: int) -> None:

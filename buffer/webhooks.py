@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from buffer.errors import InvalidWebhook
-from buffer.keys import Keys
+from ordergate.buffer.errors import InvalidWebhook
+from ordergate.buffer.keys import Keys
 
 
 class Webhook(msgspec.Struct, frozen=True):

@@ -1,4 +1,4 @@
-"""``create_app(settings)``: the gateway's Starlette application."""
+"""``create_app(config)``: the gateway's Starlette application."""
 
 from __future__ import annotations
 
@@ -12,55 +12,38 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from buffer.admission import AdmissionConfig, Admitter
-from buffer.connection import create_redis
-from buffer.errors import BufferUnavailable
-from buffer.keys import Keys
-from buffer.streams import ensure_streams
-from gateway import dashboard, health, metrics, ops, orders, problems, queue, waiting
-from gateway.auth import Authenticator
-from gateway.state import GatewayState
-from gateway.tickets import Tickets
-from ordergate.settings import Settings
+from ordergate.buffer.admission import Admitter
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.errors import BufferUnavailable
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.streams import ensure_streams
+from ordergate.gateway import dashboard, health, metrics, ops, orders, problems, queue, waiting
+from ordergate.gateway.auth import Authenticator
+from ordergate.gateway.config import GatewayConfig
+from ordergate.gateway.state import GatewayState
+from ordergate.gateway.tickets import Tickets
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> GatewayApp:
-    settings = settings or Settings.load()
-    if not settings.redis_url:
-        raise RuntimeError("the gateway needs ORDERGATE_REDIS_URL (ordergate up sets it)")
-
+def create_app(config: GatewayConfig) -> GatewayApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        keys = Keys(settings.key_prefix)
-        redis = create_redis(settings.redis_url or "", socket_timeout=5.0, max_connections=64)
-        admitter = Admitter(
-            redis,
-            keys,
-            AdmissionConfig(
-                shards=settings.shards,
-                durability=settings.durability,
-                durability_timeout_ms=settings.durability_timeout_ms,
-                timeout_s=settings.admission_timeout_ms / 1000,
-                max_batch=settings.admission_max_batch,
-                max_inflight_batches=settings.admission_max_inflight_batches,
-                lease_ms=settings.inflight_lease_ms,
-                max_buffered=settings.max_buffered,
-            ),
-        )
+        keys = Keys(config.key_prefix)
+        redis = create_redis(config.redis_url, socket_timeout=5.0, max_connections=64)
+        admitter = Admitter(redis, keys, config.admission)
         state = GatewayState(
-            settings,
+            config,
             keys,
             redis,
             admitter,
-            Authenticator(redis, keys, settings.auth_cache_s),
-            Tickets(redis, keys, settings.ticket_secret),
+            Authenticator(redis, keys, config.auth_cache_s),
+            Tickets(redis, keys, config.ticket_secret),
             queue.DrainView(redis, keys),
         )
         app.state.gateway = state
         try:
-            await ensure_streams(redis, keys, settings.shards)
+            await ensure_streams(redis, keys, config.shards)
             await state.tickets.secret()  # now, not on the first receipt (Redis may stall then)
         except RedisError as exc:  # start anyway: admission answers 503 until Redis is back
             log.error("Redis unreachable at startup (%r); answering 503 until it is", exc)
@@ -128,14 +111,14 @@ async def _connect_postgres(state: GatewayState) -> None:
     """Postgres is optional for the gateway (readiness, old statuses): connect in the background."""
     import asyncpg
 
-    url = state.settings.database_url
+    url = state.config.database_url
     if not url:
         return
     delay = 0.2
     while True:
         try:
             state.pg = await asyncpg.create_pool(
-                url, min_size=0, max_size=state.settings.pg_pool_size, command_timeout=5
+                url, min_size=0, max_size=state.config.pg_pool_size, command_timeout=5
             )
             return
         except Exception as exc:  # noqa: BLE001

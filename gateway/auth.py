@@ -14,9 +14,9 @@ import secrets
 import time
 from typing import Any
 
-from buffer.errors import BufferUnavailable
-from buffer.keys import Keys
-from gateway.errors import Unauthorized
+from ordergate.buffer.errors import BufferUnavailable
+from ordergate.buffer.keys import Keys
+from ordergate.gateway.errors import Unauthorized
 
 STOREFRONT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

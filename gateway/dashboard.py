@@ -18,12 +18,12 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from buffer import history
-from buffer.overview import read_overview
-from gateway import metrics
-from gateway.errors import ServiceUnavailable
-from gateway.ops import require_admin
-from gateway.pages import StaticPage
+from ordergate.buffer import history
+from ordergate.buffer.overview import read_overview
+from ordergate.gateway import metrics
+from ordergate.gateway.errors import ServiceUnavailable
+from ordergate.gateway.ops import require_admin
+from ordergate.gateway.pages import StaticPage
 
 PAGE = StaticPage("dashboard.html", frame_ancestors="'none'")
 HISTORY_S = 300  # what the charts show
@@ -60,7 +60,7 @@ async def dashboard_data(request: Request) -> Response:
     state = require_admin(request)
     try:
         overview = await read_overview(
-            state.redis, state.keys, state.settings.shards, state.settings.drain_stale_s
+            state.redis, state.keys, state.config.shards, state.config.drain_stale_s
         )
         samples = await history.read(state.redis, state.keys, HISTORY_S)
     except (RedisError, OSError) as exc:
@@ -72,7 +72,7 @@ async def dashboard_data(request: Request) -> Response:
         overview=overview,
         history=samples,
         rates=Rates(_round(ingest), _round(drain)),
-        admission_buckets=metrics.admission_buckets(state.settings.metrics_dir),
+        admission_buckets=metrics.admission_buckets(state.config.metrics_dir),
     )
     return Response(
         _encoder.encode(body),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ordergate.errors import OrdergateError
 
-class Problem(Exception):
+
+class Problem(OrdergateError):
     """Base class: an error with an HTTP status and a problem type (RFC 9457)."""
 
     status = 500

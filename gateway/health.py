@@ -11,7 +11,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.state import GatewayState
+from ordergate.gateway.state import GatewayState
 
 _encoder = msgspec.json.Encoder()
 

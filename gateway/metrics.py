@@ -29,11 +29,11 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from buffer.errors import BufferUnavailable
-from buffer.keys import Keys
-from buffer.overview import Overview, read_overview
-from gateway.errors import PROBLEM_TYPES, BufferFull, Problem, ServiceUnavailable
-from gateway.ops import require_admin
+from ordergate.buffer.errors import BufferUnavailable
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.overview import Overview, read_overview
+from ordergate.gateway.errors import PROBLEM_TYPES, BufferFull, Problem, ServiceUnavailable
+from ordergate.gateway.ops import require_admin
 
 ACCEPTED = Counter(
     "ordergate_orders_accepted", "Orders admitted into the buffer (POST /v1/orders answered 202)."
@@ -199,16 +199,16 @@ def _processes(metrics_dir: str | None) -> CollectorRegistry:
     or of this process alone."""
     registry = CollectorRegistry()
     if metrics_dir:
-        MultiProcessCollector(registry, path=metrics_dir)
+        MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
     else:
-        registry.register(_Process())  # type: ignore[arg-type]
+        registry.register(_Process())
     return registry
 
 
 def exposition(snapshot: BufferSnapshot, metrics_dir: str | None) -> bytes:
     """The Prometheus text: every process's counters (or this one's) and the buffer's gauges."""
     registry = _processes(metrics_dir)
-    registry.register(snapshot)  # type: ignore[arg-type]
+    registry.register(snapshot)
     return generate_latest(registry)
 
 
@@ -228,9 +228,9 @@ def admission_buckets(metrics_dir: str | None) -> list[tuple[float, int]]:
 async def metrics(request: Request) -> Response:
     """GET /metrics (behind ``admin_token`` when one is set, as /v1/ops/status)."""
     state = require_admin(request)
-    snapshot = await read_snapshot(state.redis, state.keys, state.settings.shards)
+    snapshot = await read_snapshot(state.redis, state.keys, state.config.shards)
     return Response(
-        exposition(snapshot, state.settings.metrics_dir),
+        exposition(snapshot, state.config.metrics_dir),
         media_type=CONTENT_TYPE_LATEST,
         headers={"Cache-Control": "no-store"},
     )

@@ -14,10 +14,10 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from buffer.control import check_rate, set_control
-from buffer.overview import read_overview
-from gateway.errors import InvalidDrainCommand, ServiceUnavailable, Unauthorized
-from gateway.state import GatewayState
+from ordergate.buffer.control import check_rate, set_control
+from ordergate.buffer.overview import read_overview
+from ordergate.gateway.errors import InvalidDrainCommand, ServiceUnavailable, Unauthorized
+from ordergate.gateway.state import GatewayState
 
 _encoder = msgspec.json.Encoder()
 _HEADERS = {"Cache-Control": "no-store"}
@@ -27,7 +27,7 @@ MAX_COMMAND_BYTES = 4096
 def require_admin(request: Request) -> GatewayState:
     """The gateway's state, once the request carries the admin token (when one is set)."""
     state: GatewayState = request.app.state.gateway
-    token = state.settings.admin_token
+    token = state.config.admin_token
     if token is not None:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
@@ -41,7 +41,7 @@ def _redis_down(exc: Exception) -> ServiceUnavailable:
 
 async def status(request: Request) -> Response:
     state = require_admin(request)
-    s = state.settings
+    s = state.config
     try:
         overview = await read_overview(state.redis, state.keys, s.shards, s.drain_stale_s)
     except (RedisError, OSError) as exc:

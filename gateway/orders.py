@@ -12,14 +12,14 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from buffer.admission import Outcome
-from buffer.errors import BufferUnavailable
-from buffer.message import admission_args
-from buffer.order import ORDER_ENCODER
-from buffer.position import DrainState, seconds_until_room
-from buffer.status import Change, read_status
-from gateway import metrics
-from gateway.errors import (
+from ordergate.buffer.admission import Outcome
+from ordergate.buffer.errors import BufferUnavailable
+from ordergate.buffer.message import admission_args
+from ordergate.buffer.order import ORDER_ENCODER
+from ordergate.buffer.position import DrainState, seconds_until_room
+from ordergate.buffer.status import Change, read_status
+from ordergate.gateway import metrics
+from ordergate.gateway.errors import (
     BufferFull,
     NotFound,
     OrderIdReused,
@@ -27,10 +27,10 @@ from gateway.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from gateway.state import GatewayState
-from gateway.validation import parse_order
-from sharding.ids import new_order_id, shard_of_order_id
-from sharding.routing import partition_table, shard_for
+from ordergate.gateway.state import GatewayState
+from ordergate.gateway.validation import parse_order
+from ordergate.sharding.ids import new_order_id, shard_of_order_id
+from ordergate.sharding.routing import partition_table, shard_for
 
 _encoder = msgspec.json.Encoder()
 JSON = "application/json"
@@ -92,8 +92,8 @@ def base_url(request: Request, state: GatewayState) -> str:
 
 
 def _base_url(scope: Any, state: GatewayState, host: str | None) -> str:
-    if state.settings.public_url:
-        return state.settings.public_url.rstrip("/")
+    if state.config.public_url:
+        return state.config.public_url.rstrip("/")
     return f"{scope['scheme']}://{host or '{}:{}'.format(*scope['server'])}"
 
 
@@ -133,7 +133,7 @@ class CreateOrderEndpoint:
             status, body, location = await create_order(scope, receive)
         except ClientDisconnect:
             return  # nobody to answer; an order admitted meanwhile is found again by its retry
-        except Exception as exc:  # noqa: BLE001 - every error is answered as problem+json
+        except Exception as exc:
             metrics.count_refusal(exc)
             handler = next(
                 (self._handlers[c] for c in type(exc).__mro__ if c in self._handlers), None
@@ -157,12 +157,12 @@ class CreateOrderEndpoint:
 async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
     """Admit one order: (202 new | 200 already admitted, the receipt, its status URL)."""
     state: GatewayState = scope["app"].state.gateway
-    settings = state.settings
+    config = state.config
     headers: dict[bytes, bytes] = dict(scope["headers"])  # one pass; names arrive lower-case
     # One deadline for the waits on Redis, both: the API key lookup (if not cached), admission.
     loop = asyncio.get_running_loop()
     started = loop.time()
-    deadline = settings.admission_timeout_ms / 1000
+    deadline = config.admission_timeout_s
     authorization = headers.get(b"authorization")
     storefront = await _storefront(
         state, authorization.decode("latin-1") if authorization else None, deadline
@@ -171,24 +171,24 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
     content_type = headers.get(b"content-type")
     if not _is_json(content_type.decode("latin-1") if content_type else None):
         raise UnsupportedMediaType("send the order as 'Content-Type: application/json'")
-    limit = settings.max_body_bytes
+    limit = config.max_body_bytes
     length = headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"the body is {length.decode()} bytes; the limit is {limit}")
     order = parse_order(await _receive_body(receive, limit))
 
-    bound = settings.max_buffered
+    bound = config.max_buffered
     followed = state.drain_view.current()
     if bound and followed is not None and followed.depth >= bound:
         _refuse_full(followed, bound)  # shed without a Redis round trip
     memory = state.drain_view.memory_ratio()
-    if settings.memory_guard and memory is not None and memory >= settings.memory_guard:
+    if config.memory_guard and memory is not None and memory >= config.memory_guard:
         raise BufferUnavailable(
             f"the buffer is near its memory limit ({memory:.0%} of Redis maxmemory)",
             retry_after=5,
         )
     sfo = order.storefront_order_id
-    shard = shard_for(storefront, sfo, settings.shards)
+    shard = shard_for(storefront, sfo, config.shards)
     canonical = ORDER_ENCODER.encode(order)
     fingerprint = hashlib.blake2b(canonical, digest_size=16).digest()
     order_id = new_order_id(shard)
@@ -240,7 +240,7 @@ async def get_order(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     storefront = await state.auth.storefront(request.headers.get("authorization"))
     order_id: str = request.path_params["order_id"]
-    shard = shard_of_order_id(order_id, state.settings.shards)
+    shard = shard_of_order_id(order_id, state.config.shards)
     if shard is None:
         raise NotFound(f"no order {order_id!r}")
     record = await read_status(state.redis, state.keys, shard, order_id)

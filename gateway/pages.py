@@ -22,7 +22,9 @@ class StaticPage:
 
     def __init__(self, name: str, frame_ancestors: str) -> None:
         self.name = name
-        self.body: bytes = resources.files("gateway").joinpath(f"static/{name}").read_bytes()
+        self.body: bytes = (
+            resources.files("ordergate.gateway").joinpath(f"static/{name}").read_bytes()
+        )
         self.etag = f'"{hashlib.sha256(self.body).hexdigest()[:20]}"'
         csp = "; ".join(
             [

@@ -13,8 +13,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from buffer.errors import BufferUnavailable
-from gateway.errors import PROBLEM_TYPES, NotFound, Problem, ServiceUnavailable
+from ordergate.buffer.errors import BufferUnavailable
+from ordergate.gateway.errors import PROBLEM_TYPES, NotFound, Problem, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from buffer.keys import Keys
-from buffer.position import DrainState, place_in_line, read_drain_state
-from buffer.status import read_status
-from gateway.errors import TicketNotFound
-from gateway.state import GatewayState
-from ordergate.settings import Settings
-from sharding.ids import shard_of_order_id
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.position import DrainState, place_in_line, read_drain_state
+from ordergate.buffer.status import read_status
+from ordergate.gateway.config import GatewayConfig
+from ordergate.gateway.errors import TicketNotFound
+from ordergate.gateway.state import GatewayState
+from ordergate.sharding.ids import shard_of_order_id
 
 log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
@@ -186,12 +186,12 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
     if ticket is None:
         raise TicketNotFound("this is not a queue ticket of this gateway")
     drain = await state.drain_view.get()
-    seq, settings = ticket.seq, state.settings
+    seq, config = ticket.seq, state.config
     if seq > drain.settled:
         return _waiting(
-            ticket.order_id, seq, ticket.ahead, ticket.accepted_at_ms * 1000, drain, settings
+            ticket.order_id, seq, ticket.ahead, ticket.accepted_at_ms * 1000, drain, config
         )
-    shard = shard_of_order_id(ticket.order_id, settings.shards)
+    shard = shard_of_order_id(ticket.order_id, config.shards)
     record = (
         await read_status(state.redis, state.keys, shard, ticket.order_id)
         if shard is not None
@@ -202,11 +202,11 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
     if not record.final:
         # Settled and then re-queued by an operator: its place is under its new number.
         return _waiting(
-            record.order_id, record.seq, record.ahead, record.accepted_at_us, drain, settings
+            record.order_id, record.seq, record.ahead, record.accepted_at_us, drain, config
         )
     settled_at = record.settled_at or record.accepted_at
     age = dt.datetime.now(dt.UTC) - settled_at
-    if age.total_seconds() > settings.ticket_ttl_s:
+    if age.total_seconds() > config.ticket_ttl_s:
         raise TicketNotFound("this queue ticket has expired")
     return QueueStatus(
         status=record.status,
@@ -222,9 +222,9 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
 
 
 def _waiting(
-    order_id: str, seq: int, ahead: int, accepted_us: int, drain: DrainState, settings: Settings
+    order_id: str, seq: int, ahead: int, accepted_us: int, drain: DrainState, config: GatewayConfig
 ) -> QueueStatus:
-    place = place_in_line(seq, drain, settings.drain_stale_s)
+    place = place_in_line(seq, drain, config.drain_stale_s)
     changed = max(accepted_us, drain.settled_at_us)  # the position last moved then
     return QueueStatus(
         status=place.status,

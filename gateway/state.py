@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from buffer.admission import Admitter
-from buffer.keys import Keys
-from gateway.auth import Authenticator
-from gateway.tickets import Tickets
-from ordergate.settings import Settings
+from ordergate.buffer.admission import Admitter
+from ordergate.buffer.keys import Keys
+from ordergate.gateway.auth import Authenticator
+from ordergate.gateway.config import GatewayConfig
+from ordergate.gateway.tickets import Tickets
 
 
 @dataclass
 class GatewayState:
-    settings: Settings
+    config: GatewayConfig
     keys: Keys
     redis: Any
     admitter: Admitter

@@ -16,7 +16,7 @@ import hmac
 import secrets
 from typing import Any, NamedTuple
 
-from buffer.keys import Keys
+from ordergate.buffer.keys import Keys
 
 
 class Ticket(NamedTuple):

@@ -12,9 +12,9 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 import msgspec
 
-from buffer.order import MAX_METADATA_BYTES, MAX_METADATA_KEYS, ORDER_DECODER, Order
-from gateway.currencies import ISO_4217
-from gateway.errors import InvalidOrder, MalformedJson
+from ordergate.buffer.order import MAX_METADATA_BYTES, MAX_METADATA_KEYS, ORDER_DECODER, Order
+from ordergate.gateway.currencies import ISO_4217
+from ordergate.gateway.errors import InvalidOrder, MalformedJson
 
 _any_decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.pages import StaticPage
+from ordergate.gateway.pages import StaticPage
 
 PAGE = StaticPage("wait.html", frame_ancestors="*")  # any storefront may frame it
 

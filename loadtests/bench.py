@@ -41,11 +41,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtests import bench_poll, bench_profile, bench_report  # noqa: E402
-from loadtests.bench_load import PostOrders, run_load  # noqa: E402
-from loadtests.bench_openloop import OpenLoopResult, format_open, run_open_loop  # noqa: E402
-from loadtests.bench_poll import Options  # noqa: E402
-from loadtests.bench_setup import (  # noqa: E402
+from loadtests import bench_poll, bench_profile, bench_report
+from loadtests.bench_load import PostOrders, run_load
+from loadtests.bench_openloop import OpenLoopResult, format_open, run_open_loop
+from loadtests.bench_poll import Options
+from loadtests.bench_setup import (
     Placement,
     admit,
     clean_env,
@@ -58,9 +58,9 @@ from loadtests.bench_setup import (  # noqa: E402
     temp_dir,
     wait_http,
 )
-from ordergate.runtime import resolved  # noqa: E402
-from ordergate.servers import EmbeddedValkey, free_port  # noqa: E402
-from ordergate.settings import Settings  # noqa: E402
+from ordergate.runtime import resolved
+from ordergate.servers import EmbeddedValkey, free_port
+from ordergate.settings import Settings
 
 POST_KINDS = ("a", "b", "f", "c")
 LABELS = {
@@ -368,7 +368,7 @@ def _postgres_pid(s: Settings) -> int:
 
 
 def _redis_pid(url: str) -> int:
-    from buffer.connection import create_redis
+    from ordergate.buffer.connection import create_redis
 
     async def go() -> int:
         redis = create_redis(url)

@@ -33,9 +33,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from buffer.order import ORDER_DECODER
-from sharding.ids import new_order_id
-from sharding.routing import shard_for
+from ordergate.buffer.order import ORDER_DECODER
+from ordergate.sharding.ids import new_order_id
+from ordergate.sharding.routing import shard_for
 
 STOREFRONT = "shop-a"
 SHARDS = 8

@@ -21,9 +21,9 @@ import json
 import time
 from typing import Any
 
-from buffer.connection import create_redis
-from buffer.keys import Keys
-from buffer.message import OrderMessage, decode_entry
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.message import OrderMessage, decode_entry
 from ordergate.settings import Settings
 
 
@@ -46,7 +46,7 @@ async def buffered_messages(s: Settings) -> list[OrderMessage]:
 async def time_copy(s: Settings) -> dict[str, Any]:
     import asyncpg
 
-    from workers.persist import COPY_COLUMNS, row_of
+    from ordergate.workers.persist import COPY_COLUMNS, row_of
 
     messages = await buffered_messages(s)
     rows = [row_of(m) for m in messages]
@@ -80,8 +80,9 @@ async def time_copy(s: Settings) -> dict[str, Any]:
 async def time_drain(s: Settings) -> dict[str, Any]:
     """One burst worker; the rate counts from its first take to its last settle (what it
     costs to start a process and find the lock is not the drain's speed), the wall time too."""
-    from buffer.consumer import QueueConsumer
-    from workers.runner import run_worker
+    from ordergate.buffer.consumer import QueueConsumer
+    from ordergate.components import worker_config
+    from ordergate.workers.runner import run_worker
 
     marks: dict[str, float] = {}
     take, settle = QueueConsumer.take, QueueConsumer.settle
@@ -98,7 +99,7 @@ async def time_drain(s: Settings) -> dict[str, Any]:
     QueueConsumer.take = timed_take  # type: ignore[method-assign]
     QueueConsumer.settle = timed_settle  # type: ignore[method-assign]
     t0 = time.perf_counter()
-    stats = await run_worker(s, 0, burst=True)
+    stats = await run_worker(worker_config(s), 0, burst=True)
     wall = time.perf_counter() - t0
     seconds = marks.get("last_settle", 0.0) - marks.get("first_take", 0.0)
     return {

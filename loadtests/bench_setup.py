@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from buffer.connection import create_redis
-from buffer.keys import Keys
-from buffer.streams import ensure_streams
-from gateway.auth import create_key
 from loadtests.bench_load import PostOrders, split_url
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.streams import ensure_streams
+from ordergate.gateway.auth import create_key
 from ordergate.servers import die_with_parent
 from ordergate.settings import Settings
-from workers.migrate import migrate
+from ordergate.workers.migrate import migrate
 
 REPO = Path(__file__).resolve().parent.parent
 STOREFRONT = "shop-a"

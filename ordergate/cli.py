@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from ordergate import __version__, metricsdir
-from ordergate.errors import OrdergateError
+from ordergate.errors import CommandError, OrdergateError
 from ordergate.logs import configure as configure_logging
 from ordergate.settings import Settings
 
@@ -255,7 +255,7 @@ def _live_urls(settings: Settings) -> Settings:
         return settings
     live = read_runtime(settings.data_path)
     if live is None:
-        raise OrdergateError(
+        raise CommandError(
             "no servers: set ORDERGATE_REDIS_URL and ORDERGATE_DATABASE_URL, or run `ordergate up`"
         )
     return settings.replace(
@@ -281,7 +281,7 @@ def _uvicorn(settings: Settings) -> None:
     import uvicorn
 
     uvicorn.run(
-        "gateway.app:create_app",
+        "ordergate.components:gateway_app",
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -307,15 +307,16 @@ def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
                 settings = settings.replace(metrics_dir=own)  # worker 0 reports them all
             return Supervisor(settings, gateway=False, migrate=False).run()
     metricsdir.use(settings)  # before anything imports prometheus_client
-    from workers import metrics
-    from workers.runner import run_worker
+    from ordergate.components import worker_config
+    from ordergate.workers import metrics
+    from ordergate.workers.runner import run_worker
 
-    if args.burst:
-        settings = settings.replace(workers=1)
-    elif settings.worker_metrics_port and not args.worker_index:
+    if not args.burst and settings.worker_metrics_port and not args.worker_index:
         metrics.serve(settings.worker_metrics_port, settings.host, settings.metrics_dir)
     report = _run(
-        run_worker(settings, args.worker_index or 0, burst=args.burst, install_signals=True)
+        run_worker(
+            worker_config(settings), args.worker_index or 0, burst=args.burst, install_signals=True
+        )
     )
     if args.burst:
         print(
@@ -331,11 +332,11 @@ def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from buffer.connection import create_redis
-    from buffer.keys import Keys
-    from buffer.streams import ensure_streams
+    from ordergate.buffer.connection import create_redis
+    from ordergate.buffer.keys import Keys
+    from ordergate.buffer.streams import ensure_streams
     from ordergate.runtime import resolved
-    from workers.migrate import migrate
+    from ordergate.workers.migrate import migrate
 
     with resolved(settings) as s:
 
@@ -356,8 +357,8 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def _with_redis(settings: Settings, fn: Callable[[Any, Any, Settings], Awaitable[Any]]) -> Any:
     from redis.exceptions import ConnectionError, TimeoutError
 
-    from buffer.connection import create_redis
-    from buffer.keys import Keys
+    from ordergate.buffer.connection import create_redis
+    from ordergate.buffer.keys import Keys
     from ordergate.runtime import resolved
 
     with resolved(settings) as s:
@@ -367,9 +368,7 @@ def _with_redis(settings: Settings, fn: Callable[[Any, Any, Settings], Awaitable
             try:
                 return await fn(redis, Keys(s.key_prefix), s)
             except (ConnectionError, TimeoutError, OSError) as exc:
-                raise OrdergateError(
-                    f"cannot reach Redis at {_where(s.redis_url)}: {exc}"
-                ) from None
+                raise CommandError(f"cannot reach Redis at {_where(s.redis_url)}: {exc}") from None
             finally:
                 await redis.aclose()
 
@@ -388,13 +387,13 @@ def _where(url: str | None) -> str:
 
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
-    from gateway import auth
+    from ordergate.gateway import auth
 
     if args.keys_command == "create":
         try:
             key = _with_redis(settings, lambda r, k, s: auth.create_key(r, k, args.storefront_id))
         except ValueError as exc:
-            raise OrdergateError(str(exc)) from None
+            raise CommandError(str(exc)) from None
         print(key)
         print(
             f"(API key for storefront {args.storefront_id!r}; shown once, stored hashed)",
@@ -406,13 +405,13 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     else:
         n = _with_redis(settings, lambda r, k, s: auth.revoke_key(r, k, args.key))
         if not n:
-            raise OrdergateError("no such key")
+            raise CommandError("no such key")
         print(f"revoked {n} key(s)")
     return 0
 
 
 def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from buffer import deadletters
+    from ordergate.buffer import deadletters
 
     if args.dlq_command == "list":
         letters = _with_redis(
@@ -430,14 +429,14 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
                 )
         return 0
     if not args.all and not args.ids:
-        raise OrdergateError("name dead-letter ids, or pass --all")
+        raise CommandError("name dead-letter ids, or pass --all")
 
     async def replay(redis: Any, keys: Any, s: Settings) -> int:
         letters = await deadletters.list_dead_letters(redis, keys, s.shards, limit=100000)
         chosen = letters if args.all else [d for d in letters if d.handle in set(args.ids)]
         missing = set(args.ids) - {d.handle for d in chosen}
         if missing:
-            raise OrdergateError(f"no dead letter with id {', '.join(sorted(missing))}")
+            raise CommandError(f"no dead letter with id {', '.join(sorted(missing))}")
         return await deadletters.replay(redis, keys, s.shards, chosen)
 
     print(f"re-queued {_with_redis(settings, replay)} dead letter(s)")
@@ -445,8 +444,8 @@ def cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
-    from buffer import webhooks
-    from buffer.errors import InvalidWebhook
+    from ordergate.buffer import webhooks
+    from ordergate.buffer.errors import InvalidWebhook
 
     if args.storefronts_command == "set-webhook":
         try:
@@ -455,7 +454,7 @@ def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
                 lambda r, k, s: webhooks.set_webhook(r, k, args.storefront_id, args.url),
             )
         except InvalidWebhook as exc:
-            raise OrdergateError(str(exc)) from None
+            raise CommandError(str(exc)) from None
         print(hook.secret)
         print(
             f"(signing secret for {args.storefront_id!r} -> {hook.url}; shown once: events carry "
@@ -466,7 +465,7 @@ def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
         if not _with_redis(
             settings, lambda r, k, s: webhooks.remove_webhook(r, k, args.storefront_id)
         ):
-            raise OrdergateError(f"storefront {args.storefront_id!r} has no webhook")
+            raise CommandError(f"storefront {args.storefront_id!r} has no webhook")
         print(f"removed the webhook of {args.storefront_id!r}")
     else:
         hooks = _with_redis(settings, lambda r, k, s: webhooks.list_webhooks(r, k))
@@ -478,7 +477,7 @@ def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
-    from buffer.notifications import NotificationStreams
+    from ordergate.buffer.notifications import NotificationStreams
 
     def streams(redis: Any, keys: Any, s: Settings) -> NotificationStreams:
         return NotificationStreams(redis, keys, s.shards)
@@ -498,7 +497,7 @@ def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
             )
         return 0
     if not args.all and not args.ids:
-        raise OrdergateError("name dead notification ids, or pass --all")
+        raise CommandError("name dead notification ids, or pass --all")
     ids = None if args.all else list(args.ids)
     n = _with_redis(settings, lambda r, k, s: streams(r, k, s).requeue_dead(ids))
     print(f"re-queued {n} notification(s)")
@@ -506,7 +505,7 @@ def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from buffer.overview import read_overview
+    from ordergate.buffer.overview import read_overview
     from ordergate.statusview import render, watch
 
     def read(r: Any, k: Any, s: Settings) -> Awaitable[Any]:
@@ -514,7 +513,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.watch:
         if not args.interval > 0:
-            raise OrdergateError("--interval must be a positive number of seconds")
+            raise CommandError("--interval must be a positive number of seconds")
         try:
             _with_redis(settings, lambda r, k, s: watch(lambda: read(r, k, s), args.interval))
         except KeyboardInterrupt:
@@ -533,13 +532,13 @@ def cmd_drain(args: argparse.Namespace, settings: Settings) -> int:
     import socket
     import time
 
-    from buffer.control import check_rate, set_control
+    from ordergate.buffer.control import check_rate, set_control
 
     if args.rate is not None:
         try:
             check_rate(args.rate)
         except ValueError as exc:
-            raise OrdergateError(f"--rate: {exc}") from None
+            raise CommandError(f"--rate: {exc}") from None
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from ordergate.errors import OrdergateError
+from ordergate.errors import CommandError
 from ordergate.servers import EmbeddedPostgres, EmbeddedValkey
 from ordergate.settings import Settings
 
@@ -29,9 +29,13 @@ def read_runtime(data_dir: Path) -> dict[str, str] | None:
     try:
         info = json.loads((data_dir / RUNTIME_FILE).read_text())
         os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError):
+        return {
+            "pid": str(info["pid"]),
+            "redis_url": info["redis_url"],
+            "database_url": info["database_url"],
+        }
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return info
 
 
 def write_runtime(data_dir: Path, redis_url: str, database_url: str) -> None:
@@ -55,7 +59,7 @@ def data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OrdergateError(
+            raise CommandError(
                 f"{data_dir} is in use by another ordergate process (is `ordergate up` running?)"
             ) from None
         yield handle

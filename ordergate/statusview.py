@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from buffer.overview import Overview
+from ordergate.buffer.overview import Overview
 
 _STYLE = {"closed": "green", "half_open": "yellow", "open": "bold red"}
 _DRAIN_STYLE = {"draining": "green", "paused": "bold yellow", "stalled": "bold red"}

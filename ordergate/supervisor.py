@@ -18,14 +18,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from buffer.connection import create_redis
-from buffer.keys import Keys
-from buffer.streams import ensure_streams
 from ordergate import metricsdir
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.streams import ensure_streams
 from ordergate.runtime import clear_runtime, data_dir_lock, write_runtime
 from ordergate.servers import EmbeddedPostgres, EmbeddedValkey, die_with_parent
 from ordergate.settings import Settings
-from workers.migrate import migrate
+from ordergate.workers.migrate import migrate
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Supervisor:
                     )
                     try:
                         server.start()
-                    except Exception:  # noqa: BLE001 - keep trying on the next round
+                    except Exception:
                         log.exception("restart failed")
             time.sleep(0.2)
 

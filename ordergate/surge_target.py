@@ -135,9 +135,9 @@ def api_keys(target: Target, settings: Settings, run_id: str) -> tuple[list[str]
 
 
 async def _create_keys(redis_url: str, settings: Settings, storefronts: list[str]) -> list[str]:
-    from buffer.connection import create_redis
-    from buffer.keys import Keys
-    from gateway.auth import create_key
+    from ordergate.buffer.connection import create_redis
+    from ordergate.buffer.keys import Keys
+    from ordergate.gateway.auth import create_key
 
     redis = create_redis(redis_url)
     try:

@@ -4,8 +4,8 @@ Pure functions: no I/O, no asyncio. See ``routing`` for the rules and ``ids`` fo
 carry their shard.
 """
 
-from sharding.ids import new_order_id, shard_of_order_id
-from sharding.routing import partition_for, partition_table, shard_for
+from ordergate.sharding.ids import new_order_id, shard_of_order_id
+from ordergate.sharding.routing import partition_for, partition_table, shard_for
 
 __all__ = [
     "new_order_id",

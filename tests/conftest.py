@@ -17,15 +17,16 @@ import asyncpg
 import httpx
 import pytest
 
-from buffer.connection import create_redis
-from buffer.keys import Keys
-from buffer.streams import ensure_streams
-from gateway.app import create_app
-from gateway.auth import create_key
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.streams import ensure_streams
+from ordergate.components import gateway_config, worker_config
+from ordergate.gateway.app import create_app
+from ordergate.gateway.auth import create_key
 from ordergate.servers import EmbeddedPostgres, EmbeddedValkey
 from ordergate.settings import Settings
-from workers.migrate import migrate
-from workers.runner import WorkerReport, run_worker
+from ordergate.workers.migrate import migrate
+from ordergate.workers.runner import WorkerReport, run_worker
 
 
 @dataclass
@@ -115,7 +116,7 @@ async def app_factory(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
     stack: list[Any] = []
 
     async def start(custom: Settings | None = None) -> httpx.AsyncClient:
-        app = create_app(custom or settings)
+        app = create_app(gateway_config(custom or settings))
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://og")
@@ -167,14 +168,14 @@ def auth(key: str) -> dict[str, str]:
 
 async def drain(settings: Settings) -> WorkerReport:
     """Run one worker in burst mode: drain everything there is, then return."""
-    return await asyncio.wait_for(run_worker(settings.replace(workers=1), burst=True), 120)
+    return await asyncio.wait_for(run_worker(worker_config(settings), burst=True), 120)
 
 
 @contextlib.asynccontextmanager
 async def worker_running(settings: Settings) -> AsyncIterator[asyncio.Task[WorkerReport]]:
     """A worker draining in this process (leader or standby) until the block ends."""
     stop = asyncio.Event()
-    task = asyncio.create_task(run_worker(settings, stop=stop))
+    task = asyncio.create_task(run_worker(worker_config(settings), stop=stop))
     try:
         yield task
     finally:

@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 
-from buffer.connection import create_redis
-from buffer.keys import GROUP, Keys
-from gateway.auth import create_key
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.keys import GROUP, Keys
+from ordergate.gateway.auth import create_key
 from ordergate.servers import EmbeddedValkey
-from sharding.ids import shard_of_order_id
+from ordergate.sharding.ids import shard_of_order_id
 from tests.conftest import auth, eventually, order_body
 
 

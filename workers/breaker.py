@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from workers.errors import BreakerOpen
+from ordergate.workers.errors import BreakerOpen
 
 T = TypeVar("T")
 

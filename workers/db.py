@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from workers.errors import PermanentPersistError, TransientPersistError
+from ordergate.workers.errors import PermanentPersistError, TransientPersistError
 
 # SQLSTATE classes that say "not now" rather than "never": connection exceptions, insufficient
 # resources, operator intervention (shutdown, restart), system errors, serialization failures

@@ -25,17 +25,17 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from buffer import history
-from buffer.consumer import Batch, QueueConsumer, Settlement
-from buffer.control import DrainControl, read_control
-from buffer.streams import ensure_streams
-from ordergate.settings import Settings
-from workers import leadership, metrics
-from workers.backoff import backoff, sleep_or_stop
-from workers.drainrate import DrainRate
-from workers.errors import LockPollFailed, LostLeadership, TransientPersistError
-from workers.persist import Persister
-from workers.ratelimit import TokenBucket
+from ordergate.buffer import history
+from ordergate.buffer.consumer import Batch, QueueConsumer, Settlement
+from ordergate.buffer.control import DrainControl, read_control
+from ordergate.buffer.streams import ensure_streams
+from ordergate.workers import leadership, metrics
+from ordergate.workers.backoff import backoff, sleep_or_stop
+from ordergate.workers.config import WorkerConfig
+from ordergate.workers.drainrate import DrainRate
+from ordergate.workers.errors import LockPollFailed, LostLeadership, TransientPersistError
+from ordergate.workers.persist import Persister
+from ordergate.workers.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +59,20 @@ class Drainer:
     CONTROL_S = 0.5  # the operators' controls are re-read this often while leading
     IDLE_BLOCK_MS = 1000  # an idle leader waits for entries at most this long between looks
 
-    def __init__(self, settings: Settings, redis: Any, consumer: QueueConsumer) -> None:
-        assert settings.database_url, "resolve server URLs first"
-        self.settings = settings
+    def __init__(self, config: WorkerConfig, redis: Any, consumer: QueueConsumer) -> None:
+        self.config = config
         self.redis = redis
         self.consumer = consumer
         self.name = consumer.consumer
         self.keys = consumer.keys
-        self.bucket = TokenBucket(settings.drain_rate)  # the operators' rate may lower it
+        self.bucket = TokenBucket(config.drain_rate)  # the operators' rate may lower it
         self.control = DrainControl()
         self._control_read = 0.0
         self.rate = DrainRate()
         self.stats = DrainStats(consumer.consumer)
         self.state = "starting"
         self.reason = ""
-        self._lock_key = leadership.lock_key(settings.key_prefix)
+        self._lock_key = leadership.lock_key(config.key_prefix)
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> DrainStats:
         """Drain until ``stop`` is set; in burst mode, until the buffer is empty and settled."""
@@ -88,7 +87,7 @@ class Drainer:
 
     async def _run(self, stop: asyncio.Event, burst: bool) -> None:
         attempt = 0
-        url = self.settings.database_url or ""
+        url = self.config.database_url
         while not stop.is_set():
             try:
                 conn = await leadership.connect(url, self.name)
@@ -98,7 +97,7 @@ class Drainer:
                 self._set_state("stalled", f"Postgres unavailable: {exc}")
                 if attempt == 1 or attempt % 20 == 0:
                     log.warning("cannot reach Postgres (%r); retrying", exc)
-                await sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s))
+                await sleep_or_stop(stop, backoff(attempt, self.config.retry_backoff_max_s))
                 continue
             attempt = 0
             try:
@@ -112,7 +111,7 @@ class Drainer:
             except LockPollFailed as exc:
                 log.warning("cannot poll the drain lock (%s); reconnecting", exc)
                 self._set_state("stalled", f"Postgres unavailable: {exc}")
-            except Exception as exc:  # noqa: BLE001 - the lock connection broke mid-call
+            except Exception as exc:
                 if not conn.is_closed():
                     raise
                 log.warning("Postgres connection lost (%r)", exc)
@@ -142,10 +141,10 @@ class Drainer:
 
     async def _lead(self, conn: Any, stop: asyncio.Event, burst: bool) -> bool:
         persister = Persister(conn)
-        await ensure_streams(self.redis, self.keys, self.settings.shards)
+        await ensure_streams(self.redis, self.keys, self.config.shards)
         self._control_read = 0.0  # a new leader reads the operators' controls before anything
         recovered = False
-        size = self.settings.batch_size
+        size = self.config.batch_size
         started: float | None = None
         while not stop.is_set():
             if conn.is_closed():
@@ -182,7 +181,7 @@ class Drainer:
                 return True
             await self.consumer.wait_for_entries(  # idle: the heartbeat keeps reporting
                 taken.last_ids,
-                50 if burst else min(self.settings.read_block_ms, self.IDLE_BLOCK_MS),
+                50 if burst else min(self.config.read_block_ms, self.IDLE_BLOCK_MS),
             )
         return False
 
@@ -192,7 +191,7 @@ class Drainer:
         if time.monotonic() - self._control_read >= self.CONTROL_S:
             control = await read_control(self.redis, self.keys)
             self._control_read = time.monotonic()
-            self.bucket.set_rate(control.cap(self.settings.drain_rate))
+            self.bucket.set_rate(control.cap(self.config.drain_rate))
             if control.paused:
                 at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(control.at_us / 1e6))
                 self._set_state("paused", f"paused by {control.by or 'an operator'} at {at}")
@@ -221,7 +220,7 @@ class Drainer:
         log.warning(
             "%s: finishing %d entries left pending by earlier leaders", self.name, len(owed)
         )
-        size = self.settings.batch_size
+        size = self.config.batch_size
         messages, poison = owed.messages, owed.poison
         for start in range(0, max(len(messages), 1), size):
             part = Batch(messages[start : start + size], poison, owed.deliveries)
@@ -233,7 +232,7 @@ class Drainer:
         """Write and settle one batch; False if stopping left it pending."""
         started = time.monotonic()
         now_us = time.time_ns() // 1000
-        limit = self.settings.max_deliveries
+        limit = self.config.max_deliveries
         settlements = [Settlement.dead(p, now_us) for p in batch.poison]
         messages = []
         for m in batch.messages:
@@ -292,7 +291,7 @@ class Drainer:
                 self._set_state("stalled", f"Postgres cannot take writes: {exc}")
                 if attempt == 1 or attempt % 20 == 0:
                     log.warning("Postgres refused a batch of %d for now (%s)", len(messages), exc)
-                if await sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s)):
+                if await sleep_or_stop(stop, backoff(attempt, self.config.retry_backoff_max_s)):
                     return None
 
     async def _settle(self, settlements: list[Settlement], stop: asyncio.Event) -> bool:
@@ -302,7 +301,7 @@ class Drainer:
             try:
                 await self.consumer.settle(
                     settlements,
-                    self.settings.status_ttl_s,
+                    self.config.status_ttl_s,
                     rate=self._rate(),
                     leader=self.name,
                 )
@@ -311,16 +310,16 @@ class Drainer:
             except (RedisError, OSError) as exc:
                 attempt += 1
                 log.warning("cannot settle a batch in Redis (%r); retrying", exc)
-                if await sleep_or_stop(stop, backoff(attempt, self.settings.retry_backoff_max_s)):
+                if await sleep_or_stop(stop, backoff(attempt, self.config.retry_backoff_max_s)):
                     return False  # left pending: redelivery finds the rows and settles then
 
     async def _redis_trouble(self, exc: Exception, stop: asyncio.Event) -> None:
         if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
             log.error("consumer group missing; recreating")
-            await _quietly(ensure_streams(self.redis, self.keys, self.settings.shards))
+            await _quietly(ensure_streams(self.redis, self.keys, self.config.shards))
         else:
             log.warning("Redis error %r; retrying", exc)
-        await sleep_or_stop(stop, backoff(3, self.settings.retry_backoff_max_s))
+        await sleep_or_stop(stop, backoff(3, self.config.retry_backoff_max_s))
 
     def _rate(self) -> float | None:
         """The measured rate, never above the cap: the bucket's one-second burst after an idle
@@ -360,7 +359,7 @@ class Drainer:
                 self.state == "stalled" and await self._nobody_leads()
             ):
                 await _quietly(self._publish())
-                await _quietly(history.record(self.redis, self.keys, self.settings.shards))
+                await _quietly(history.record(self.redis, self.keys, self.config.shards))
             await sleep_or_stop(stop, self.HEARTBEAT_S)
 
     async def _nobody_leads(self) -> bool:
@@ -381,5 +380,5 @@ async def _close(conn: Any) -> None:
 async def _quietly(coro: Any) -> None:
     try:
         await coro
-    except Exception:  # noqa: BLE001 - best effort
+    except Exception:
         log.debug("best-effort call failed", exc_info=True)

@@ -1,7 +1,9 @@
 """Errors of the workers, sorted so the drain knows whether to retry or to dead-letter."""
 
+from ordergate.errors import OrdergateError
 
-class WorkerError(Exception):
+
+class WorkerError(OrdergateError):
     """Base class of every worker error."""
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from workers.errors import LockPollFailed
+from ordergate.workers.errors import LockPollFailed
 
 
 def lock_key(key_prefix: str) -> int:

@@ -54,6 +54,6 @@ def serve(port: int, host: str, metrics_dir: str | None) -> None:
     registry = REGISTRY
     if metrics_dir:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=metrics_dir)
+        MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
     start_http_server(port, host, registry=registry)
     log.info("worker metrics on http://%s:%d/metrics", host, port)

@@ -8,8 +8,8 @@ from importlib import resources
 
 import asyncpg
 
-from sharding.routing import partition_for, partition_table
-from workers.errors import MigrationError
+from ordergate.sharding.routing import partition_for, partition_table
+from ordergate.workers.errors import MigrationError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 def migration_files() -> list[tuple[int, str, str]]:
     """(version, name, sql) of every migration shipped with the package, in order."""
     out = []
-    for entry in resources.files("workers").joinpath("migrations").iterdir():
+    for entry in resources.files("ordergate.workers").joinpath("migrations").iterdir():
         match = _NAME.match(entry.name)
         if match:
             out.append((int(match.group(1)), entry.name, entry.read_text()))

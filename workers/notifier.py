@@ -28,30 +28,18 @@ from typing import Any
 
 import httpx
 
-from buffer.keys import Keys
-from buffer.notifications import Event, NotificationStreams
-from buffer.webhooks import Webhook, get_webhook
-from ordergate.settings import Settings
-from workers.backoff import backoff, sleep_or_stop
-from workers.breaker import BreakerConfig, CircuitBreaker, State
-from workers.errors import BreakerOpen, LeaseLost, WebhookFailed
-from workers.signing import HEADER, sign
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.notifications import Event, NotificationStreams
+from ordergate.buffer.webhooks import Webhook, get_webhook
+from ordergate.workers.backoff import backoff, sleep_or_stop
+from ordergate.workers.breaker import CircuitBreaker, State
+from ordergate.workers.config import WorkerConfig
+from ordergate.workers.errors import BreakerOpen, LeaseLost, WebhookFailed
+from ordergate.workers.signing import HEADER, sign
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "ordergate-webhooks/1"
-
-
-def breaker_config(settings: Settings) -> BreakerConfig:
-    return BreakerConfig(
-        slow_call_s=settings.breaker_slow_ms / 1000,
-        call_timeout_s=settings.notify_timeout_ms / 1000,
-        window=settings.breaker_window,
-        minimum_calls=settings.breaker_minimum_calls,
-        failure_rate=settings.breaker_failure_rate,
-        slow_rate=settings.breaker_slow_rate,
-        open_s=settings.breaker_open_s,
-    )
 
 
 class Lane:
@@ -63,7 +51,7 @@ class Lane:
         self.n = notifier
         self.storefront_id = storefront_id
         self.breaker = CircuitBreaker(
-            f"webhook:{storefront_id}", breaker_config(notifier.settings), on_change=_log_change
+            f"webhook:{storefront_id}", notifier.config.breaker, on_change=_log_change
         )
         self.backlog = backlog  # events in the deferred stream or on their way there
         self.inflight = 0
@@ -83,7 +71,7 @@ class Lane:
 
     @property
     def concurrency(self) -> int:
-        return self.n.settings.notify_concurrency
+        return self.n.config.notify_concurrency
 
     def submit(self, event: Event) -> None:
         """Deliver now, or defer (never waits: the dispatcher serves every lane)."""
@@ -124,6 +112,7 @@ class Lane:
             await self._defer_wake.wait()
             self._defer_wake.clear()
             batch, self._to_defer = self._to_defer, []
+            self.n.released()
             if batch:
                 self._deferring = True
                 try:
@@ -137,6 +126,7 @@ class Lane:
             error = await self._attempt(event)
         finally:
             self.inflight -= 1
+            self.n.released()
         if error is None:
             await self.n.streams.delivered([event], deferred=False)
             return
@@ -218,11 +208,11 @@ class Lane:
                 await self.n.streams.failed(event, error)
             attempt += 1
             await self._bury_expired(failed[-1][1])
-            await self._pause(backoff(attempt, self.n.settings.notify_backoff_max_s, base=0.1))
+            await self._pause(backoff(attempt, self.n.config.notify_backoff_max_s, base=0.1))
 
     async def _bury_expired(self, error: str) -> None:
         """Events deferred longer than notify_give_up_s ago, while the destination still fails."""
-        cutoff = time.time_ns() // 1000 - int(self.n.settings.notify_give_up_s * 1e6)
+        cutoff = time.time_ns() // 1000 - int(self.n.config.notify_give_up_s * 1e6)
         while True:
             head = await self.n.streams.lane_head(self.storefront_id, 500)
             expired = [e for e in head if e.deferred_at_us < cutoff]
@@ -234,7 +224,7 @@ class Lane:
                 "webhook %s: %d events failed for %.0f s; moved to the notification dead list",
                 self.storefront_id,
                 len(expired),
-                self.n.settings.notify_give_up_s,
+                self.n.config.notify_give_up_s,
             )
             if len(expired) < len(head):
                 return
@@ -251,20 +241,21 @@ class Notifier:
     STANDBY_POLL_S = 1.0
     LEASE_MS = 5000  # a dead leader's lanes resume within this (plus a standby poll)
 
-    def __init__(self, settings: Settings, redis: Any) -> None:
-        self.settings = settings
+    def __init__(self, config: WorkerConfig, redis: Any) -> None:
+        self.config = config
         self.redis = redis
-        self.keys = Keys(settings.key_prefix)
-        self.streams = NotificationStreams(redis, self.keys, settings.shards)
+        self.keys = Keys(config.key_prefix)
+        self.streams = NotificationStreams(redis, self.keys, config.shards)
         self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lanes: dict[str, Lane] = {}
         self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.notify_timeout_ms / 1000 + 1),
+            timeout=httpx.Timeout(config.notify_timeout_s + 1),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
             follow_redirects=False,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._fault: asyncio.Future[None] | None = None
+        self._room = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Lead when the lease is free, stand by otherwise, until ``stop``; closes the client."""
@@ -332,16 +323,27 @@ class Notifier:
 
     async def _dispatch(self, stop: asyncio.Event) -> None:
         last = "0-0"
-        block = min(self.settings.read_block_ms, 1000)
+        block = min(self.config.read_block_ms, 1000)
         while not stop.is_set():
-            while self._held() > self.settings.notify_max_held:
-                await asyncio.sleep(0.01)  # lanes are writing deferrals: let them catch up
+            await self._room_to_hold()
             for event in await self.streams.read_new(last, 500, block):
                 last = event.entry_id
                 self.lane(event.storefront_id).submit(event)
 
     def _held(self) -> int:
         return sum(lane.held for lane in self.lanes.values())
+
+    async def _room_to_hold(self) -> None:
+        """Wait while the lanes hold more than ``notify_max_held`` events in memory (they are
+        writing deferrals or delivering): each lane calls ``released`` as its count drops."""
+        while True:
+            self._room.clear()
+            if self._held() <= self.config.notify_max_held:
+                return
+            await self._room.wait()
+
+    def released(self) -> None:
+        self._room.set()
 
     async def _keep_lease_and_report(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -24,10 +24,10 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from buffer.message import OrderMessage
-from buffer.order import ORDER_DECODER
-from workers.db import classify
-from workers.errors import PermanentPersistError
+from ordergate.buffer.message import OrderMessage
+from ordergate.buffer.order import ORDER_DECODER
+from ordergate.workers.db import classify
+from ordergate.workers.errors import PermanentPersistError
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,7 @@ class Persister:
             return []
         try:
             return await self._transaction(rows)
-        except Exception as exc:  # noqa: BLE001 - sorted right below
+        except Exception as exc:
             error = classify(exc)
             if not isinstance(error, PermanentPersistError):
                 raise error from exc

@@ -46,7 +46,7 @@ class TokenBucket:
         if self.rate and tokens > 0:
             self._tokens = min(max(self.rate, 1.0), self._tokens + tokens)
 
-    async def acquire(self, wanted: int, timeout: float | None = None) -> int:
+    async def acquire(self, wanted: int, timeout: float | None = None) -> int:  # noqa: ASYNC109
         """Take between 1 and ``wanted`` tokens, waiting for a tenth of a second's worth; 0 when
         ``timeout`` seconds pass first (so a caller at a low rate can look at its controls)."""
         if not self.rate:

@@ -11,15 +11,15 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from buffer.connection import create_redis
-from buffer.consumer import QueueConsumer
-from buffer.keys import Keys
-from buffer.streams import ensure_streams
-from ordergate.settings import Settings
-from workers.drainer import Drainer, DrainStats
-from workers.notifier import Notifier
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.consumer import QueueConsumer
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.streams import ensure_streams
+from ordergate.workers.config import WorkerConfig
+from ordergate.workers.drainer import Drainer, DrainStats
+from ordergate.workers.notifier import Notifier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,7 +28,7 @@ WorkerReport = DrainStats
 
 
 async def run_worker(
-    settings: Settings,
+    config: WorkerConfig,
     index: int = 0,
     *,
     burst: bool = False,
@@ -40,28 +40,27 @@ async def run_worker(
     ``burst`` drains until the buffer is empty and settled, then returns (tests, audits); it
     delivers no notifications (they wait in their stream for a long-running worker).
     """
-    assert settings.redis_url and settings.database_url, "resolve server URLs first"
     stop = stop or asyncio.Event()
     consumer_name = f"{socket.gethostname()}-{os.getpid()}-w{index}-{int(time.time())}"
-    keys = Keys(settings.key_prefix)
+    keys = Keys(config.key_prefix)
     # Blocking reads hold a connection; the socket timeout must exceed the BLOCK time.
     redis = create_redis(
-        settings.redis_url,
-        socket_timeout=settings.read_block_ms / 1000 + 10,
+        config.redis_url,
+        socket_timeout=config.read_block_ms / 1000 + 10,
         max_connections=8,
         name=f"ordergate-worker-{index}",
     )
-    drainer = Drainer(settings, redis, QueueConsumer(redis, keys, settings.shards, consumer_name))
+    drainer = Drainer(config, redis, QueueConsumer(redis, keys, config.shards, consumer_name))
     if install_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     try:
-        await _until_ok(lambda: ensure_streams(redis, keys, settings.shards), stop, "Redis")
+        await _until_ok(lambda: ensure_streams(redis, keys, config.shards), stop, "Redis")
         if stop.is_set():
             return drainer.stats
-        health = asyncio.create_task(_health(redis, keys, drainer.stats, settings, stop))
-        notifying = None if burst else asyncio.create_task(_notify(settings, index, stop))
+        health = asyncio.create_task(_health(redis, keys, drainer.stats, config.health_ttl_s, stop))
+        notifying = None if burst else asyncio.create_task(_notify(config, index, stop))
         try:
             await drainer.run(stop, burst=burst)
         finally:
@@ -83,18 +82,17 @@ async def run_worker(
         await redis.aclose()
 
 
-async def _notify(settings: Settings, index: int, stop: asyncio.Event) -> None:
+async def _notify(config: WorkerConfig, index: int, stop: asyncio.Event) -> None:
     """The process's notifier, on connections of its own: slow webhooks must not hold the
     drain's pool."""
-    assert settings.redis_url
     redis = create_redis(
-        settings.redis_url,
-        socket_timeout=settings.read_block_ms / 1000 + 10,
+        config.redis_url,
+        socket_timeout=config.read_block_ms / 1000 + 10,
         max_connections=32,
         name=f"ordergate-notifier-{index}",
     )
     try:
-        await Notifier(settings, redis).run(stop)
+        await Notifier(config, redis).run(stop)
     finally:
         await redis.aclose()
 
@@ -118,11 +116,7 @@ async def _until_ok(
 
 
 async def _health(
-    redis,  # type: ignore[no-untyped-def]
-    keys: Keys,
-    stats: DrainStats,
-    settings: Settings,
-    stop: asyncio.Event,
+    redis: Any, keys: Keys, stats: DrainStats, ttl_s: int, stop: asyncio.Event
 ) -> None:
     """A health key with a TTL: present while this worker lives, gone soon after it dies."""
     while not stop.is_set():
@@ -135,18 +129,16 @@ async def _health(
             "at": time.time(),
         }
         try:
-            await redis.set(
-                keys.worker_health(stats.consumer), json.dumps(body), ex=settings.health_ttl_s
-            )
-        except Exception:  # noqa: BLE001 - health is best effort
+            await redis.set(keys.worker_health(stats.consumer), json.dumps(body), ex=ttl_s)
+        except Exception:
             log.debug("heartbeat failed", exc_info=True)
         try:
-            await asyncio.wait_for(stop.wait(), settings.health_ttl_s / 3)
+            await asyncio.wait_for(stop.wait(), ttl_s / 3)
         except TimeoutError:
             pass
 
 
-async def _quietly_delete(redis, key: str) -> None:  # type: ignore[no-untyped-def]
+async def _quietly_delete(redis: Any, key: str) -> None:
     try:
         await redis.delete(key)
     except Exception:  # noqa: BLE001

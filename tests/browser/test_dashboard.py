@@ -16,11 +16,12 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page
 
+from ordergate.components import worker_config
 from ordergate.settings import Settings
+from ordergate.workers.runner import run_worker
 from tests.browser.conftest import Gateway
 from tests.browser.test_waiting_page import Console
 from tests.conftest import auth, eventually, order_body
-from workers.runner import run_worker
 
 pytestmark = pytest.mark.timeout(900)  # the first browser test of a session may install Chromium
 
@@ -61,7 +62,7 @@ async def storefront_load(gateway: Gateway, api_key: str) -> AsyncIterator[list[
 @contextlib.asynccontextmanager
 async def draining(settings: Settings) -> AsyncIterator[None]:
     stop = asyncio.Event()
-    task = asyncio.create_task(run_worker(settings, stop=stop))
+    task = asyncio.create_task(run_worker(worker_config(settings), stop=stop))
     try:
         yield
     finally:

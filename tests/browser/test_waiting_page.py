@@ -15,9 +15,10 @@ import httpx
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Frame, Page, Route, ViewportSize
 
+from ordergate.components import worker_config
+from ordergate.workers.runner import run_worker
 from tests.browser.conftest import Gateway
 from tests.conftest import auth, eventually, order_body
-from workers.runner import run_worker
 
 # The first test of a session may install Chromium with apt-get (see conftest); the test itself
 # runs in well under a minute.
@@ -100,7 +101,7 @@ async def test_page_follows_the_drain_to_the_confirmation(
         progress_before = int(await page.locator("#progress").get_attribute("aria-valuenow") or 0)
 
         settings = gateway.settings.replace(drain_rate=60, batch_size=10)
-        task = asyncio.create_task(run_worker(settings, 0, stop=stop))
+        task = asyncio.create_task(run_worker(worker_config(settings), 0, stop=stop))
 
         async def moved() -> bool:
             shown = await shown_position(page)

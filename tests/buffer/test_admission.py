@@ -14,13 +14,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from buffer.admission import AdmissionConfig, Admitter, Outcome
-from buffer.connection import create_redis
-from buffer.errors import BufferUnavailable, NotDurable
-from buffer.keys import Keys
-from buffer.message import admission_args
-from buffer.streams import ensure_streams
-from sharding import new_order_id, shard_for
+from ordergate.buffer.admission import AdmissionConfig, Admitter, Outcome
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.errors import BufferUnavailable, NotDurable
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.message import admission_args
+from ordergate.buffer.streams import ensure_streams
+from ordergate.sharding import new_order_id, shard_for
 from tests.conftest import eventually, make_settings, worker_running
 from tests.faults import (
     DelayProxy,

@@ -7,10 +7,10 @@ import json
 import signal
 from typing import Any
 
-from buffer import history
-from buffer.consumer import QueueConsumer
-from buffer.control import set_control
-from buffer.keys import Keys
+from ordergate.buffer import history
+from ordergate.buffer.consumer import QueueConsumer
+from ordergate.buffer.control import set_control
+from ordergate.buffer.keys import Keys
 from tests.cli.run import ordergate, spawn
 from tests.conftest import admit
 

@@ -9,8 +9,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from buffer import history
-from buffer.keys import Keys
+from ordergate.buffer import history
+from ordergate.buffer.keys import Keys
 from ordergate.settings import Settings
 from tests.conftest import admit, auth, drain
 

@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from buffer.keys import Keys
-from gateway.metrics import admission_buckets
+from ordergate.buffer.keys import Keys
+from ordergate.gateway.metrics import admission_buckets
 from ordergate.servers import die_with_parent, free_port
 from ordergate.settings import Settings
 from tests.conftest import admit, auth, eventually, order_body, worker_running

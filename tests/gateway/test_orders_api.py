@@ -8,9 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
-from buffer.keys import Keys
-from gateway.app import create_app
-from sharding import new_order_id
+from ordergate.buffer.keys import Keys
+from ordergate.components import gateway_config
+from ordergate.gateway.app import create_app
+from ordergate.sharding import new_order_id
 from tests.conftest import auth, drain, order_body
 
 
@@ -308,7 +309,7 @@ async def test_an_unexpected_error_is_problem_json_with_a_request_id_in_the_log(
     """Injects: a corrupted status record in Redis (a queue number that is not a number). The
     status read fails in a way no handler expects: 500 problem+json, never a bare traceback,
     naming a request id that the one error log line carries too."""
-    app = create_app(settings)
+    app = create_app(gateway_config(settings))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://og") as client:

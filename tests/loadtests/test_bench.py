@@ -8,10 +8,10 @@ import sys
 from array import array
 from pathlib import Path
 
-from buffer.order import ORDER_DECODER
 from loadtests.bench_load import ResponseParser, request_maker, wrk_script
 from loadtests.bench_openloop import ERROR_CODE, TIMEOUT_CODE, _summarize
 from loadtests.bench_setup import post_orders
+from ordergate.buffer.order import ORDER_DECODER
 
 BENCH = Path(__file__).resolve().parents[2] / "loadtests" / "bench.py"
 

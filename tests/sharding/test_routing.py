@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from sharding import new_order_id, partition_table, shard_for, shard_of_order_id
+from ordergate.sharding import new_order_id, partition_table, shard_for, shard_of_order_id
 
 
 def test_shard_is_a_stable_hash_of_the_pair() -> None:

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ordergate.servers import free_port
-from workers.signing import HEADER, verify
+from ordergate.workers.signing import HEADER, verify
 
 
 @dataclass

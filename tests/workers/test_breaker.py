@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from workers.breaker import BreakerConfig, CircuitBreaker, State
-from workers.errors import BreakerOpen
+from ordergate.workers.breaker import BreakerConfig, CircuitBreaker, State
+from ordergate.workers.errors import BreakerOpen
 
 
 class Clock:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from workers.db import classify
-from workers.errors import PermanentPersistError, TransientPersistError
+from ordergate.workers.db import classify
+from ordergate.workers.errors import PermanentPersistError, TransientPersistError
 
 
 async def test_real_errors_are_sorted(pg) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
-from buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import GROUP, Keys
 from tests.conftest import auth, drain, make_settings, order_body
 
 KEYS = Keys()
@@ -55,7 +55,7 @@ async def test_order_postgres_refuses_is_isolated_from_its_batch(
     only that order is dead-lettered with the Postgres error, the other orders commit."""
     poison = order_body("poison-1")
     poison["customer"]["id"] = "refuse-me"
-    from sharding.routing import partition_table, shard_for
+    from ordergate.sharding.routing import partition_table, shard_for
 
     shard = shard_for("shop-a", "poison-1", 8)
     table = partition_table(shard)

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from buffer.control import DrainControl, read_control, set_control
-from buffer.keys import Keys
-from buffer.overview import read_overview
-from buffer.position import DrainState, read_drain_state
+from ordergate.buffer.control import DrainControl, read_control, set_control
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.overview import read_overview
+from ordergate.buffer.position import DrainState, read_drain_state
 from tests.cli.run import ordergate
 from tests.conftest import admit, auth, eventually, make_settings, order_body, worker_running
 

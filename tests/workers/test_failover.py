@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from buffer.keys import Keys
+from ordergate.buffer.keys import Keys
 from tests.conftest import admit, eventually, make_settings
 from tests.faults import audit
 from tests.workers.procs import kill9, spawn_worker

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import GROUP, Keys
 from tests.conftest import admit, auth, drain, eventually, make_settings
 from tests.faults import audit
 from tests.workers.procs import kill9, spawn_worker

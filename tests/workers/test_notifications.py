@@ -6,16 +6,16 @@ import json
 import time
 from typing import Any
 
-from buffer.keys import Keys
-from buffer.notifications import NotificationStreams
-from buffer.overview import read_overview
-from buffer.status import read_status
-from sharding.ids import shard_of_order_id
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.notifications import NotificationStreams
+from ordergate.buffer.overview import read_overview
+from ordergate.buffer.status import read_status
+from ordergate.sharding.ids import shard_of_order_id
+from ordergate.workers.signing import sign, verify
 from tests.conftest import admit, auth, eventually, make_settings, order_body, worker_running
 from tests.faults import audit
 from tests.workers.receiver import receiving
 from tests.workers.test_deadletters import cli
-from workers.signing import sign, verify
 
 KEYS = Keys()
 
@@ -68,7 +68,7 @@ async def test_every_outcome_is_posted_once_signed_and_on_the_timeline(
     """A committed and a dead-lettered order each give one signed event that the receiver can
     verify with the secret shown once; the order's timeline ends with "notified"."""
     settings = fast_breakers(servers)
-    from sharding.routing import partition_table, shard_for
+    from ordergate.sharding.routing import partition_table, shard_for
 
     table = partition_table(shard_for("shop-a", "refused-1", 8))
     await pg.execute(f"ALTER TABLE {table} ADD CONSTRAINT no_refuse CHECK (customer_id <> 'no')")

@@ -6,11 +6,11 @@ import json
 import time
 from typing import Any
 
-from buffer.message import OrderMessage
-from sharding.ids import new_order_id
-from sharding.routing import shard_for
+from ordergate.buffer.message import OrderMessage
+from ordergate.sharding.ids import new_order_id
+from ordergate.sharding.routing import shard_for
+from ordergate.workers.persist import Persister
 from tests.conftest import order_body
-from workers.persist import Persister
 
 
 def _message(sfo: str, order_id: str | None = None, seq: int = 1) -> OrderMessage:

@@ -15,16 +15,16 @@ from typing import Any
 
 import asyncpg
 
-from buffer.keys import GROUP, Keys
-from buffer.position import DrainState, read_drain_state
+from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.position import DrainState, read_drain_state
 from ordergate.servers import EmbeddedPostgres
 from ordergate.settings import Settings
+from ordergate.workers.backoff import backoff
+from ordergate.workers.leadership import lock_key
+from ordergate.workers.migrate import migrate
 from tests.conftest import admit, auth, eventually, make_settings, order_body
 from tests.faults import DelayProxy, audit
 from tests.workers.procs import spawn_worker
-from workers.backoff import backoff
-from workers.leadership import lock_key
-from workers.migrate import migrate
 
 KEYS = Keys()
 OUTAGE_S = 20.0

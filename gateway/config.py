@@ -1,0 +1,34 @@
+"""What a gateway process needs to know, frozen; the shell builds it from its settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ordergate.buffer.admission import AdmissionConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    redis_url: str
+    database_url: str | None = None  # readiness and statuses older than the buffer
+    key_prefix: str = "og"
+    shards: int = 8
+    admission: AdmissionConfig
+    max_body_bytes: int = 65536
+    memory_guard: float = 0.9
+    auth_cache_s: float = 5.0
+    public_url: str | None = None
+    ticket_secret: str | None = None
+    ticket_ttl_s: int = 3600
+    drain_stale_s: float = 5.0
+    admin_token: str | None = None
+    metrics_dir: str | None = None
+    pg_pool_size: int = 4
+
+    @property
+    def admission_timeout_s(self) -> float:
+        return self.admission.timeout_s
+
+    @property
+    def max_buffered(self) -> int:
+        return self.admission.max_buffered
