@@ -2,5 +2,6 @@
 
 ``keys`` names every key, ``message`` is the stream entry format, ``admission`` puts orders in,
 ``consumer`` takes them out (groups, pending, claim, finalize), ``deadletters`` holds the poison,
-``depth`` measures the queue. Lua scripts live in ``lua/`` and touch one shard's keys only.
+``position`` and ``overview`` measure the queue. The Lua scripts live in ``lua/``, one module
+(``scripts``) loads them.
 """

@@ -89,6 +89,11 @@ class Authenticator:
             raise Unauthorized("the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
         return storefront
 
+    @property
+    def lookups_in_flight(self) -> int:
+        """API keys being looked up in Redis now (each shared by every request that waits)."""
+        return len(self._lookups)
+
     async def _lookup(self, authorization: str, now: float) -> str | None:
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._lookups[authorization] = future

@@ -16,6 +16,8 @@ from ordergate.errors import CommandError, OrdergateError
 from ordergate.logs import configure as configure_logging
 from ordergate.settings import Settings
 
+WORKERS_HELP = "worker processes (default 2: the setting workers)"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -43,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         "configured), the schema, the gateway and the workers; Ctrl-C stops it all.",
     )
     gateway_opts(up)
-    up.add_argument("--workers", type=int, help="worker processes (default 1)")
+    up.add_argument("--workers", type=int, help=WORKERS_HELP)
     data_dir_opt(up)
 
     serve = add(
@@ -55,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     data_dir_opt(serve)
 
     work = add("work", "Run workers only: drain the buffer into PostgreSQL.")
-    work.add_argument("--workers", type=int, help="worker processes (default 1)")
+    work.add_argument("--workers", type=int, help=WORKERS_HELP)
     work.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     work.add_argument(
         "--burst",

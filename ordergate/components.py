@@ -3,13 +3,17 @@ never see Settings (nor import the shell)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ordergate.buffer.admission import AdmissionConfig
 from ordergate.errors import ConfigError
-from ordergate.gateway.app import GatewayApp, create_app
 from ordergate.gateway.config import GatewayConfig
 from ordergate.settings import Settings
 from ordergate.workers.breaker import BreakerConfig
 from ordergate.workers.config import WorkerConfig
+
+if TYPE_CHECKING:
+    from ordergate.gateway.app import GatewayApp
 
 
 def gateway_config(s: Settings) -> GatewayConfig:
@@ -77,5 +81,8 @@ def worker_config(s: Settings) -> WorkerConfig:
 
 def gateway_app() -> GatewayApp:
     """uvicorn's factory in each gateway process: the settings come from the environment that
-    ``ordergate serve`` exported."""
+    ``ordergate serve`` exported. Imported here, not above: the app's metrics must not be
+    registered in a worker process, which builds its config from this module too."""
+    from ordergate.gateway.app import create_app
+
     return create_app(gateway_config(Settings.load()))

@@ -57,7 +57,6 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     workers: int = 2
     drain_rate: float = 0.0
     batch_size: int = 500
-    batch_linger_ms: int = 0
     read_block_ms: int = 1000
     max_deliveries: int = 5
     pg_pool_size: int = 4

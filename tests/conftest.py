@@ -21,7 +21,7 @@ from ordergate.buffer.connection import create_redis
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
 from ordergate.components import gateway_config, worker_config
-from ordergate.gateway.app import create_app
+from ordergate.gateway.app import GatewayApp, create_app
 from ordergate.gateway.auth import create_key
 from ordergate.servers import EmbeddedPostgres, EmbeddedValkey
 from ordergate.settings import Settings
@@ -110,6 +110,14 @@ async def clean(servers: Servers) -> None:
         await conn.close()
 
 
+class GatewayClient(httpx.AsyncClient):
+    """An httpx client of an in-process gateway; ``app`` is that gateway, for tests to look at."""
+
+    def __init__(self, app: GatewayApp) -> None:
+        super().__init__(transport=httpx.ASGITransport(app=app), base_url="http://og")
+        self.app = app
+
+
 @pytest.fixture
 async def app_factory(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
     """Start gateway apps in-process (lifespan included) and give httpx clients for them."""
@@ -119,7 +127,7 @@ async def app_factory(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
         app = create_app(gateway_config(custom or settings))
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://og")
+        client = GatewayClient(app)
         stack.append((lifespan, client))
         return client
 

@@ -79,13 +79,6 @@ async def number(page: Page, figure: str) -> float:
     return float(raw) if raw is not None else 0.0
 
 
-async def has_drain_control(gateway: Gateway) -> bool:
-    """Whether this gateway has POST /v1/ops/drain (resuming a running drain changes nothing)."""
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
-        r = await http.post("/v1/ops/drain", json={"action": "resume"}, headers=auth(TOKEN))
-    return r.status_code == 200
-
-
 async def test_dashboard_shows_a_live_load_and_pauses_the_drain(
     browser: Browser, gateway: Gateway, api_key: str, shots: Path
 ) -> None:
@@ -127,14 +120,14 @@ async def test_dashboard_shows_a_live_load_and_pauses_the_drain(
             await eventually(moved, timeout=20)
             assert await page.locator("#rates-chart").screenshot() != chart
             p50 = await page.locator('[data-figure="p50"]').inner_text()
-            assert p50 == "n/a" or p50.endswith(" ms"), p50  # n/a: the gateway has no metrics
+            # the admission histogram's median over the last polls, e.g. "3.2 ms"
+            assert p50.endswith(" ms") and await number(page, "p50") > 0, p50
             shot = shots / "dashboard-live.png"
             await page.screenshot(path=shot, full_page=True, animations="disabled")
             png = shot.read_bytes()
             assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000, len(png)
 
-            if await has_drain_control(gateway):
-                await pause_and_resume(page, shots)
+            await pause_and_resume(page, shots)
         assert console.messages == []
     finally:
         await context.close()
@@ -206,7 +199,7 @@ async def test_dashboard_asks_for_the_token(browser: Browser, gateway: Gateway) 
         await eventually(live, timeout=15)
         assert not await page.locator("#login").is_visible()
         assert await value(page, "issued") == "0"
-        assert await page.locator('[data-figure="p50"]').inner_text() in ("n/a", "…", "– (idle)")
+        assert await page.locator('[data-figure="p50"]').inner_text() in ("…", "– (idle)")
         assert messages == []
     finally:
         await context.close()

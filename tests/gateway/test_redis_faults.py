@@ -171,7 +171,8 @@ async def test_requests_sharing_a_stalled_key_lookup_each_get_503(
     redis_proxy, app_factory, servers, api_key
 ) -> None:
     """Injects: Redis holding every reply (a proxy) while two requests with an API key not yet
-    cached arrive 0.3 s apart, so the second waits for the first's lookup. Audits: both are
+    cached arrive one after the other: the second once the first's lookup is in flight, so it
+    shares that lookup. Audits: both are
     answered 503 (problem+json, Retry-After) by the admission deadline, the second too when the
     lookup it shares is given up by the first."""
     settings = make_settings(
@@ -181,7 +182,8 @@ async def test_requests_sharing_a_stalled_key_lookup_each_get_503(
     redis_proxy.hold()
     try:
         first = asyncio.create_task(shoot(http, api_key, "h-1"))
-        await asyncio.sleep(0.3)  # the fault is in the timing: the second joins the lookup late
+        auth = http.app.state.gateway.auth
+        await eventually(lambda: auth.lookups_in_flight == 1, timeout=5)
         second = await shoot(http, api_key, "h-2")
         shots = [await first, second]
     finally:

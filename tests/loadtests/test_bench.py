@@ -8,6 +8,8 @@ import sys
 from array import array
 from pathlib import Path
 
+from lupa import LuaRuntime
+
 from loadtests.bench_load import ResponseParser, request_maker, wrk_script
 from loadtests.bench_openloop import ERROR_CODE, TIMEOUT_CODE, _summarize
 from loadtests.bench_setup import post_orders
@@ -39,10 +41,30 @@ def test_posted_orders_are_valid_and_unique() -> None:
     assert len(seen) == 6
 
 
-def test_wrk_script_builds_the_same_bodies() -> None:
-    script = wrk_script(post_orders("og_key", "t2-"))
-    assert 'tag = "t2-"' in script
-    assert 'string.format("%s%02d%010d", tag, gen, n)' in script
+def test_wrk_script_sends_the_bodies_of_the_built_in_generator() -> None:
+    """wrk's Lua request() (run here in a real Lua, through lupa) sends, for each generator and
+    request number, exactly the body the Python generator sends: the same orders either way."""
+    load = post_orders("og_key", "t2-")
+    for generator in (0, 1):
+        lua = LuaRuntime(encoding=None)  # strings cross as bytes
+        sent: list[tuple[bytes, bytes, bytes]] = []
+        lua.globals().wrk = lua.table_from(
+            {
+                b"format": lambda method, path, headers, body, sent=sent: sent.append(
+                    (method, path, body)
+                )
+            }
+        )
+        lua.execute(wrk_script(load).encode())
+        lua.globals().gen = generator  # what the script's setup() gives each wrk thread
+        make = request_maker("127.0.0.1", 8000, load, generator)
+        for n in (1, 2, 3):
+            sent.clear()
+            lua.globals().request()
+            ((method, path, body),) = sent
+            assert (method, path) == (b"POST", b"/v1/orders")
+            assert body == make(n).split(b"\r\n\r\n", 1)[1]
+            assert ORDER_DECODER.decode(body).storefront_order_id.startswith("t2-")
 
 
 def test_response_parser_frames_by_length() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from typing import Any
 
 from ordergate.buffer.keys import Keys
@@ -212,7 +213,10 @@ async def test_receiver_that_never_recovers_ends_in_the_dead_list(
             listed = cli(settings, "notifications", "dead", "--json")
             dead = json.loads(listed.stdout)
             assert len(dead) == 20 and all("HTTP 503" in d["error"] for d in dead)
-            assert all(d["attempts"] >= 0 for d in dead)
+            # Each refused call was counted against its event, and nothing else was.
+            refused = Counter(c.event["event_id"] for c in receiver.calls if c.status == 503)
+            counted = {d["event"]["event_id"]: d["attempts"] for d in dead if d["attempts"]}
+            assert refused and counted == dict(refused)
             receiver.status = 200
             replayed = cli(settings, "notifications", "replay", "--all")
             assert "re-queued 20" in replayed.stdout, replayed.stderr
