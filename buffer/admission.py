@@ -12,8 +12,19 @@ itself means durable (and any reply revealing the write, such as a twin's duplic
 goes out after that fsync too: no lease is needed). The policy is read in every batch's
 pipeline, so a server not running it (or switched away from it) gives no receipt.
 
-Until that confirmation, the idempotency record holds a lease (``pending_until``): a twin that
-arrives meanwhile gets ``INFLIGHT`` (409) instead of a receipt for a write that might still be
+``auto`` (the default) chooses per batch: every batch's pipeline carries the ``CONFIG GET``, and
+a batch is sent as aof-always (no ``WAITAOF``, no lease) while the latest reply said ``yes`` /
+``always``, as fsync (``WAITAOF`` and the lease) otherwise. It starts as fsync: the first batch
+learns the policy, at no round trip of its own (and nothing to do at start while Redis may be
+down), and a lost connection makes it fsync again until a reply says otherwise (a failover may
+bring a server with another policy). A batch sent as aof-always is judged by its own
+``CONFIG GET``, exactly as aof-always judges it: if the policy is no longer always, its orders
+get no receipt (``NotDurable``) and the next batches use ``WAITAOF``. A refused ``CONFIG``
+(renamed or denied on managed services) keeps auto on ``WAITAOF``: never a 503 for that.
+
+Until a ``WAITAOF`` or ``WAIT`` barrier confirmed the write (fsync, replica, and auto's batches
+sent as fsync), the idempotency record holds a lease (``pending_until``): a twin that arrives
+meanwhile gets ``INFLIGHT`` (409) instead of a receipt for a write that might still be
 lost. The lease is lifted by ``confirm.lua`` piggy-backed on the next batch, and expires by
 itself if this process dies, after which twins get the receipt.
 """
@@ -70,7 +81,7 @@ class _Request:
 @dataclass(frozen=True, slots=True)
 class AdmissionConfig:
     shards: int
-    durability: str = "fsync"
+    durability: str = "auto"
     durability_timeout_ms: int = 1000
     timeout_s: float = 2.0
     max_batch: int = 256
@@ -104,7 +115,12 @@ class Admitter:
         self._closing = False
         self._last_stream_repair = 0.0
         self.stats = _Stats()
-        self._lease = 0 if config.durability in ("none", "aof-always") else config.lease_ms
+        # auto: what the latest CONFIG GET said (True: appendonly yes + appendfsync always), and
+        # the number of the batch that said it; replies of older batches do not overrule it.
+        self._always = False
+        self._policy_batch = 0
+        self._sent = 0  # batches numbered as they are sent
+        self._config_refused = False  # logged once
 
     async def start(self) -> None:
         try:
@@ -220,6 +236,10 @@ class Admitter:
         for req in batch:
             by_shard[req.shard].append(req)
         confirms, self._confirms = self._confirms, defaultdict(list)
+        self._sent += 1
+        number = self._sent
+        mode = self._mode()  # the barrier of this batch
+        lease = 0 if mode in ("none", "aof-always") else self._config.lease_ms
 
         pipe = self._redis.pipeline(transaction=False)
         # Confirms first: a twin admitted in this very batch then sees the lease already lifted.
@@ -234,17 +254,20 @@ class Admitter:
                 self._keys.seq(),
                 self._keys.drain(),
             ]
-            script_args: list[Any] = [self._lease, self._config.max_buffered]
+            script_args: list[Any] = [lease, self._config.max_buffered]
             for req in reqs:
                 script_keys.extend(req.keys)
                 script_args.extend(req.args)
             pipe.evalsha(self._scripts.admit.sha, len(script_keys), *script_keys, *script_args)
-        barrier = self._barrier(pipe) if batch else False
+        barrier = self._barrier(pipe, mode) if batch else 0
 
         try:
             async with asyncio.timeout(self._config.timeout_s):
                 results = await pipe.execute(raise_on_error=False)
         except (TimeoutError, RedisError, OSError) as exc:
+            if self._config.durability == "auto":  # the server that comes back may differ
+                self._always = False
+                self._policy_batch = max(self._policy_batch, number)
             self._requeue_confirms(confirms)
             self.stats.failures += 1
             self._fail(batch, BufferUnavailable(f"buffer unreachable: {exc!r}"))
@@ -257,7 +280,10 @@ class Admitter:
                 self._confirms[shard].extend(confirms[shard])
         durable_error: Exception | None = None
         if barrier:
-            durable_error = self._check_barrier(results[-1])
+            tail = results[len(results) - barrier :]
+            durable_error = self._check_barrier(mode, tail[0])
+            if self._config.durability == "auto":
+                self._learn_policy(number, tail[-1])
 
         self.stats.batches += 1
         self.stats.orders += len(batch)
@@ -280,7 +306,7 @@ class Admitter:
                     if not req.future.done():
                         req.future.set_exception(durable_error)
                     continue
-                if admission.outcome is Outcome.ADMITTED and self._lease:
+                if admission.outcome is Outcome.ADMITTED and lease:
                     self._confirms[shard].append(req.keys[0])
                     confirmable = True
                 if not req.future.done():
@@ -297,31 +323,77 @@ class Admitter:
             # instead, and without one, the lease expires by itself.
             self._wakeup.set()
 
-    def _barrier(self, pipe: Any) -> bool:
-        timeout = self._config.durability_timeout_ms
-        if self._config.durability == "fsync":
-            pipe.execute_command("WAITAOF", 1, 0, timeout)
-            return True
-        if self._config.durability == "replica":
-            pipe.execute_command("WAIT", 1, timeout)
-            return True
-        if self._config.durability == "aof-always":
-            pipe.execute_command("CONFIG", "GET", "appendonly", "appendfsync")
-            return True
-        return False
+    def _mode(self) -> str:
+        """The barrier of the next batch: the configured one, or auto's choice."""
+        if self._config.durability == "auto":
+            return "aof-always" if self._always else "fsync"
+        return self._config.durability
 
-    def _check_barrier(self, result: Any) -> Exception | None:
+    def _barrier(self, pipe: Any, mode: str) -> int:
+        """Queue the batch's barrier (and auto's policy probe); how many commands it added.
+        The first one confirms the batch, the last one (auto) is the ``CONFIG GET``."""
+        timeout = self._config.durability_timeout_ms
+        commands: list[tuple[Any, ...]] = []
+        if mode == "fsync":
+            commands.append(("WAITAOF", 1, 0, timeout))
+        elif mode == "replica":
+            commands.append(("WAIT", 1, timeout))
+        if mode == "aof-always" or self._config.durability == "auto":
+            commands.append(("CONFIG", "GET", "appendonly", "appendfsync"))
+        for command in commands:
+            pipe.execute_command(*command)
+        return len(commands)
+
+    def _check_barrier(self, mode: str, result: Any) -> Exception | None:
         if isinstance(result, Exception):
             return NotDurable(f"durability barrier failed: {result}")
-        if self._config.durability == "aof-always":
-            return _check_aof_always(result)
-        if self._config.durability == "fsync":
+        if mode == "aof-always":
+            appendonly, appendfsync = _aof_policy(result)
+            if appendonly == "yes" and appendfsync == "always":
+                return None
+            if self._config.durability == "auto":
+                return NotDurable(
+                    "durability auto sent this batch without WAITAOF, the server having run"
+                    " appendfsync always; it now runs appendonly"
+                    f" {appendonly}, appendfsync {appendfsync} (the next batches use WAITAOF)"
+                )
+            return NotDurable(
+                "durability aof-always needs the Redis server to run appendonly yes and"
+                f" appendfsync always; it runs appendonly {appendonly}, appendfsync {appendfsync}"
+            )
+        if mode == "fsync":
             numlocal = int(result[0])
             if numlocal < 1:
                 return NotDurable("Redis did not fsync the append-only file in time")
         elif int(result) < 1:
             return NotDurable("no replica acknowledged the write in time")
         return None
+
+    def _learn_policy(self, number: int, reply: Any) -> None:
+        """auto: take the AOF policy from batch ``number``'s ``CONFIG GET`` for the next batches,
+        unless a later batch's reply (or failure) was taken already."""
+        if number < self._policy_batch:
+            return
+        self._policy_batch = number
+        if isinstance(reply, Exception):
+            if not self._config_refused:
+                self._config_refused = True
+                log.warning(
+                    "durability auto: CONFIG GET refused (%s); admission batches use WAITAOF",
+                    reply,
+                )
+            always = False
+        else:
+            always = _aof_policy(reply) == ("yes", "always")
+        if always != self._always:
+            log.log(
+                logging.INFO if always else logging.WARNING,
+                "durability auto: the server %s appendonly yes + appendfsync always; admission"
+                " batches %s WAITAOF",
+                "runs" if always else "no longer runs",
+                "go without" if always else "use",
+            )
+        self._always = always
 
     def _classify(self, exc: Exception) -> BufferUnavailable:
         text = str(exc)
@@ -359,8 +431,8 @@ def _expire(req: _Request) -> None:
         req.future.set_exception(BufferUnavailable("the buffer did not confirm the order in time"))
 
 
-def _check_aof_always(reply: Any) -> Exception | None:
-    """``CONFIG GET appendonly appendfsync`` (flat list or dict) must say yes and always."""
+def _aof_policy(reply: Any) -> tuple[str, str]:
+    """``appendonly`` and ``appendfsync`` from a ``CONFIG GET`` reply (flat list or dict)."""
     if isinstance(reply, dict):
         items = list(reply.items())
     else:
@@ -372,13 +444,7 @@ def _check_aof_always(reply: Any) -> Exception | None:
         )
         for k, v in items
     }
-    if config.get("appendonly") == "yes" and config.get("appendfsync") == "always":
-        return None
-    return NotDurable(
-        "durability aof-always needs the Redis server to run appendonly yes and appendfsync"
-        f" always; it runs appendonly {config.get('appendonly', '?')}, appendfsync"
-        f" {config.get('appendfsync', '?')}"
-    )
+    return config.get("appendonly", "?"), config.get("appendfsync", "?")
 
 
 def _decode(reply: list[Any]) -> Admission:

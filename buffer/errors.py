@@ -19,6 +19,10 @@ class NotDurable(BufferUnavailable):
     """The write reached Redis but its durability (fsync / replica) was not confirmed in time."""
 
 
+class DeploymentMismatch(BufferPoolError):
+    """Redis holds a buffer of this key prefix with another shard count."""
+
+
 class MalformedMessage(BufferPoolError):
     """A stream entry does not follow the message contract (a poison message)."""
 

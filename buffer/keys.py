@@ -39,6 +39,10 @@ class Keys:
         return f"{self.tag(shard)}:dlq"
 
     # Keys that belong to no shard.
+    def deployment(self) -> str:
+        """Hash: the shard count every process of this key prefix must share (buffer.streams)."""
+        return f"{self.prefix}:deployment"
+
     def seq(self) -> str:
         """The admission counter: every admitted order's queue number (1, 2, 3, ...)."""
         return f"{self.prefix}:seq"

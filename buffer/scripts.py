@@ -8,8 +8,6 @@ from typing import Any
 
 from redis.commands.core import AsyncScript
 
-_SHEBANG = "#!lua\n"
-
 
 @cache
 def source(name: str) -> str:
@@ -17,8 +15,8 @@ def source(name: str) -> str:
     folder = resources.files("ordergate.buffer").joinpath("lua")
     text = folder.joinpath(f"{name}.lua").read_text()
     if name in ("take", "claim", "settle", "replay", "notified"):
-        body = text.removeprefix(_SHEBANG)
-        text = _SHEBANG + folder.joinpath("_lib.lua").read_text() + "\n" + body
+        shebang, _, body = text.partition("\n")  # '#!lua' and its flags stay the first line
+        text = shebang + "\n" + folder.joinpath("_lib.lua").read_text() + "\n" + body
     return text
 
 

@@ -1,4 +1,5 @@
-"""Create the shards' streams and consumer groups (idempotent, safe to call from every process)."""
+"""Create the shards' streams and consumer groups (idempotent, safe to call from every process),
+once the process's shard count is the deployment's."""
 
 from __future__ import annotations
 
@@ -6,14 +7,31 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from ordergate.buffer.deployment import check_redis
 from ordergate.buffer.keys import GROUP, Keys
 
 
 async def ensure_streams(redis: Any, keys: Keys, shards: int) -> None:
-    """Make sure every shard has its stream and the workers' consumer group."""
+    """Make sure every shard has its stream and the workers' consumer group.
+
+    A process started with another shard count than the deployment's gets DeploymentMismatch
+    (buffer.deployment).
+    """
+    await check_redis(redis, keys, shards)
+    pipe = redis.pipeline(transaction=False)  # reads first, as above
     for shard in range(shards):
+        pipe.xinfo_groups(keys.stream(shard))
+    found = await pipe.execute(raise_on_error=False)
+    for shard, groups in enumerate(found):
+        if not isinstance(groups, Exception) and any(_name(g) == GROUP for g in groups):
+            continue
         try:
             await redis.xgroup_create(keys.stream(shard), GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+
+def _name(group: dict[Any, Any]) -> str:
+    name = group.get("name", group.get(b"name", b""))
+    return name.decode() if isinstance(name, bytes) else str(name)

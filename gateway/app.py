@@ -8,12 +8,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from ordergate.buffer.admission import Admitter
 from ordergate.buffer.connection import create_redis
+from ordergate.buffer.deployment import check_database
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
@@ -43,10 +45,15 @@ def create_app(config: GatewayConfig) -> GatewayApp:
         )
         app.state.gateway = state
         try:
-            await ensure_streams(redis, keys, config.shards)
-            await state.tickets.secret()  # now, not on the first receipt (Redis may stall then)
-        except RedisError as exc:  # start anyway: admission answers 503 until Redis is back
-            log.error("Redis unreachable at startup (%r); answering 503 until it is", exc)
+            try:
+                await ensure_streams(redis, keys, config.shards)
+                await state.tickets.secret()  # now, not on the first receipt (Redis may stall)
+            except RedisError as exc:  # start anyway: admission answers 503 until Redis is back
+                log.error("Redis unreachable at startup (%r); answering 503 until it is", exc)
+            await _check_database(config)
+        except BaseException:  # another deployment's shard count or prefix: do not start
+            await redis.aclose()
+            raise
         await admitter.start()
         state.drain_view.start()
         pg_task = asyncio.create_task(_connect_postgres(state))
@@ -107,10 +114,24 @@ async def _redis_down(request: Any, exc: Exception) -> Any:
     return await problems.on_buffer_unavailable(request, BufferUnavailable(f"Redis error: {exc!r}"))
 
 
+async def _check_database(config: GatewayConfig) -> None:
+    """Refuse to start for another deployment than the database's (when it answers now: the
+    gateway runs without Postgres, and Redis holds the shard count too)."""
+    if not config.database_url:
+        return
+    try:
+        conn = await asyncpg.connect(config.database_url, timeout=2)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        log.warning("Postgres not reachable at startup (%r); deployment not checked there", exc)
+        return
+    try:
+        await check_database(conn, config.shards, config.key_prefix)
+    finally:
+        await conn.close()
+
+
 async def _connect_postgres(state: GatewayState) -> None:
     """Postgres is optional for the gateway (readiness, old statuses): connect in the background."""
-    import asyncpg
-
     url = state.config.database_url
     if not url:
         return

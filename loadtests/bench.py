@@ -12,8 +12,9 @@ Valkey, PostgreSQL, workers) on the others:
   (a) a plain Starlette ``POST /v1/orders`` that only decodes the order with msgspec;
   (b) a naive endpoint: one INSERT per order through an asyncpg pool, durable commit;
   (f) Starlette + arq: one ``enqueue_job`` per order;
-  (c) ordergate's ``POST /v1/orders``, durability ``aof-always``: like (f), durable by the
-      server's appendfsync always (``--set durability=fsync`` adds a WAITAOF barrier per batch);
+  (c) ordergate's ``POST /v1/orders``, default durability ``auto``: like (f), durable by the
+      server's appendfsync always (auto sends aof-always's pipeline to it: no WAITAOF, a
+      CONFIG GET per batch; ``--set durability=fsync`` adds a WAITAOF barrier per batch);
   then (c) open loop at 80 % of its closed-loop peak, and an overload run: a fixed rate above
   what (b) sustains, offered open-loop to (b) and then to (c).
 
@@ -468,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                 "log_level": "warning",
                 "workers": 1,
                 "max_buffered": 100_000_000,
-                "durability": "aof-always",  # as (f): the server's appendfsync always
+                # durability: the default, auto; as (f), it rests on the server's appendfsync
+                # always, and sends no WAITAOF while each batch's CONFIG GET reports it
             }
             | dict(item.split("=", 1) for item in args.set),
             environ={},

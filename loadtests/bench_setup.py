@@ -199,7 +199,7 @@ class HttpClient:
 
 async def prepare(s: Settings) -> tuple[str, int]:
     """Schema, streams and an API key; and Valkey's pid (to report its CPU)."""
-    await migrate(s.database_url or "", s.shards)
+    await migrate(s.database_url or "", s.shards, s.key_prefix)
     redis = create_redis(s.redis_url or "")
     try:
         await ensure_streams(redis, Keys(s.key_prefix), s.shards)

@@ -269,7 +269,10 @@ def _live_urls(settings: Settings) -> Settings:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import tempfile
 
+    from ordergate.preflight import check_deployment
+
     settings = _live_urls(settings)
+    _run(check_deployment(settings))
     with tempfile.TemporaryDirectory(prefix="ordergate-metrics-") as own:
         if settings.processes > 1 and not settings.metrics_dir:
             settings = settings.replace(metrics_dir=own)  # /metrics adds up its processes
@@ -298,7 +301,11 @@ def _uvicorn(settings: Settings) -> None:
 
 
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
+    from ordergate.preflight import check_deployment
+
     settings = _live_urls(settings)
+    if args.worker_index is None:  # the supervisor's children were checked by their parent
+        _run(check_deployment(settings))
     if args.worker_index is None and settings.workers > 1 and not args.burst:
         import tempfile
 
@@ -343,7 +350,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     with resolved(settings) as s:
 
         async def go() -> list[str]:
-            done = await migrate(s.database_url or "", s.shards)
+            done = await migrate(s.database_url or "", s.shards, s.key_prefix)
             redis = create_redis(s.redis_url or "")
             try:
                 await ensure_streams(redis, Keys(s.key_prefix), s.shards)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import IO
 
 from ordergate.errors import CommandError
-from ordergate.servers import EmbeddedPostgres, EmbeddedValkey
-from ordergate.settings import Settings
+from ordergate.servers import EmbeddedPostgres, EmbeddedValkey, auto_maxmemory
+from ordergate.settings import Settings, parse_valkey_maxmemory
 
 RUNTIME_FILE = "runtime.json"
 LOCK_FILE = "lock"
@@ -51,6 +51,15 @@ def clear_runtime(data_dir: Path) -> None:
         (data_dir / RUNTIME_FILE).unlink()
 
 
+def embedded_valkey(settings: Settings) -> EmbeddedValkey:
+    """The embedded Valkey of ``settings`` (not started): on its data dir, with the maxmemory
+    its ``valkey_maxmemory`` names (``auto``: ordergate.servers.auto_maxmemory)."""
+    maxmemory = parse_valkey_maxmemory(settings.valkey_maxmemory)
+    return EmbeddedValkey(
+        settings.data_path, maxmemory=auto_maxmemory() if maxmemory is None else maxmemory
+    )
+
+
 @contextlib.contextmanager
 def data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
     """Exclusive use of a data directory (two servers on one AOF or PGDATA would corrupt it)."""
@@ -80,7 +89,7 @@ def resolved(settings: Settings) -> Iterator[Settings]:
         )
         return
     with data_dir_lock(data_dir):
-        valkey = EmbeddedValkey(data_dir) if settings.redis_url is None else None
+        valkey = embedded_valkey(settings) if settings.redis_url is None else None
         postgres = EmbeddedPostgres(data_dir) if settings.database_url is None else None
         try:
             redis_url = valkey.start() if valkey else settings.redis_url

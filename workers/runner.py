@@ -13,8 +13,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import asyncpg
+
 from ordergate.buffer.connection import create_redis
 from ordergate.buffer.consumer import QueueConsumer
+from ordergate.buffer.deployment import check_database
+from ordergate.buffer.errors import DeploymentMismatch
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
 from ordergate.workers.config import WorkerConfig
@@ -57,6 +61,7 @@ async def run_worker(
             loop.add_signal_handler(sig, stop.set)
     try:
         await _until_ok(lambda: ensure_streams(redis, keys, config.shards), stop, "Redis")
+        await _until_ok(lambda: _check_schema(config), stop, "Postgres")
         if stop.is_set():
             return drainer.stats
         health = asyncio.create_task(_health(redis, keys, drainer.stats, config.health_ttl_s, stop))
@@ -100,11 +105,14 @@ async def _notify(config: WorkerConfig, index: int, stop: asyncio.Event) -> None
 async def _until_ok(
     factory: Callable[[], Awaitable[T]], stop: asyncio.Event, what: str
 ) -> T | None:
-    """``await factory()`` until it succeeds (backoff up to 5 s) or ``stop`` is set."""
+    """``await factory()`` until it succeeds (backoff up to 5 s) or ``stop`` is set; a process
+    started for another deployment stops at once."""
     attempt = 0
     while not stop.is_set():
         try:
             return await factory()
+        except DeploymentMismatch:
+            raise
         except Exception as exc:  # noqa: BLE001 - e.g. "the database system is starting up"
             attempt += 1
             log.warning("%s not ready (%r); retrying", what, exc)
@@ -113,6 +121,14 @@ async def _until_ok(
         except TimeoutError:
             pass
     return None
+
+
+async def _check_schema(config: WorkerConfig) -> None:
+    conn = await asyncpg.connect(config.database_url, timeout=10)
+    try:
+        await check_database(conn, config.shards, config.key_prefix)
+    finally:
+        await conn.close()
 
 
 async def _health(

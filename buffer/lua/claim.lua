@@ -1,4 +1,5 @@
-#!lua
+#!lua flags=allow-oom
+-- allow-oom: past maxmemory the drain must still run, since it is what frees memory.
 -- Take over every pending entry of every shard. Only the drain's leader calls this, and the
 -- leader's Postgres lock proves the previous holders can no longer commit anything.
 -- Entries this consumer already owned keep their delivery count (it lost its Postgres

@@ -1,4 +1,5 @@
-#!lua
+#!lua flags=allow-oom
+-- allow-oom: past maxmemory the drain must still run, since it is what frees memory.
 -- Settle a batch after its Postgres transaction: statuses and timelines, ack and delete the
 -- committed and rejected entries, move dead letters to their shard's dead-letter stream, then
 -- advance the watermark and publish the drain's state -- all at once, so customers see a batch

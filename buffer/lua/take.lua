@@ -1,4 +1,5 @@
-#!lua
+#!lua flags=allow-oom
+-- allow-oom: past maxmemory the drain must still run, since it is what frees memory.
 -- Take the next batch of the one queue: the entries with the next queue numbers, across all
 -- shards, onto this consumer's pending lists, and mark their orders "processing".
 -- The drain cursor d says every queue number <= d has been delivered; the batch is every entry

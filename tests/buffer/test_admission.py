@@ -1,5 +1,6 @@
-"""Admission: group commit, durability across a Valkey crash under load, failure when Redis is
-gone, and a lease confirmation Redis refuses."""
+"""Admission: group commit, durability across a Valkey crash under load, durability auto's choice
+of barrier (seen in the server's INFO commandstats), failure when Redis is gone, and a lease
+confirmation Redis refuses."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from redis.exceptions import NoPermissionError
 
 from ordergate.buffer.admission import AdmissionConfig, Admitter, Outcome
 from ordergate.buffer.connection import create_redis
@@ -21,7 +23,7 @@ from ordergate.buffer.keys import Keys
 from ordergate.buffer.message import admission_args
 from ordergate.buffer.streams import ensure_streams
 from ordergate.sharding import new_order_id, shard_for
-from tests.conftest import eventually, make_settings, worker_running
+from tests.conftest import auth, eventually, make_settings, order_body, worker_running
 from tests.faults import (
     DelayProxy,
     PrivateValkey,
@@ -42,6 +44,32 @@ def _args(sfo: str, shard: int) -> tuple:
     body = f'{{"sfo":"{sfo}"}}'.encode()
     fp = hashlib.blake2b(body, digest_size=16).digest()
     return admission_args(new_order_id(shard), "shop-a", sfo, time.time_ns() // 1000, fp, body)
+
+
+async def _cmdstat(redis: Any, command: str, field: str = "calls") -> int:
+    """The server's INFO commandstats figure of ``command`` (a subcommand as ``config|get``);
+    commands run by scripts count too (confirm.lua's HDEL)."""
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get(field, 0))
+
+
+async def _cmdstat_above(redis: Any, command: str, count: int) -> bool:
+    return await _cmdstat(redis, command) > count
+
+
+def _idem(sfo: str) -> str:
+    return KEYS.idem(shard_for("shop-a", sfo, 8), "shop-a", sfo)
+
+
+async def _admit_many(admitter: Admitter, prefix: str, n: int) -> list[Outcome]:
+    """``n`` concurrent admissions (one batch or a few); their outcomes."""
+    results = await asyncio.gather(
+        *(
+            admitter.admit(i % 8, "shop-a", f"{prefix}-{i}", _args(f"{prefix}-{i}", i % 8))
+            for i in range(n)
+        )
+    )
+    return [r.outcome for r in results]
 
 
 async def test_concurrent_admissions_share_round_trips(redis) -> None:
@@ -95,14 +123,15 @@ async def private_valkey(tmp_path: Path) -> AsyncIterator[PrivateValkey]:
         yield valkey
 
 
-@pytest.mark.parametrize("durability", ["fsync", "aof-always"])
+@pytest.mark.parametrize("durability", ["auto", "fsync", "aof-always"])
 async def test_acknowledged_orders_survive_kill_9_of_valkey_under_load(
     private_valkey, app_factory, servers, pg, durability
 ) -> None:
     """Injects: SIGKILL of Valkey while 24 clients post orders and a worker drains, then a
     restart from its append-only file. Audits: every 202 commits exactly once; the orders that
     got no receipt, retried with the same ids, get one receipt each and create no duplicates.
-    Both barriers: WAITAOF, and aof-always's reliance on the server's appendfsync always."""
+    Every barrier: WAITAOF, aof-always's reliance on the server's appendfsync always, and auto,
+    which (the server's commandstats show) sent WAITAOF only while learning the policy."""
     valkey = private_valkey
     settings = make_settings(
         servers, redis_url=valkey.server.url, inflight_lease_ms=3000, durability=durability
@@ -112,6 +141,12 @@ async def test_acknowledged_orders_survive_kill_9_of_valkey_under_load(
         async with load(http, valkey.api_key, "k") as shots:
             await eventually(lambda: accepted(shots) >= 1000)
             await eventually(lambda: committed(pg, 300))  # the drain is under way
+            admitter = http.app.state.gateway.admitter
+            learning = admitter.stats.failures + 1  # times auto started from "fsync"
+            waits = await _cmdstat(valkey.redis, "waitaof")
+            probes = await _cmdstat(valkey.redis, "config|get")
+            if durability == "auto":  # at most the batches in flight before a reply said always
+                assert waits <= settings.admission_max_inflight_batches * learning, (waits, probes)
             valkey.server.kill()
             killed = time.monotonic()
             down = await shoot(http, valkey.api_key, "while-down")
@@ -130,7 +165,7 @@ async def test_acknowledged_orders_survive_kill_9_of_valkey_under_load(
             f" restarted from its AOF in {restarted - killed:.2f} s; a new order had its 202"
             f" {first - restarted:.2f} s later, every order its receipt"
             f" {time.monotonic() - restarted:.2f} s later; {receipts.replayed} retries found"
-            " the order written"
+            f" the order written; before the kill, WAITAOF {waits} calls, CONFIG GET {probes}"
         )
         await eventually(lambda: committed(pg, len(receipts.by_sfo)))
     await audit(pg, valkey.redis, receipts.by_sfo.values())
@@ -169,6 +204,145 @@ async def test_aof_always_gives_no_receipt_once_the_server_stops_fsyncing_every_
         assert other.outcome is Outcome.ADMITTED
     finally:
         await admitter.close()
+
+
+async def test_auto_pays_no_waitaof_while_the_server_fsyncs_every_write(
+    private_valkey, app_factory, servers
+) -> None:
+    """Injects: nothing; the default durability, auto, against a server that runs appendonly yes
+    and appendfsync always. Audits, from the server's INFO commandstats: once the first batch
+    (sent with WAITAOF, before any reply said always) has learnt the policy, 24 clients posting
+    back to back get 202s for 1000 orders (dozens of batches) without one more WAITAOF, every
+    batch carries its CONFIG GET, and no order holds a lease (no confirm.lua HDEL, no
+    pending_until)."""
+    valkey = private_valkey
+    settings = make_settings(servers, redis_url=valkey.server.url)
+    assert settings.durability == "auto"
+    policy = await valkey.redis.config_get("append*")
+    assert (policy["appendonly"], policy["appendfsync"]) == ("yes", "always"), policy
+    http = await app_factory(settings)
+    admitter = http.app.state.gateway.admitter
+    first = await http.post("/v1/orders", json=order_body("first"), headers=auth(valkey.api_key))
+    assert first.status_code == 202, first.text
+    assert await _cmdstat(valkey.redis, "waitaof") == 1
+    await eventually(lambda: _lifted(valkey.redis, _idem("first")))  # its lease, lifted
+    await eventually(lambda: admitter.stats.batches == 2)  # the order's, the confirmation's
+    probes, hdels = await _cmdstat(valkey.redis, "config|get"), await _cmdstat(valkey.redis, "hdel")
+
+    async with load(http, valkey.api_key, "w") as shots:
+        await eventually(lambda: accepted(shots) >= 1000)
+
+    assert {s.status for s in shots} == {202}, next(s.text for s in shots if s.status != 202)
+    batches = admitter.stats.batches - 2
+    assert batches >= 20, "group commit, yet many batches"
+    assert await _cmdstat(valkey.redis, "waitaof") == 1
+    assert await _cmdstat(valkey.redis, "config|get") - probes == batches
+    assert await _cmdstat(valkey.redis, "hdel") == hdels
+    pipe = valkey.redis.pipeline(transaction=False)
+    for shot in shots:
+        pipe.hget(_idem(shot.sfo), "pending_until")
+    assert set(await pipe.execute()) == {None}
+    print(
+        f"\n[auto] {len(shots)} orders, 202 each, in {batches} batches: cmdstat_waitaof calls=1"
+        f" (the first order's batch), cmdstat_config|get calls +{batches}"
+    )
+
+
+async def test_auto_follows_the_servers_aof_policy(private_valkey) -> None:
+    """Injects: ``CONFIG SET appendfsync everysec`` on the running server, then ``always`` again.
+    Audits: auto sends no WAITAOF while the server fsyncs every write; the batch sent without it
+    just after the change gets no receipt (NotDurable, as with aof-always), and from then on
+    orders get receipts again, each batch with WAITAOF and leases (lifted by confirm.lua); once
+    the policy is back to always, WAITAOF calls stop growing."""
+    valkey = private_valkey
+    redis = valkey.redis
+    await ensure_streams(redis, KEYS, 8)
+    config = AdmissionConfig(shards=8, timeout_s=5)
+    assert config.durability == "auto"
+    admitter = Admitter(redis, KEYS, config)
+    await admitter.start()
+    try:
+        learnt = await admitter.admit(0, "shop-a", "a", _args("a", 0))
+        assert learnt.outcome is Outcome.ADMITTED
+        assert await _cmdstat(redis, "waitaof") == 1  # sent before any reply said always
+        await eventually(lambda: _lifted(redis, KEYS.idem(0, "shop-a", "a")))
+        waits, hdels = await _cmdstat(redis, "waitaof"), await _cmdstat(redis, "hdel")
+        assert await _admit_many(admitter, "a", 200) == [Outcome.ADMITTED] * 200
+        assert await _cmdstat(redis, "waitaof") == waits
+        assert await _cmdstat(redis, "hdel") == hdels  # no lease to lift
+
+        await redis.config_set("appendfsync", "everysec")
+        try:
+            # Sent without WAITAOF (the last reply said always); its own CONFIG GET says not.
+            with pytest.raises(NotDurable, match="appendfsync everysec"):
+                await admitter.admit(1, "shop-a", "t", _args("t", 1))
+            assert await _cmdstat(redis, "waitaof") == waits
+            for r in range(4):  # a batch each
+                assert await _admit_many(admitter, f"b{r}", 50) == [Outcome.ADMITTED] * 50
+            during = await _cmdstat(redis, "waitaof")
+            assert during >= waits + 4
+            await eventually(partial(_cmdstat_above, redis, "hdel", hdels))  # leases lifted
+            one = await admitter.admit(2, "shop-a", "c", _args("c", 2))
+            assert one.outcome is Outcome.ADMITTED
+            assert await _cmdstat(redis, "waitaof") == during + 1
+        finally:
+            await redis.config_set("appendfsync", "always")
+        back = await admitter.admit(3, "shop-a", "d", _args("d", 3))  # WAITAOF, learns always
+        assert back.outcome is Outcome.ADMITTED
+        after = await _cmdstat(redis, "waitaof")
+        assert after == during + 2
+        assert await _admit_many(admitter, "e", 200) == [Outcome.ADMITTED] * 200
+        assert await _cmdstat(redis, "waitaof") == after
+        # The refused order was written; its retry finds it.
+        again = await admitter.admit(1, "shop-a", "t", _args("t", 1))
+        assert again.outcome is Outcome.DUPLICATE
+        print(
+            f"\n[auto] cmdstat_waitaof calls: {waits} after 201 orders under always,"
+            f" {during} after 200 more in 4 batches under everysec, {after} after 201 more"
+            " under always again"
+        )
+    finally:
+        await admitter.close()
+
+
+async def test_auto_falls_back_to_waitaof_where_config_is_refused(private_valkey) -> None:
+    """Injects: a Redis user denied CONFIG (as managed services rename or deny it). Audits: auto
+    admits every order with its receipt, each batch with WAITAOF and a lease lifted by
+    confirm.lua, never a 503 for the refused CONFIG GET; aof-always, which has nothing else to
+    confirm a write with, gives no receipt."""
+    valkey = private_valkey
+    await ensure_streams(valkey.redis, KEYS, 8)
+    await valkey.redis.execute_command(
+        "ACL", "SETUSER", "no-config", "on", ">secret", "~*", "&*", "+@all", "-config"
+    )
+    limited = create_redis(valkey.server.url.replace("redis://", "redis://no-config:secret@"))
+    try:
+        with pytest.raises(NoPermissionError):
+            await limited.config_get("appendfsync")
+        auto = Admitter(limited, KEYS, AdmissionConfig(shards=8, timeout_s=5))
+        await auto.start()
+        try:
+            waits = await _cmdstat(valkey.redis, "waitaof")
+            for i in range(3):  # one batch each
+                hdels = await _cmdstat(valkey.redis, "hdel")
+                result = await auto.admit(i, "shop-a", f"n-{i}", _args(f"n-{i}", i))
+                assert result.outcome is Outcome.ADMITTED
+                assert await _cmdstat(valkey.redis, "waitaof") == waits + i + 1
+                await eventually(partial(_cmdstat_above, valkey.redis, "hdel", hdels))
+            assert await _admit_many(auto, "m", 100) == [Outcome.ADMITTED] * 100
+            assert await _cmdstat(valkey.redis, "waitaof") > waits + 3
+            assert await _cmdstat(valkey.redis, "config|get", "rejected_calls") >= 4
+        finally:
+            await auto.close()
+        strict = Admitter(limited, KEYS, AdmissionConfig(shards=8, durability="aof-always"))
+        await strict.start()
+        try:
+            with pytest.raises(NotDurable, match="barrier failed"):
+                await strict.admit(0, "shop-a", "s", _args("s", 0))
+        finally:
+            await strict.close()
+    finally:
+        await limited.aclose()
 
 
 async def _refusals(redis: Any) -> int:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ordergate.servers import free_port
+import pytest
+
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.keys import Keys
+from ordergate.gateway.auth import create_key
+from ordergate.runtime import resolved
+from ordergate.servers import MIB, free_port
+from ordergate.settings import Settings
 from tests.conftest import admit, auth, drain, eventually, make_settings, order_body
 from tests.faults import audit
 
@@ -104,3 +116,109 @@ async def test_redis_memory_limit_is_503_never_202(
     await eventually(taken, timeout=10)
     await drain(make_settings(servers))
     await audit(pg, redis, accepted)
+
+
+async def test_the_drain_runs_past_maxmemory_and_frees_it(
+    client, api_key, servers, redis, pg
+) -> None:
+    """Injects: Redis over its maxmemory (noeviction) with orders buffered, as after a lowered
+    limit or a move to a smaller machine. Audits: admission is refused (503), yet the drain still
+    takes and settles every order (its scripts run with allow-oom), so memory comes back; the
+    common audit."""
+    receipts = await admit(client, api_key, 200)
+    used = int((await redis.info("memory"))["used_memory"])
+    try:
+        await redis.config_set("maxmemory", str(used // 2))
+        r = await client.post("/v1/orders", json=order_body(), headers=auth(api_key))
+        assert r.status_code == 503, r.text
+        report = await drain(make_settings(servers))
+        assert report.committed == 200
+        assert sum([await redis.xlen(Keys().stream(s)) for s in range(8)]) == 0
+    finally:
+        await redis.config_set("maxmemory", "0")
+    await audit(pg, redis, receipts)
+
+
+SMALL_MAXMEMORY_MB = 32  # a Valkey this small fills up in seconds with 12 KB orders
+# Half of it: the gateway reads INFO about once a second and orders keep coming meanwhile (about
+# 2 MB/s here), so the guard needs headroom below the limit to be the one that answers.
+GUARD = 0.5
+
+
+@dataclass
+class SmallValkey:
+    settings: Settings  # pointing at it, valkey_maxmemory and all
+    redis: Any
+    api_key: str  # of storefront shop-a
+
+
+@pytest.fixture
+async def small_valkey(tmp_path: Path, servers: Any) -> AsyncIterator[SmallValkey]:
+    """An embedded Valkey started as `ordergate up` and the CLI start it (runtime.resolved), with
+    valkey_maxmemory 32mb, and an API key in it; Postgres is the session's."""
+    settings = make_settings(
+        servers,
+        redis_url=None,
+        data_dir=str(tmp_path),
+        valkey_maxmemory=f"{SMALL_MAXMEMORY_MB}mb",
+    )
+    with resolved(settings) as live:
+        redis = create_redis(live.redis_url or "")
+        try:
+            yield SmallValkey(live, redis, await create_key(redis, Keys(), "shop-a"))
+        finally:
+            await redis.aclose()
+
+
+async def test_memory_guard_sheds_under_the_embedded_valkeys_maxmemory(
+    small_valkey, app_factory, pg
+) -> None:
+    """Injects: ~12 KB orders, no worker draining, into an embedded Valkey whose maxmemory comes
+    from valkey_maxmemory (32mb). Audits: the server runs with that limit; once its used memory
+    passes memory_guard (0.5 of it) the gateway answers the guard's 503 (problem+json,
+    Retry-After: 5) before Valkey itself refuses a write, every earlier answer being a 202; after
+    a drain frees the memory, orders get 202 again; the common audit."""
+    valkey = small_valkey
+    settings = valkey.settings.replace(memory_guard=GUARD)
+    limit = int((await valkey.redis.config_get("maxmemory"))["maxmemory"])
+    assert limit == SMALL_MAXMEMORY_MB * MIB
+    client = await app_factory(settings)
+    receipts: list[dict[str, Any]] = []
+    started = time.monotonic()
+
+    async def post(sfo: str) -> Any:
+        body = order_body(sfo, items=200)
+        return await client.post("/v1/orders", json=body, headers=auth(valkey.api_key))
+
+    async def shed() -> Any:
+        """One round of 20 new orders; the guard's 503, once there is one."""
+        base = len(receipts)
+        refused = None
+        for r in await asyncio.gather(*(post(f"m-{base}-{i}") for i in range(20))):
+            if r.status_code == 202:
+                receipts.append(r.json())
+            else:
+                assert r.status_code == 503 and "memory limit" in r.json()["detail"], r.text
+                refused = r
+        return refused
+
+    r = await eventually(shed, timeout=120, interval=0)
+    used = int((await valkey.redis.info("memory"))["used_memory"])
+    print(f"{len(receipts)} orders in {time.monotonic() - started:.1f}s; used {used / limit:.0%}")
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"] == "/problems/buffer-unavailable"
+    assert r.headers["retry-after"] == "5"
+    assert GUARD * limit <= used < limit  # the guard's refusal, not Valkey's own
+    again = await post("again")
+    assert again.status_code == 503 and "memory limit" in again.json()["detail"]
+
+    report = await drain(settings)
+    assert report.committed == len(receipts)
+
+    async def accepted() -> Any:
+        r = await post(f"after-{time.monotonic_ns()}")
+        return r if r.status_code == 202 else None
+
+    r = await eventually(accepted, timeout=10)
+    await drain(settings)
+    await audit(pg, valkey.redis, [*receipts, r.json()])

@@ -1,0 +1,33 @@
+"""Checks the shell runs before it starts gateway or worker processes."""
+
+from __future__ import annotations
+
+import asyncpg
+from redis.exceptions import RedisError
+
+from ordergate.buffer.connection import create_redis
+from ordergate.buffer.deployment import check_database, check_redis
+from ordergate.buffer.keys import Keys
+from ordergate.settings import Settings
+
+
+async def check_deployment(settings: Settings) -> None:
+    """DeploymentMismatch (one clear line from the CLI, exit 2) when the servers belong to a
+    deployment with another shard count or key prefix. The processes check again as they start;
+    a server that does not answer now is left to them (they wait, or answer 503)."""
+    assert settings.redis_url and settings.database_url
+    redis = create_redis(settings.redis_url, socket_timeout=5.0)
+    try:
+        await check_redis(redis, Keys(settings.key_prefix), settings.shards)
+    except (RedisError, OSError):
+        pass
+    finally:
+        await redis.aclose()
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError):
+        return
+    try:
+        await check_database(conn, settings.shards, settings.key_prefix)
+    finally:
+        await conn.close()
