@@ -134,7 +134,14 @@ class QueueConsumer:
         await self.redis.xread(dict(zip(self.streams, last_ids, strict=True)), 1, block_ms)
 
     async def settle(
-        self, items: list[Settlement], ttl_s: int, *, rate: float | None, leader: str
+        self,
+        items: list[Settlement],
+        ttl_s: int,
+        *,
+        idempotency_ttl_s: int,
+        deadletter_retention_s: int = 0,
+        rate: float | None,
+        leader: str,
     ) -> int:
         """Record the outcomes, ack/delete or dead-letter, queue the webhook events, advance the
         watermark; returns it."""
@@ -151,6 +158,8 @@ class QueueConsumer:
             "" if rate is None else f"{rate:.3f}",
             leader,
             self.keys.webhook(""),
+            idempotency_ttl_s,
+            deadletter_retention_s,
         ]
         nothing = self.keys.drain()
         for it in items:

@@ -61,6 +61,8 @@ def worker_config(s: Settings) -> WorkerConfig:
         max_deliveries=s.max_deliveries,
         retry_backoff_max_s=s.retry_backoff_max_s,
         status_ttl_s=s.status_ttl_s,
+        idempotency_ttl_s=s.idempotency_ttl_s,
+        deadletter_retention_s=s.deadletter_retention_s,
         health_ttl_s=s.health_ttl_s,
         breaker=BreakerConfig(
             slow_call_s=s.breaker_slow_ms / 1000,

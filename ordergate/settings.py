@@ -53,6 +53,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     admission_max_inflight_batches: int = 2
     inflight_lease_ms: int = 10000
     status_ttl_s: int = 7 * 24 * 3600
+    idempotency_ttl_s: int = 24 * 3600  # the usual window of payment APIs' idempotency keys
+    deadletter_retention_s: int = 30 * 24 * 3600  # 0: dead letters are kept until replayed
     auth_cache_s: float = 5.0
     public_url: str | None = None
     ticket_secret: str | None = None
@@ -117,6 +119,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ConfigError("breaker_open_s and notify_give_up_s must be positive")
         if not 0 <= self.worker_metrics_port <= 65535:
             raise ConfigError("worker_metrics_port must be a port number (0 = off)")
+        if min(self.idempotency_ttl_s, self.status_ttl_s) < 1 or self.deadletter_retention_s < 0:
+            raise ConfigError(
+                "idempotency_ttl_s and status_ttl_s must be positive, deadletter_retention_s >= 0"
+            )
         if self.read_block_ms < 1 or self.batch_size < 1:
             raise ConfigError("read_block_ms and batch_size must be at least 1")
         try:

@@ -20,6 +20,8 @@ class WorkerConfig:
     max_deliveries: int = 5
     retry_backoff_max_s: float = 5.0
     status_ttl_s: int = 7 * 24 * 3600
+    idempotency_ttl_s: int = 24 * 3600
+    deadletter_retention_s: int = 30 * 24 * 3600
     health_ttl_s: int = 10
     # Notifications (webhooks), each destination behind its own breaker
     breaker: BreakerConfig = field(default_factory=BreakerConfig)

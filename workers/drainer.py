@@ -302,6 +302,8 @@ class Drainer:
                 await self.consumer.settle(
                     settlements,
                     self.config.status_ttl_s,
+                    idempotency_ttl_s=self.config.idempotency_ttl_s,
+                    deadletter_retention_s=self.config.deadletter_retention_s,
                     rate=self._rate(),
                     leader=self.name,
                 )

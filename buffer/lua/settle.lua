@@ -8,10 +8,11 @@
 -- KEYS[1] drain hash, KEYS[2] admission counter, KEYS[3..2+S] streams of shards 0..S-1,
 -- KEYS[3+S..2+2S] their dead-letter streams, KEYS[3+2S] the notification stream, then per
 -- item: status key, idem key (KEYS[1] when the entry names no order of its shard).
--- ARGV[1] group, ARGV[2] ttl s, ARGV[3] S, ARGV[4] now_us, ARGV[5] rate ('' = unchanged),
--- ARGV[6] leader, ARGV[7] webhook key prefix, then 9 per item: shard, entry id, outcome
--- (committed | rejected | dead_lettered), at_us, reason, deliveries, order id, storefront id,
--- storefront order id ('' when unknown).
+-- ARGV[1] group, ARGV[2] the status records' ttl s, ARGV[3] S, ARGV[4] now_us, ARGV[5] rate
+-- ('' = unchanged), ARGV[6] leader, ARGV[7] webhook key prefix, ARGV[8] the idempotency
+-- records' ttl s, ARGV[9] the dead letters' retention s (0 = kept), then 9 per item: shard,
+-- entry id, outcome (committed | rejected | dead_lettered), at_us, reason, deliveries, order id,
+-- storefront id, storefront order id ('' when unknown).
 -- A settled order whose storefront has a webhook also gets an event in the notification stream,
 -- in the same atomic step: a notification can be late, never lost, and never delays a commit.
 -- Returns the new watermark.
@@ -35,9 +36,10 @@ local function notify_of(sf, sfo, oid, outcome, at)
   end
 end
 local done = {}
-local n = (#ARGV - 7) / 9
+local idem_ttl, retention = tonumber(ARGV[8]), tonumber(ARGV[9])
+local n = (#ARGV - 9) / 9
 for i = 0, n - 1 do
-  local a = 8 + i * 9
+  local a = 10 + i * 9
   local shard, eid, outcome, at, reason = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2],
     ARGV[a + 3], ARGV[a + 4]
   local stream = streams[shard + 1]
@@ -52,7 +54,14 @@ for i = 0, n - 1 do
         dl[#dl + 1] = v
       end
     end
-    redis.call('XADD', KEYS[2 + shards + shard + 1], '*', unpack(dl))
+    local dlq = KEYS[2 + shards + shard + 1]
+    redis.call('XADD', dlq, '*', unpack(dl))
+    if retention > 0 then  -- ids are milliseconds: what is older than the retention goes
+      local t = redis.call('TIME')
+      local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      local cutoff = math.max(0, now_ms - retention * 1000)
+      redis.call('XTRIM', dlq, 'MINID', string.format('%d', cutoff))
+    end
     redis.call('XACK', stream, group, eid)
     redis.call('XDEL', stream, eid)
     if has_status then
@@ -73,7 +82,7 @@ for i = 0, n - 1 do
       redis.call('EXPIRE', status_key, ttl)
     end
     if idem_key ~= KEYS[1] then
-      redis.call('EXPIRE', idem_key, ttl)
+      redis.call('EXPIRE', idem_key, idem_ttl)
     end
   end
 end

@@ -1,0 +1,48 @@
+"""What Redis keeps after an order settled, and for how long: the idempotency record for
+``idempotency_ttl_s``, the status record for ``status_ttl_s``, a dead letter for
+``deadletter_retention_s``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ordergate.buffer.keys import Keys
+from ordergate.sharding.ids import shard_of_order_id
+from tests.conftest import admit, drain, make_settings
+
+KEYS = Keys()
+
+
+async def test_idempotency_and_status_records_expire_on_their_own_clocks(
+    client: Any, api_key: str, servers: Any, redis: Any
+) -> None:
+    receipts = await admit(client, api_key, 20)
+    settings = make_settings(servers, idempotency_ttl_s=3600, status_ttl_s=7200)
+    assert (await drain(settings)).committed == 20
+    for r in receipts:
+        shard = shard_of_order_id(r["order_id"], 8)
+        idem = KEYS.idem(shard, "shop-a", r["storefront_order_id"])
+        assert 3500 < await redis.ttl(idem) <= 3600
+        assert 7100 < await redis.ttl(KEYS.status(shard, r["order_id"])) <= 7200
+
+
+async def test_dead_letters_older_than_the_retention_are_trimmed(
+    client: Any, api_key: str, servers: Any, redis: Any
+) -> None:
+    """An old dead letter (its id two minutes old) goes when the next one is written under a
+    60 s retention; with retention 0 it stays. (A malformed entry is taken where it stands in
+    the queue: orders admitted after it carry the drain past it.)"""
+    dlq = KEYS.deadletters(3)
+    old = f"{int(time.time() * 1000) - 120_000}-0"
+    await redis.xadd(dlq, {"error": "old"}, id=old)
+    await redis.xadd(KEYS.stream(3), {"v": "1", "sf": "shop-a", "garbage": "yes"})
+    await admit(client, api_key, 8, prefix="a")
+    await drain(make_settings(servers, deadletter_retention_s=0))
+    assert [e[0].decode() for e in await redis.xrange(dlq)][0] == old
+    await redis.xadd(KEYS.stream(3), {"v": "1", "sf": "shop-a", "garbage": "again"})
+    await admit(client, api_key, 8, prefix="b")
+    await drain(make_settings(servers, deadletter_retention_s=60))
+    entries = await redis.xrange(dlq)
+    assert old not in [e[0].decode() for e in entries]
+    assert len(entries) == 2  # the two new dead letters, the old one trimmed
