@@ -515,7 +515,7 @@ def cmd_notifications(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ordergate.buffer.overview import read_overview
-    from ordergate.statusview import render, watch
+    from ordergate.statusview import Interrupts, render, watch
 
     def read(r: Any, k: Any, s: Settings) -> Awaitable[Any]:
         return read_overview(r, k, s.shards, s.drain_stale_s)
@@ -524,9 +524,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if not args.interval > 0:
             raise CommandError("--interval must be a positive number of seconds")
         try:
-            _with_redis(settings, lambda r, k, s: watch(lambda: read(r, k, s), args.interval))
+            # SIGINT or SIGTERM ends the watch: its screen restored, exit 0, within GRACE_S
+            with Interrupts() as interrupts:
+
+                async def watching(r: Any, k: Any, s: Settings) -> None:
+                    await watch(lambda: read(r, k, s), args.interval, interrupts.stop_event())
+
+                _with_redis(settings, watching)
         except KeyboardInterrupt:
-            pass  # Ctrl-C is how a watch ends
+            pass  # Ctrl-C is how a watch ends (this one came while no watch ran)
         return 0
     overview = _with_redis(settings, read)
     if args.json:

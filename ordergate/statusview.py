@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from types import FrameType, TracebackType
+from typing import Any
 
 from redis.exceptions import RedisError
 from rich.console import Console, Group, RenderableType
@@ -16,6 +21,9 @@ from ordergate.buffer.overview import Overview
 
 _STYLE = {"closed": "green", "half_open": "yellow", "open": "bold red"}
 _DRAIN_STYLE = {"draining": "green", "paused": "bold yellow", "stalled": "bold red"}
+
+GRACE_S = 5.0  # after SIGINT/SIGTERM, the watch has this long to restore the screen and close
+ABANDON_S = 1.0  # of which a read still running when the watch stops gets this long to end
 
 
 def _console() -> Console:
@@ -30,21 +38,126 @@ def render(o: Overview, console: Console | None = None) -> None:
     (console or _console()).print(screen(o))
 
 
+class Interrupts:
+    """SIGINT and SIGTERM end ``status --watch`` promptly, whatever it is doing.
+
+    The first signal sets the event of ``stop_event`` (the watch leaves the read it waits for,
+    restores the terminal and returns; the command exits 0) and starts a watchdog: if the ``with``
+    block is still not left ``grace`` seconds later (a teardown stuck, stdout blocked: a write to
+    a pipe nobody reads), the process exits at once with status 128 + the signal, as it does on a
+    second signal. A signal that comes while no loop runs the watch (before it starts, after it
+    ends) raises KeyboardInterrupt, as Python's own SIGINT handler does.
+
+    The watch is stopped by an event, never by cancelling its task, which is what asyncio.run's
+    SIGINT handler does: a cancel that comes while the task runs towards a Redis call is lost
+    (Python 3.11's asyncio.wait_for, which redis-py sends every command with, returns the
+    command's result instead of raising CancelledError when the command completes in the same
+    loop turn), and the watch then refreshed forever. The handler only sets a flag and wakes the
+    loop (``call_soon_threadsafe``), so it can come at any moment safely."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, grace: float = GRACE_S) -> None:
+        self.grace = grace
+        self.signum: int | None = None  # the first signal, once one came
+        self._fired = threading.Event()  # a signal came: the watchdog's clock runs
+        self._left = threading.Event()  # the with block was left: the watchdog stands down
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupts:
+        threading.Thread(target=self._watchdog, name="status-watchdog", daemon=True).start()
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._restore()  # first: a signal now must not find this object half torn down
+        self._left.set()
+        self._fired.set()  # the watchdog thread ends
+
+    def stop_event(self) -> asyncio.Event:
+        """The event the first signal sets, for the running loop (set already if one came)."""
+        self._event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        if self.signum is not None:
+            self._event.set()
+        return self._event
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            if previous is not None:  # None: not installed from Python, nothing to put back
+                signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)  # a second signal: the user insists
+        self.signum = signum
+        self._fired.set()
+        loop, event = self._loop, self._event
+        if loop is None or event is None or loop.is_closed() or not loop.is_running():
+            raise KeyboardInterrupt  # not watching (yet, or any more): stop what is running
+        loop.call_soon_threadsafe(event.set)
+
+    def _watchdog(self) -> None:
+        self._fired.wait()
+        if not self._left.wait(self.grace):
+            os._exit(128 + (self.signum or signal.SIGINT))
+
+
 async def watch(
-    read: Callable[[], Awaitable[Overview]], interval: float, console: Console | None = None
+    read: Callable[[], Awaitable[Overview]],
+    interval: float,
+    stop: asyncio.Event,
+    console: Console | None = None,
 ) -> None:
-    """Keep the screen live, re-read every ``interval`` seconds, until cancelled (Ctrl-C). A
-    failed read keeps the last screen under a line that says so."""
+    """Keep the screen live, re-read every ``interval`` seconds, until ``stop`` is set; then
+    return at once (a read in flight gets ABANDON_S to end). A failed read keeps the last screen
+    under a line that says so.
+
+    Each read is a task of its own that the watch waits for beside ``stop``, so no stop waits for
+    Redis (stalled, or slow to answer) and none is lost in it (see Interrupts)."""
+    stopping = asyncio.ensure_future(stop.wait())
     last: RenderableType = Text("reading ...")
-    with Live(last, console=console or _console(), auto_refresh=False) as live:
-        while True:
-            try:
-                last = screen(await read())
-                live.update(last, refresh=True)
-            except (RedisError, OSError) as exc:
-                note = Text(f"cannot read Redis ({exc}); retrying", style="bold red")
-                live.update(Group(note, last), refresh=True)
-            await asyncio.sleep(interval)
+    try:
+        with Live(last, console=console or _console(), auto_refresh=False) as live:
+            while not stop.is_set():
+                reading = asyncio.ensure_future(read())
+                try:
+                    await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if stop.is_set() or not reading.done():
+                        await _abandon(reading)
+                if stop.is_set():
+                    break
+                try:
+                    last = screen(reading.result())
+                    live.update(last, refresh=True)
+                except (RedisError, OSError) as exc:
+                    note = Text(f"cannot read Redis ({exc}); retrying", style="bold red")
+                    live.update(Group(note, last), refresh=True)
+                await asyncio.wait((stopping,), timeout=interval)
+    finally:
+        stopping.cancel()
+
+
+async def _abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and give it ABANDON_S to end, cancelling again every 0.1 s (a cancel can
+    be lost, see Interrupts); one still running then is left to the end of the process."""
+    deadline = time.monotonic() + ABANDON_S
+    while not task.done() and (left := deadline - time.monotonic()) > 0:
+        task.cancel()
+        await asyncio.wait((task,), timeout=min(0.1, left))
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: a read that failed as the watch stopped is not news
 
 
 def screen(o: Overview) -> RenderableType:
