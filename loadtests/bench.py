@@ -226,9 +226,11 @@ class Bench:
         """Fill the buffer for ``--fill`` seconds, then COPY its rows, then drain it."""
         opts = self.opts
         print(f"(d) filling the buffer for {self.args.fill:g} s ...", flush=True)
+        load = post_orders(key, self.next_tag("d"))
+        empty = valkey_usage(s.redis_url or "")
         fill = run_load(
             url,
-            post_orders(key, self.next_tag("d")),
+            load,
             generator=opts.generator,
             connections=opts.connections,
             duration=self.args.fill,
@@ -236,20 +238,32 @@ class Bench:
             processes=opts.gen_processes,
         )
         print(f"  filled: {fill.ok:,} orders ({fill.ok_rps:,.0f}/s)", flush=True)
+        filled = valkey_usage(s.redis_url or "")
         copy = self._drain_child("copy", s)
         print(
             f"  COPY of the same {copy['rows']:,} rows: {copy['batched_rate']:,.0f} rows/s in "
             f"transactions of {copy['batch_size']}, {copy['single_rate']:,.0f} rows/s as one COPY",
             flush=True,
         )
+        copied = valkey_usage(s.redis_url or "")  # the COPY child read the streams: not counted
         drained = self._drain_child("drain", s, profile=self.args.profile)
+        settled = valkey_usage(s.redis_url or "")
+        # per order buffered: copy['rows'] (wrk's count misses the requests in flight at its end)
+        valkey = valkey_per_order(empty, filled, copied, settled, copy["rows"], load.body_length())
         print(
             f"  drain: {drained['committed']:,} committed in {drained['seconds']:.2f} s = "
             f"{drained['rate']:,.0f} orders/s ({drained['batches']} batches; with the "
             f"worker's start {drained['wall_seconds']:.2f} s = {drained['wall_rate']:,.0f}/s)",
             flush=True,
         )
-        return {"filled": fill.ok, "copy": copy, "drain": drained}
+        print(
+            f"  Valkey CPU per order: {valkey['admit_cpu_us']:.1f} us admitting +"
+            f" {valkey['drain_cpu_us']:.1f} us draining = {valkey['cpu_us']:.1f} us; memory per"
+            f" order: body ({valkey['body_bytes']} B) + {valkey['buffered_overhead_bytes']:.0f} B"
+            f" buffered, {valkey['settled_bytes']:.0f} B once settled",
+            flush=True,
+        )
+        return {"filled": fill.ok, "copy": copy, "drain": drained, "valkey": valkey}
 
     def _drain_child(self, what: str, s: Settings, profile: str | None = None) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "loadtests.bench_drain", what]
@@ -366,6 +380,46 @@ class Bench:
 def _postgres_pid(s: Settings) -> int:
     """The postmaster's pid (its backends are its children)."""
     return int((s.data_path / "postgres" / "postmaster.pid").read_text().split()[0])
+
+
+def valkey_usage(url: str) -> tuple[float, int]:
+    """(CPU seconds, user + system, and used_memory bytes) of the Valkey at ``url``."""
+    from ordergate.buffer.connection import create_redis
+
+    async def go() -> tuple[float, int]:
+        redis = create_redis(url)
+        try:
+            cpu, memory = await redis.info("cpu"), await redis.info("memory")
+        finally:
+            await redis.aclose()
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), int(memory["used_memory"])
+
+    result: tuple[float, int] = run(go())
+    return result
+
+
+def valkey_per_order(
+    empty: tuple[float, int],
+    filled: tuple[float, int],
+    copied: tuple[float, int],
+    settled: tuple[float, int],
+    orders: int,
+    body_bytes: int,
+) -> dict[str, Any]:
+    """Valkey's CPU and memory per order over (d): admission (empty -> filled), the drain
+    (copied -> settled), the memory of a buffered order beyond its body, and of a settled one."""
+    n = max(orders, 1)
+    admit_us = (filled[0] - empty[0]) / n * 1e6
+    drain_us = (settled[0] - copied[0]) / n * 1e6
+    return {
+        "orders": orders,
+        "admit_cpu_us": admit_us,
+        "drain_cpu_us": drain_us,
+        "cpu_us": admit_us + drain_us,
+        "body_bytes": body_bytes,
+        "buffered_overhead_bytes": (filled[1] - empty[1]) / n - body_bytes,
+        "settled_bytes": (settled[1] - empty[1]) / n,
+    }
 
 
 def _redis_pid(url: str) -> int:

@@ -133,6 +133,14 @@ def print_summary(report: Mapping[str, Any]) -> None:
             f"{c['batched_rate']:,.0f}/s in transactions of {c['batch_size']}, "
             f"{c['single_rate']:,.0f}/s as one COPY"
         )
+        v = drain.get("valkey")
+        if v:
+            print(
+                f"    Valkey per order: CPU {v['admit_cpu_us']:.1f} us admitting +"
+                f" {v['drain_cpu_us']:.1f} us draining = {v['cpu_us']:.1f} us (target <= 10);"
+                f" memory body + {v['buffered_overhead_bytes']:.0f} B buffered (target <= 250),"
+                f" {v['settled_bytes']:.0f} B settled (target <= 150)"
+            )
     open_loop = report.get("open_loop", {})
     if open_loop:
         print(
