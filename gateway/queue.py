@@ -20,6 +20,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from ordergate.buffer.connection import cancel_and_wait
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.position import DrainState, place_in_line, read_drain_state
 from ordergate.buffer.status import read_status
@@ -82,12 +83,9 @@ class DrainView:
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def close(self) -> None:
-        self._closing = True
-        task = self._task
-        while task is not None and not task.done():
-            # redis-py may turn a cancellation into a connection error; the flag ends the loop
-            task.cancel()
-            await asyncio.wait({task}, timeout=1)
+        self._closing = True  # redis-py may turn a cancellation into a connection error or lose
+        if self._task is not None:  # it (buffer.connection): the flag ends the loop too
+            await cancel_and_wait([self._task], give_up_s=float("inf"))
 
     def memory_ratio(self) -> float | None:
         """Redis's used memory over its maxmemory (checked about once a second), if known."""

@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ordergate.buffer.connection import cancel_and_wait
 from ordergate.buffer.overview import Overview
 
 _STYLE = {"closed": "green", "half_open": "yellow", "open": "bold red"}
@@ -135,7 +136,9 @@ async def watch(
                     await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     if stop.is_set() or not reading.done():
-                        await _abandon(reading)
+                        await cancel_and_wait(
+                            [reading], ABANDON_S
+                        )  # a cancel can be lost: see Interrupts
                 if stop.is_set():
                     break
                 try:
@@ -147,17 +150,6 @@ async def watch(
                 await asyncio.wait((stopping,), timeout=interval)
     finally:
         stopping.cancel()
-
-
-async def _abandon(task: asyncio.Future[Any]) -> None:
-    """Cancel ``task`` and give it ABANDON_S to end, cancelling again every 0.1 s (a cancel can
-    be lost, see Interrupts); one still running then is left to the end of the process."""
-    deadline = time.monotonic() + ABANDON_S
-    while not task.done() and (left := deadline - time.monotonic()) > 0:
-        task.cancel()
-        await asyncio.wait((task,), timeout=min(0.1, left))
-    if task.done() and not task.cancelled():
-        task.exception()  # retrieved: a read that failed as the watch stopped is not news
 
 
 def screen(o: Overview) -> RenderableType:

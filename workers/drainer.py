@@ -26,6 +26,7 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from ordergate.buffer import history
+from ordergate.buffer.connection import cancel_and_wait
 from ordergate.buffer.consumer import Batch, QueueConsumer, Settlement
 from ordergate.buffer.control import DrainControl, read_control
 from ordergate.buffer.streams import ensure_streams
@@ -80,8 +81,7 @@ class Drainer:
         try:
             await self._run(stop, burst)
         finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            await cancel_and_wait([heartbeat])  # in burst mode nothing else stops its loop
             self.stats.role = "stopped"
         return self.stats
 

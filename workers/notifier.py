@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from ordergate.buffer.connection import cancel_and_wait
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.notifications import Event, NotificationStreams
 from ordergate.buffer.webhooks import Webhook, get_webhook
@@ -310,9 +311,8 @@ class Notifier:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
-            for task in (beat, dispatch, *self._tasks):
-                task.cancel()
-            await asyncio.gather(beat, dispatch, *self._tasks, return_exceptions=True)
+            if not await cancel_and_wait([beat, dispatch, *self._tasks]):
+                log.error("notifier %s: a task would not end; left behind", self.token)
             self._tasks.clear()
             self.lanes.clear()
             if not self._fault.done():
