@@ -250,6 +250,8 @@ class Bench:
         settled = valkey_usage(s.redis_url or "")
         # per order buffered: copy['rows'] (wrk's count misses the requests in flight at its end)
         valkey = valkey_per_order(empty, filled, copied, settled, copy["rows"], load.body_length())
+        valkey["xadd_cpu_us"] = xadd_cpu_us(s.redis_url or "", load.body_length())
+        valkey["cpu_per_xadd"] = valkey["cpu_us"] / valkey["xadd_cpu_us"]
         print(
             f"  drain: {drained['committed']:,} committed in {drained['seconds']:.2f} s = "
             f"{drained['rate']:,.0f} orders/s ({drained['batches']} batches; with the "
@@ -258,7 +260,9 @@ class Bench:
         )
         print(
             f"  Valkey CPU per order: {valkey['admit_cpu_us']:.1f} us admitting +"
-            f" {valkey['drain_cpu_us']:.1f} us draining = {valkey['cpu_us']:.1f} us; memory per"
+            f" {valkey['drain_cpu_us']:.1f} us draining = {valkey['cpu_us']:.1f} us"
+            f" ({valkey['cpu_per_xadd']:.1f} x a bare pipelined XADD of the same body,"
+            f" {valkey['xadd_cpu_us']:.1f} us); memory per"
             f" order: body ({valkey['body_bytes']} B) + {valkey['buffered_overhead_bytes']:.0f} B"
             f" buffered, {valkey['settled_bytes']:.0f} B once settled",
             flush=True,
@@ -395,6 +399,34 @@ def valkey_usage(url: str) -> tuple[float, int]:
         return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), int(memory["used_memory"])
 
     result: tuple[float, int] = run(go())
+    return result
+
+
+def xadd_cpu_us(url: str, body_bytes: int, n: int = 20_000) -> float:
+    """The same-run baseline for Valkey's CPU per order: one XADD of a body this size and the
+    fields an order entry has, pipelined 500 at a time, into a scratch stream (then deleted)."""
+    from ordergate.buffer.connection import create_redis
+
+    fields = {"v": "1", "oid": "ord_0_" + "0" * 26, "sf": "shop-a", "sfo": "x" * 16}
+    fields |= {"seq": "1", "at": "1764600000000000", "body": "x" * body_bytes}
+
+    async def go() -> float:
+        redis = create_redis(url, socket_timeout=30)
+        try:
+            before = await redis.info("cpu")
+            for _ in range(0, n, 500):
+                pipe = redis.pipeline(transaction=False)
+                for _ in range(500):
+                    pipe.xadd("ogbench:xadd", fields)
+                await pipe.execute()
+            after = await redis.info("cpu")
+            await redis.delete("ogbench:xadd")
+        finally:
+            await redis.aclose()
+        spent = sum(float(after[k]) - float(before[k]) for k in ("used_cpu_user", "used_cpu_sys"))
+        return spent / n * 1e6
+
+    result: float = run(go())
     return result
 
 
