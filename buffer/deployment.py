@@ -34,6 +34,17 @@ async def check_redis(redis: Any, keys: Keys, shards: int) -> None:
         )
 
 
+async def check_database_at(
+    url: str, shards: int, key_prefix: str, connect_timeout_s: float = 5.0
+) -> None:
+    """``check_database`` on a connection of its own (connection errors go to the caller)."""
+    conn = await asyncpg.connect(url, timeout=connect_timeout_s)
+    try:
+        await check_database(conn, shards, key_prefix)
+    finally:
+        await conn.close()
+
+
 async def check_database(conn: Any, shards: int, key_prefix: str) -> None:
     """Refuse unless ``migrate`` set this database up for these values."""
     try:

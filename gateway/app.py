@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from ordergate.buffer.admission import Admitter
 from ordergate.buffer.connection import create_redis
-from ordergate.buffer.deployment import check_database
+from ordergate.buffer.deployment import check_database_at
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
@@ -120,14 +120,11 @@ async def _check_database(config: GatewayConfig) -> None:
     if not config.database_url:
         return
     try:
-        conn = await asyncpg.connect(config.database_url, timeout=2)
+        await check_database_at(
+            config.database_url, config.shards, config.key_prefix, connect_timeout_s=2
+        )
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         log.warning("Postgres not reachable at startup (%r); deployment not checked there", exc)
-        return
-    try:
-        await check_database(conn, config.shards, config.key_prefix)
-    finally:
-        await conn.close()
 
 
 async def _connect_postgres(state: GatewayState) -> None:

@@ -6,7 +6,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from ordergate.buffer.connection import create_redis
-from ordergate.buffer.deployment import check_database, check_redis
+from ordergate.buffer.deployment import check_database_at, check_redis
 from ordergate.buffer.keys import Keys
 from ordergate.settings import Settings
 
@@ -24,10 +24,6 @@ async def check_deployment(settings: Settings) -> None:
     finally:
         await redis.aclose()
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=5)
+        await check_database_at(settings.database_url, settings.shards, settings.key_prefix)
     except (OSError, TimeoutError, asyncpg.PostgresError):
-        return
-    try:
-        await check_database(conn, settings.shards, settings.key_prefix)
-    finally:
-        await conn.close()
+        pass

@@ -13,11 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import asyncpg
-
 from ordergate.buffer.connection import create_redis
 from ordergate.buffer.consumer import QueueConsumer
-from ordergate.buffer.deployment import check_database
+from ordergate.buffer.deployment import check_database_at
 from ordergate.buffer.errors import DeploymentMismatch
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
@@ -61,7 +59,11 @@ async def run_worker(
             loop.add_signal_handler(sig, stop.set)
     try:
         await _until_ok(lambda: ensure_streams(redis, keys, config.shards), stop, "Redis")
-        await _until_ok(lambda: _check_schema(config), stop, "Postgres")
+        await _until_ok(
+            lambda: check_database_at(config.database_url, config.shards, config.key_prefix),
+            stop,
+            "Postgres",
+        )
         if stop.is_set():
             return drainer.stats
         health = asyncio.create_task(_health(redis, keys, drainer.stats, config.health_ttl_s, stop))
@@ -121,14 +123,6 @@ async def _until_ok(
         except TimeoutError:
             pass
     return None
-
-
-async def _check_schema(config: WorkerConfig) -> None:
-    conn = await asyncpg.connect(config.database_url, timeout=10)
-    try:
-        await check_database(conn, config.shards, config.key_prefix)
-    finally:
-        await conn.close()
 
 
 async def _health(
