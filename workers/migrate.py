@@ -12,7 +12,7 @@ from importlib import resources
 
 import asyncpg
 
-from ordergate.buffer.deployment import check_database
+from ordergate.buffer import deployment
 from ordergate.buffer.errors import DeploymentMismatch
 from ordergate.sharding.routing import partition_for, partition_table
 from ordergate.workers.errors import MigrationError
@@ -72,14 +72,14 @@ async def migrate(url: str, shards: int, key_prefix: str = "og") -> list[str]:
                     f" shards={shards}. Run it with the deployment's shard count"
                 )
             recorded = await conn.execute(
-                "INSERT INTO ordergate_deployment (shards, key_prefix) VALUES ($1, $2)"
+                f"INSERT INTO {deployment.TABLE} (shards, key_prefix) VALUES ($1, $2)"
                 " ON CONFLICT (id) DO NOTHING",
                 shards,
                 key_prefix,
             )
             if recorded.endswith(" 1"):
                 done.append(f"recorded the deployment: {shards} shards, key prefix {key_prefix!r}")
-            await check_database(conn, shards, key_prefix)
+            await deployment.check_database(conn, shards, key_prefix)
             existing = await _partitions(conn)
             for shard in range(shards):
                 table = partition_table(shard)
@@ -105,4 +105,4 @@ async def _partitions(conn: asyncpg.Connection) -> set[str]:
 
 
 async def _recorded(conn: asyncpg.Connection) -> bool:
-    return bool(await conn.fetchval("SELECT count(*) FROM ordergate_deployment"))
+    return bool(await conn.fetchval(f"SELECT count(*) FROM {deployment.TABLE}"))
