@@ -67,6 +67,7 @@ class Admission:
     seq: int = 0
     accepted_at_us: int = 0
     ahead: int = 0
+    lane_seq: int = 0
 
 
 @dataclass(slots=True)
@@ -253,6 +254,7 @@ class Admitter:
                 self._keys.stream(shard),
                 self._keys.seq(),
                 self._keys.drain(),
+                self._keys.lane(shard),
             ]
             script_args: list[Any] = [lease, self._config.max_buffered]
             for req in reqs:
@@ -453,5 +455,7 @@ def _decode(reply: list[Any]) -> Admission:
         return Admission(outcome, "")
     order_id = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     if outcome in (Outcome.ADMITTED, Outcome.DUPLICATE):
-        return Admission(outcome, order_id, int(reply[2]), int(reply[3]), int(reply[4]))
+        return Admission(
+            outcome, order_id, int(reply[2]), int(reply[3]), int(reply[4]), int(reply[5])
+        )
     return Admission(outcome, order_id)

@@ -1,9 +1,9 @@
-"""The drain's side of the buffer: take the queue in admission order, settle what was written.
+"""The drain's side of the buffer: take a lane in admission order, settle what was written.
 
-All shards form one line. ``take`` hands out the entries with the next queue numbers across
-every shard (``take.lua``), so the drain commits orders first-in first-out over the whole
-buffer; ``settle`` finishes a batch atomically (``settle.lua``). Entries leave a stream only
-through ``settle`` -- committed, rejected or dead-lettered -- never by trimming.
+Each shard is a lane. ``take`` hands its owner the lane's next entries (``take.lua``), so each
+lane commits first-in first-out; ``settle`` finishes a batch atomically (``settle.lua``).
+Entries leave a stream only through ``settle`` -- committed, rejected or dead-lettered -- never
+by trimming.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ordergate.buffer.errors import MalformedMessage
+from redis.exceptions import ResponseError
+
+from ordergate.buffer.errors import LaneFenced, MalformedMessage
 from ordergate.buffer.keys import GROUP, Keys
 from ordergate.buffer.message import OrderMessage, decode_entry
 from ordergate.buffer.scripts import Scripts
@@ -85,53 +87,74 @@ class Batch:
         return len(self.messages) + len(self.poison)
 
 
-@dataclass(slots=True)
-class Taken:
-    batch: Batch
-    last_ids: list[str]  # per shard: what to wait after when nothing was taken
+class LaneConsumer:
+    """Takes and settles one lane's entries for its owner, under the epoch it was given.
 
+    Every call is fenced: ``take``, ``claim`` and ``settle`` fail with ``LaneFenced`` once
+    another worker has taken the lane (buffer.lanes).
+    """
 
-class QueueConsumer:
-    """Takes and settles the entries of all shards for one named consumer (the drain's leader)."""
-
-    def __init__(self, redis: Any, keys: Keys, shards: int, consumer: str) -> None:
+    def __init__(
+        self, redis: Any, keys: Keys, shards: int, shard: int, consumer: str, epoch: int
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.shards = shards
+        self.shard = shard
         self.consumer = consumer
-        self.streams = [keys.stream(s) for s in range(shards)]
+        self.epoch = epoch
+        self.stream = keys.stream(shard)
         self.scripts = Scripts(redis)
-        self._queue_keys = [keys.drain(), keys.seq(), *self.streams]
+        self._lane_keys = [keys.lane(shard), self.stream]
+        self.last_id: bytes | str = "0-0"  # the newest entry the group has delivered
 
-    async def take(self, n: int) -> Taken:
-        """The next ``n`` queue numbers' entries, across all shards, now pending on us."""
-        _cursor, last_ids, per_shard = await self.scripts.take(
-            keys=self._queue_keys,
-            args=[GROUP, self.consumer, n, self.keys.prefix, _now_us()],
+    async def take(self, n: int) -> Batch:
+        """The lane's next ``n`` entries, in admission order, now pending on us."""
+        entries, self.last_id = await self._fenced(
+            self.scripts.take(
+                keys=self._lane_keys,
+                args=[
+                    GROUP,
+                    self.consumer,
+                    n,
+                    self.epoch,
+                    self.keys.prefix,
+                    self.shard,
+                    _now_us(),
+                ],
+            )
         )
         batch = Batch()
-        for shard, entries in enumerate(per_shard):
-            self._decode(batch, shard, entries)
-        _sort(batch)
-        return Taken(batch, [_s(i) for i in last_ids])
-
-    async def claim_all(self, max_per_shard: int = 100_000) -> Batch:
-        """Every pending entry of every shard, now ours (the leader's lock says they are owed)."""
-        per_shard, counts = await self.scripts.claim(
-            keys=self._queue_keys,
-            args=[GROUP, self.consumer, self.keys.prefix, _now_us(), max_per_shard],
-        )
-        batch = Batch()
-        for shard, (entries, prior) in enumerate(zip(per_shard, counts, strict=True)):
-            for (entry_id, _), n in zip(entries, prior, strict=True):
-                batch.deliveries[_s(entry_id)] = int(n)
-            self._decode(batch, shard, entries)
+        self._decode(batch, self.shard, entries)
         _sort(batch)
         return batch
 
-    async def wait_for_entries(self, last_ids: list[str], block_ms: int) -> None:
-        """Block until some shard has an entry after ``last_ids`` (or the time is up)."""
-        await self.redis.xread(dict(zip(self.streams, last_ids, strict=True)), 1, block_ms)
+    async def claim(self, max_entries: int = 100_000) -> Batch:
+        """Every pending entry of the lane, now ours (the lane's lock says they are owed)."""
+        entries, prior = await self._fenced(
+            self.scripts.claim(
+                keys=self._lane_keys,
+                args=[
+                    GROUP,
+                    self.consumer,
+                    self.keys.prefix,
+                    self.shard,
+                    _now_us(),
+                    max_entries,
+                    self.epoch,
+                ],
+            )
+        )
+        batch = Batch()
+        for (entry_id, _), n in zip(entries, prior, strict=True):
+            batch.deliveries[_s(entry_id)] = int(n)
+        self._decode(batch, self.shard, entries)
+        _sort(batch)
+        return batch
+
+    async def wait_for_entries(self, block_ms: int) -> None:
+        """Block until the lane has an entry newer than the group has delivered (or time's up)."""
+        await self.redis.xread({self.stream: _s(self.last_id)}, 1, block_ms)
 
     async def settle(
         self,
@@ -141,39 +164,39 @@ class QueueConsumer:
         idempotency_ttl_s: int,
         deadletter_retention_s: int = 0,
         rate: float | None,
-        leader: str,
-    ) -> int:
+        owner: str,
+    ) -> tuple[int, int]:
         """Record the outcomes, ack/delete or dead-letter, queue the webhook events, advance the
-        watermark; returns it."""
+        lane's watermark and the settled counts; returns (the watermark, entries settled)."""
+        shard, lane = self.shard, self.keys.lane(self.shard)
         keys: list[str] = [
-            *self._queue_keys,
-            *(self.keys.deadletters(s) for s in range(self.shards)),
+            lane,
+            self.keys.drain(),
+            self.stream,
+            self.keys.deadletters(shard),
             self.keys.notify(),
         ]
         args: list[Any] = [
             GROUP,
             ttl_s,
-            self.shards,
+            self.epoch,
             _now_us(),
             "" if rate is None else f"{rate:.3f}",
-            leader,
+            owner,
             self.keys.webhook(""),
             idempotency_ttl_s,
             deadletter_retention_s,
+            self.keys.drain_changes(),
         ]
-        nothing = self.keys.drain()
         for it in items:
-            owned = it.order_id and shard_of_order_id(it.order_id, self.shards) == it.shard
-            keys.append(
-                self.keys.status(it.shard, it.order_id) if owned and it.order_id else nothing
-            )
+            owned = it.order_id and shard_of_order_id(it.order_id, self.shards) == shard
+            keys.append(self.keys.status(shard, it.order_id) if owned and it.order_id else lane)
             if owned and it.storefront_id is not None and it.storefront_order_id is not None:
-                keys.append(self.keys.idem(it.shard, it.storefront_id, it.storefront_order_id))
+                keys.append(self.keys.idem(shard, it.storefront_id, it.storefront_order_id))
             else:
-                keys.append(nothing)
+                keys.append(lane)
             args.extend(
                 (
-                    it.shard,
                     it.entry_id,
                     it.outcome,
                     it.at_us,
@@ -184,18 +207,20 @@ class QueueConsumer:
                     it.storefront_order_id or "",
                 )
             )
-        return int(await self.scripts.settle(keys=keys, args=args))
+        watermark, settled = await self._fenced(self.scripts.settle(keys=keys, args=args))
+        return int(watermark), int(settled)
 
     async def outstanding(self) -> tuple[int, int]:
-        """(entries in the streams, of which pending): both 0 once everything is settled."""
-        pipe = self.redis.pipeline(transaction=False)
-        for stream in self.streams:
-            pipe.xlen(stream)
-            pipe.xpending(stream, GROUP)
-        replies = await pipe.execute()
-        length = sum(int(r) for r in replies[0::2])
-        pending = sum(int(r["pending"]) for r in replies[1::2])
-        return length, pending
+        """(entries in the lane's stream, of which pending): both 0 once all is settled."""
+        return await outstanding(self.redis, self.keys, [self.shard])
+
+    async def _fenced(self, call: Any) -> Any:
+        try:
+            return await call
+        except ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise LaneFenced(f"lane {self.shard}: {exc}") from None
+            raise
 
     def _decode(self, batch: Batch, shard: int, entries: list[Any]) -> None:
         for entry_id, flat in entries:
@@ -216,6 +241,18 @@ class QueueConsumer:
                         batch.deliveries.get(eid, 0) + 1,
                     )
                 )
+
+
+async def outstanding(redis: Any, keys: Keys, shards: list[int]) -> tuple[int, int]:
+    """(entries in these lanes' streams, of which pending): both 0 once all is settled."""
+    pipe = redis.pipeline(transaction=False)
+    for shard in shards:
+        pipe.xlen(keys.stream(shard))
+        pipe.xpending(keys.stream(shard), GROUP)
+    replies = await pipe.execute()
+    length = sum(int(r) for r in replies[0::2])
+    pending = sum(int(r["pending"]) for r in replies[1::2])
+    return length, pending
 
 
 def _sort(batch: Batch) -> None:

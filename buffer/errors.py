@@ -29,3 +29,7 @@ class MalformedMessage(BufferPoolError):
 
 class InvalidWebhook(BufferPoolError):
     """A webhook URL that is not an absolute http(s) URL."""
+
+
+class LaneFenced(BufferPoolError):
+    """Another worker took the lane: this owner's epoch is no longer the lane's."""

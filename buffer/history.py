@@ -1,9 +1,9 @@
 """The last minutes of the buffer, one sample a second, for the dashboard's charts and rates.
 
-The leading drainer records a sample on each heartbeat (one writer at a time, so samples are
+The worker that owns lane 0 records a sample every second (one writer at a time, so samples are
 evenly spaced and survive a gateway restart); readers get ingest and drain rates from the
-differences of consecutive samples: ``issued`` is the admission counter, ``settled`` the drain's
-watermark, so both are exact and never go back.
+differences of consecutive samples: ``issued`` is the admission counter, ``settled`` the count of
+orders settled over all lanes, so both are exact and never go back.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ KEEP = 900  # samples kept: 15 minutes at one a second
 class Sample(msgspec.Struct, frozen=True):
     t: float  # unix seconds
     issued: int  # queue numbers handed out so far
-    settled: int  # every queue number <= settled is committed, rejected or dead-lettered
+    settled: int  # orders committed, rejected or dead-lettered so far, over all lanes
     depth: list[int]  # per shard: entries in the stream, admitted and not yet settled
 
 
@@ -33,7 +33,7 @@ _decoder = msgspec.json.Decoder(Sample)
 async def take_sample(redis: Any, keys: Keys, shards: int) -> Sample:
     pipe = redis.pipeline(transaction=False)
     pipe.get(keys.seq())
-    pipe.hget(keys.drain(), "w")
+    pipe.hget(keys.drain(), "s")
     for shard in range(shards):
         pipe.xlen(keys.stream(shard))
     issued, settled, *depth = await pipe.execute()

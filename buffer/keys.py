@@ -1,9 +1,10 @@
 """Every Redis key name of ordergate, in one place.
 
-Keys of a shard carry the shard's hash tag (``og:{3}:stream``). The queue is one line across all
-shards (one admission counter, a drain in admission order), so the scripts that admit, take and
-settle touch several shards at once: the buffer pool needs one Redis/Valkey primary (with
-replicas), not a Cluster.
+Keys of a shard carry the shard's hash tag (``og:{3}:stream``). Each shard is a lane: its
+stream, its lane hash and its dead letters are taken and settled together by the lane's one
+owner. Admission still numbers orders with one counter over all lanes and settling adds to one
+settled count, so those scripts also touch two keys of no shard: the buffer pool needs one
+Redis/Valkey primary (with replicas), not a Cluster.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ class Keys:
         """The order's status record (hash)."""
         return f"{self.tag(shard)}:order:{order_id}"
 
+    def lane(self, shard: int) -> str:
+        """Hash: the lane's counters and owner (buffer.lanes): ``n`` orders admitted into it,
+        ``s`` settled, ``last`` the queue number of its newest order, ``w`` its watermark,
+        ``d`` the newest queue number taken, ``epoch``/``owner`` the fence, and the state its
+        owner reports (``state``, ``reason``, ``at``, ``rate``, ``cap``)."""
+        return f"{self.tag(shard)}:lane"
+
     def deadletters(self, shard: int) -> str:
         """The shard's dead-letter stream."""
         return f"{self.tag(shard)}:dlq"
@@ -48,7 +56,7 @@ class Keys:
         return f"{self.prefix}:seq"
 
     def drain(self) -> str:
-        """Hash: the drain's cursor, watermark, measured rate and state (see buffer.drainstate)."""
+        """Hash: ``s``, the orders settled over all lanes (buffer.position)."""
         return f"{self.prefix}:drain"
 
     def drain_changes(self) -> str:
@@ -101,6 +109,11 @@ class Keys:
         """JSON the leading notifier refreshes every second: its breakers and lanes."""
         return f"{self.prefix}:notify:state"
 
+    def members(self) -> str:
+        """Sorted set: worker processes -> when their membership lapses (unix ms); the lanes
+        are split among the live ones (buffer.lanes)."""
+        return f"{self.prefix}:workers"
+
     def worker_health(self, consumer: str) -> str:
         """A worker's heartbeat, expiring when the worker stops beating."""
         return f"{self.prefix}:worker:{consumer}"
@@ -110,5 +123,5 @@ class Keys:
         return f"{self.prefix}:history"
 
     def drain_control(self) -> str:
-        """Hash of the operators' drain controls (paused, rate), read by the leading drainer."""
+        """Hash of the operators' drain controls (paused, rate), read by every worker."""
         return f"{self.prefix}:drain:control"

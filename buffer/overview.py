@@ -1,9 +1,9 @@
 """The operators' overview: what the buffer, the drain and the notifier are doing, from Redis.
 
 ``ordergate status`` prints it and the gateway serves it as JSON (``GET /v1/ops/status``). Both
-read the same keys, so they cannot disagree: the drain state the leader publishes, the streams'
-lengths and pending entries, the per-second history (rates), the operators' drain controls, the
-notifier's breakers and lanes (refreshed every second by the leading notifier).
+read the same keys, so they cannot disagree: each lane's state as its owner reports it, the
+streams' lengths and pending entries, the per-second history (rates), the operators' drain
+controls, the notifier's breakers and lanes (refreshed every second by the leading notifier).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import msgspec
 from ordergate.buffer import history
 from ordergate.buffer.control import DrainControl, from_hash
 from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.lanes import LaneState
 from ordergate.buffer.notifications import NotificationStreams
-from ordergate.buffer.position import place_in_line, read_drain_state
+from ordergate.buffer.position import read_drain_state, tail_eta
 
 RATE_WINDOW_S = 10  # ingest and drain rates are averaged over the last this many seconds
 
@@ -41,19 +42,23 @@ class Breaker(msgspec.Struct, frozen=True):
 class Drain(msgspec.Struct, frozen=True):
     state: str | None  # draining | stalled | stopped | paused; None = never started
     reason: str
-    leader: str
+    leader: str  # the workers owning lanes, comma separated
     rate_per_s: float | None
     heard_s_ago: float | None
-    cap_per_s: float | None = None  # the limit the leader applies: drain_rate or the operators'
+    cap_per_s: float | None = None  # the limit the lanes apply: drain_rate or the operators'
 
 
 class Shard(msgspec.Struct, frozen=True):
-    """One shard's stream."""
+    """One shard's stream: a lane, and the worker that owns it."""
 
     shard: int
     depth: int  # entries in the stream: admitted, not yet settled
     pending: int  # of those, taken by the drain and not yet settled
     oldest_age_s: float | None  # age of the oldest entry (None: the stream is empty)
+    owner: str = ""  # the worker draining the lane ('' = none has yet)
+    state: str | None = None  # as its owner last reported: draining | stalled | paused | stopped
+    rate_per_s: float | None = None  # orders per second the lane drains while busy
+    heard_s_ago: float | None = None  # since its owner last reported
 
 
 class Notifications(msgspec.Struct, frozen=True):
@@ -67,7 +72,7 @@ class Overview(msgspec.Struct, frozen=True):
     at: float
     buffered: int  # admitted, not yet settled
     issued: int  # queue numbers handed out
-    settled: int  # watermark
+    settled: int  # orders settled over all lanes
     dead_letters: int  # orders in the dead-letter streams
     drain: Drain
     notifications: Notifications
@@ -83,7 +88,7 @@ class Overview(msgspec.Struct, frozen=True):
 async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.0) -> Overview:
     """The overview; ``stale_s`` is ``drain_stale_s`` (a leader silent longer has stopped)."""
     now = time.time()
-    drain = await read_drain_state(redis, keys)
+    drain = await read_drain_state(redis, keys, shards)
     pipe = redis.pipeline(transaction=False)
     for shard in range(shards):
         pipe.xlen(keys.deadletters(shard))
@@ -117,11 +122,7 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
         for sf, lane in state.get("lanes", {}).items()
     ]
     ingest, drained = history.rates(await history.read(redis, keys, 2 * RATE_WINDOW_S))
-    eta: int | None = 0
-    eta_reason: str | None = None
-    if drain.depth:
-        place = place_in_line(drain.issued, drain, stale_s, now)
-        eta, eta_reason = place.eta_seconds, place.eta_reason
+    eta, eta_reason = tail_eta(drain, stale_s, now)
     return Overview(
         at=now,
         buffered=drain.depth,
@@ -138,7 +139,10 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
         ),
         notifications=Notifications(state.get("leader"), waiting, deferred, dead),
         breakers=breakers,
-        shards=[_shard(shard, streams[3 * shard : 3 * shard + 3], now) for shard in range(shards)],
+        shards=[
+            _shard(shard, streams[3 * shard : 3 * shard + 3], drain.lane(shard), now)
+            for shard in range(shards)
+        ],
         ingest_rate=_round(ingest),
         drain_rate=_round(drained if drained is not None else drain.rate),
         eta_tail_s=eta,
@@ -147,14 +151,24 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
     )
 
 
-def _shard(shard: int, replies: list[Any], now: float) -> Shard:
+def _shard(shard: int, replies: list[Any], lane: LaneState, now: float) -> Shard:
     depth, pending, first = replies
     oldest = None
     if first:  # the oldest entry; its id starts with the unix ms of its admission
         ms = int(first[0][0].split(b"-", 1)[0])
         oldest = round(max(0.0, now - ms / 1000), 3)
     count = pending["pending"] if isinstance(pending, dict) else 0
-    return Shard(shard, int(depth), int(count), oldest)
+    heard = round(now - lane.heard_at_us / 1e6, 2) if lane.heard_at_us else None
+    return Shard(
+        shard,
+        int(depth),
+        int(count),
+        oldest,
+        owner=lane.owner,
+        state=lane.state,
+        rate_per_s=_round(lane.rate),
+        heard_s_ago=heard,
+    )
 
 
 def _round(rate: float | None) -> float | None:

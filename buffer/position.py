@@ -1,14 +1,19 @@
-"""Depth and position: where an order stands in the one queue, from Redis alone, in O(1).
+"""Depth and position: where an order stands in the queue, from Redis alone, in O(1).
 
-Every admitted order gets a queue number (``seq``, one counter over all shards). The drain takes
-the queue strictly in that order (``take.lua``) and ``settle.lua`` keeps a watermark ``w``:
-every order numbered ``<= w`` is settled. So for an order numbered ``n`` that is not settled,
+Every admitted order gets a queue number ``seq`` (one counter over all lanes) and a number
+``ls`` inside its lane. A lane drains in admission order, so inside the lane exactly
+``ls - 1 - s_lane`` orders ahead of it are unsettled (``s_lane``: the lane's settled count).
+Over all lanes, ``S`` orders are settled, so at least ``seq - 1 - S`` orders admitted before it
+are not. The position is the larger of the two:
 
-    position = n - 1 - w
+    position = max(seq - 1 - S, ls - 1 - s_lane)
 
-is exactly the number of orders admitted before it that are not yet committed; none of them
-commits after it, and no order admitted after it commits before it. It never increases: ``n``
-is fixed and ``w`` only grows. The ETA divides by the drain rate the leader measures.
+It never increases (``seq`` and ``ls`` are fixed, both counts only grow). It is exact while
+nothing drains, and whenever the settled orders are exactly the oldest ones (one consecutive
+set of waiting orders). While lanes drain in parallel it can undercount: by the number of
+orders admitted *after* this one that other lanes have already settled -- at most how far the
+fastest lane runs ahead of this order's lane, in orders. The ETA uses the order's own lane: its
+in-lane position over the rate its owner measures.
 """
 
 from __future__ import annotations
@@ -20,55 +25,86 @@ from typing import Any
 import msgspec
 
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.lanes import LaneState, lane_of
+
+_ORDER = {"paused": 0, "stalled": 1, "draining": 2, "stopped": 3}
 
 
 class DrainState(msgspec.Struct, frozen=True):
-    """What ``og:drain`` and the admission counter say, read in one round trip."""
+    """The admission counter, the settled count and every lane, read in one round trip."""
 
     issued: int = 0  # the last queue number handed out
-    settled: int = 0  # w: every queue number <= it is settled
-    dispatched: int = 0  # d: every queue number <= it has been taken by the drain
-    settled_at_us: int = 0  # when w last moved
-    rate: float | None = None  # orders per second the drain achieves while busy
-    state: str | None = None  # draining | stalled | stopped | paused; None: never started
-    reason: str = ""
-    heard_at_us: int = 0  # the leader's last heartbeat
-    leader: str = ""
-    cap: float | None = None  # the drain's rate limit in force (drain_rate or the operators')
+    settled: int = 0  # orders settled over all lanes (committed, rejected or dead-lettered)
+    lanes: tuple[LaneState, ...] = ()
 
     @property
     def depth(self) -> int:
-        """Orders admitted and not yet settled, over all shards."""
+        """Orders admitted and not yet settled, over all lanes."""
         return max(0, self.issued - self.settled)
 
+    def lane(self, shard: int) -> LaneState:
+        if 0 <= shard < len(self.lanes):
+            return self.lanes[shard]
+        return LaneState(shard)
 
-async def read_drain_state(redis: Any, keys: Keys) -> DrainState:
+    @property
+    def rate(self) -> float | None:
+        """Orders per second over all lanes: the sum of the lanes' measured rates."""
+        rates = [lane.rate for lane in self.lanes if lane.rate]
+        return sum(rates) if rates else None
+
+    @property
+    def heard_at_us(self) -> int:
+        return max((lane.heard_at_us for lane in self.lanes), default=0)
+
+    @property
+    def settled_at_us(self) -> int:
+        return max((lane.settled_at_us for lane in self.lanes), default=0)
+
+    @property
+    def state(self) -> str | None:
+        """The drain as a whole: paused or stalled if any lane is, draining if one drains."""
+        states = [lane.state for lane in self.lanes if lane.state]
+        return min(states, key=lambda s: _ORDER.get(s, 9)) if states else None
+
+    @property
+    def reason(self) -> str:
+        state = self.state
+        return next((lane.reason for lane in self.lanes if lane.state == state), "")
+
+    @property
+    def leader(self) -> str:
+        """The workers that own lanes, comma separated."""
+        return ",".join(sorted({lane.owner for lane in self.lanes if lane.owner}))
+
+    @property
+    def cap(self) -> float | None:
+        caps = [lane.cap for lane in self.lanes if lane.cap]
+        return max(caps) if caps else None
+
+
+async def read_drain_state(redis: Any, keys: Keys, shards: int) -> DrainState:
     pipe = redis.pipeline(transaction=False)
     pipe.get(keys.seq())
-    pipe.hgetall(keys.drain())
-    issued, raw = await pipe.execute()
-    rate, cap = raw.get(b"rate"), raw.get(b"cap")
+    pipe.hget(keys.drain(), "s")
+    for shard in range(shards):
+        pipe.hgetall(keys.lane(shard))
+    issued, settled, *lanes = await pipe.execute()
     return DrainState(
         issued=int(issued or 0),
-        settled=int(raw.get(b"w", 0)),
-        dispatched=int(raw.get(b"d", 0)),
-        settled_at_us=int(raw.get(b"wat", 0)),
-        rate=float(rate) if rate else None,
-        state=raw[b"state"].decode() if b"state" in raw else None,
-        reason=raw.get(b"reason", b"").decode(),
-        heard_at_us=int(raw.get(b"at", 0)),
-        leader=raw.get(b"leader", b"").decode(),
-        cap=float(cap) if cap else None,
+        settled=int(settled or 0),
+        lanes=tuple(lane_of(shard, raw) for shard, raw in enumerate(lanes)),
     )
 
 
 def seconds_until_room(drain: DrainState | None, bound: int) -> int:
     """Retry-After for a full buffer: time for the drain to free a hundredth of the bound (at
     least the excess), at the measured rate; 5 s when no rate is known. Between 1 and 60 s."""
-    if drain is None or not drain.rate:
+    rate = drain.rate if drain is not None else None
+    if drain is None or not rate:
         return 5
     room = max(drain.depth - bound + 1, bound // 100, 1)
-    return max(1, min(60, math.ceil(room / drain.rate)))
+    return max(1, min(60, math.ceil(room / rate)))
 
 
 class Place(msgspec.Struct, frozen=True):
@@ -80,29 +116,53 @@ class Place(msgspec.Struct, frozen=True):
     eta_reason: str | None
 
 
-def place_in_line(seq: int, drain: DrainState, stale_s: float, now: float | None = None) -> Place:
-    """Position, status and ETA of the order numbered ``seq`` (not yet settled)."""
-    position = max(0, seq - 1 - drain.settled)
-    status = "processing" if seq <= drain.dispatched else "queued"
-    eta, reason = _eta(position, drain, stale_s, time.time() if now is None else now)
+def place_in_line(
+    seq: int,
+    lane_seq: int,
+    shard: int,
+    drain: DrainState,
+    stale_s: float,
+    now: float | None = None,
+) -> Place:
+    """Position, status and ETA of the order numbered ``seq`` (``lane_seq`` in lane ``shard``;
+    0 when unknown), not yet settled."""
+    lane = drain.lane(shard)
+    in_lane = max(0, lane_seq - 1 - lane.settled) if lane_seq else None
+    position = max(0, seq - 1 - drain.settled, in_lane or 0)
+    status = "processing" if seq <= lane.taken else "queued"
+    ahead_in_lane = position if in_lane is None else in_lane
+    eta, reason = lane_eta(ahead_in_lane, lane, stale_s, time.time() if now is None else now)
     return Place(status, position, eta, reason)
 
 
-def _eta(
-    position: int, drain: DrainState, stale_s: float, now: float
+def tail_eta(drain: DrainState, stale_s: float, now: float) -> tuple[int | None, str | None]:
+    """Until the last order admitted is settled: the slowest lane's ETA for its backlog."""
+    worst: int = 0
+    for lane in drain.lanes:
+        if lane.depth:
+            eta, reason = lane_eta(lane.depth - 1, lane, stale_s, now)
+            if eta is None:
+                return None, reason
+            worst = max(worst, eta)
+    return worst, None
+
+
+def lane_eta(
+    ahead: int, lane: LaneState, stale_s: float, now: float
 ) -> tuple[int | None, str | None]:
-    if drain.state is None:
+    """Seconds until a lane settles the ``ahead`` orders in front of one and that one."""
+    if lane.state is None:
         return None, "no worker has started draining yet"
-    silent = now - drain.heard_at_us / 1e6
-    if drain.state == "stopped":
+    silent = now - lane.heard_at_us / 1e6
+    if lane.state == "stopped":
         return None, "the drain is stopped: no worker is running"
     if silent > stale_s:
         return None, f"the drain is stopped: no worker has reported for {int(silent)} s"
-    if drain.state == "stalled":
-        return None, f"the drain is stalled: {drain.reason or 'waiting for Postgres'}"
-    if drain.state == "paused":
+    if lane.state == "stalled":
+        return None, f"the drain is stalled: {lane.reason or 'waiting for Postgres'}"
+    if lane.state == "paused":
         return None, "the drain is paused by an operator"
-    if not drain.rate:
+    if not lane.rate:
         return None, "the drain rate is not measured yet"
     # Itself included: an order leaves the queue when the orders ahead of it *and* it are written.
-    return max(0, math.ceil((position + 1) / drain.rate - 0.5)), None
+    return max(0, math.ceil((ahead + 1) / lane.rate - 0.5)), None

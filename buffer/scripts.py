@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -23,7 +24,19 @@ def source(name: str) -> str:
 class Scripts:
     """The buffer pool's scripts, bound to one Redis client."""
 
-    NAMES = ("admit", "confirm", "take", "claim", "settle", "replay", "notified", "lease")
+    NAMES = (
+        "admit",
+        "confirm",
+        "take",
+        "claim",
+        "settle",
+        "replay",
+        "notified",
+        "lease",
+        "member",
+        "own",
+        "report",
+    )
 
     def __init__(self, redis: Any) -> None:
         self.admit: AsyncScript = redis.register_script(source("admit"))
@@ -34,6 +47,9 @@ class Scripts:
         self.replay: AsyncScript = redis.register_script(source("replay"))
         self.notified: AsyncScript = redis.register_script(source("notified"))
         self.lease: AsyncScript = redis.register_script(source("lease"))
+        self.member: AsyncScript = redis.register_script(source("member"))
+        self.own: AsyncScript = redis.register_script(source("own"))
+        self.report: AsyncScript = redis.register_script(source("report"))
         self._redis = redis
 
     async def load(self) -> None:
@@ -41,3 +57,14 @@ class Scripts:
         for name in self.NAMES:
             script: AsyncScript = getattr(self, name)
             script.sha = await self._redis.script_load(script.script)
+
+
+_bound: weakref.WeakKeyDictionary[Any, Scripts] = weakref.WeakKeyDictionary()
+
+
+def scripts_for(redis: Any) -> Scripts:
+    """The scripts bound to ``redis``, made once per client (hashing 11 scripts is not free)."""
+    scripts = _bound.get(redis)
+    if scripts is None:
+        scripts = _bound[redis] = Scripts(redis)
+    return scripts

@@ -45,6 +45,7 @@ class StatusRecord(msgspec.Struct, frozen=True):
     reason: str | None = None
     ahead: int = 0
     timeline: list[Change] = []
+    lane_seq: int = 0
 
     @property
     def final(self) -> bool:
@@ -90,4 +91,5 @@ async def read_status(redis: Any, keys: Keys, shard: int, order_id: str) -> Stat
         reason=raw[b"reason"].decode() if raw.get(b"reason") else None,
         ahead=int(raw.get(b"a0", 0)),
         timeline=parse_timeline(raw.get(b"tl")),
+        lane_seq=int(raw.get(b"ls", 0)),
     )

@@ -41,7 +41,7 @@ def create_app(config: GatewayConfig) -> GatewayApp:
             admitter,
             Authenticator(redis, keys, config.auth_cache_s),
             Tickets(redis, keys, config.ticket_secret),
-            queue.DrainView(redis, keys),
+            queue.DrainView(redis, keys, config.shards),
         )
         app.state.gateway = state
         try:

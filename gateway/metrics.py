@@ -152,13 +152,13 @@ class BufferSnapshot:
             _gauge("ordergate_queue_issued", "The last queue number handed out.", o.issued),
             _gauge(
                 "ordergate_queue_settled",
-                "The drain's watermark: every queue number up to it is settled.",
+                "Orders settled so far (committed, rejected or dead-lettered), over all lanes.",
                 o.settled,
             ),
             _gauge(
                 "ordergate_drain_rate",
-                "Orders/s the drain achieves while busy, as its leader measures it (0 when not "
-                "draining).",
+                "Orders/s the drain achieves while busy: the sum of what each lane's owner "
+                "measures (0 when not draining).",
                 rate or 0.0,
             ),
             _gauge(

@@ -216,7 +216,7 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
         )
     order_id = admission.order_id
     ticket = await state.tickets.issue(
-        order_id, admission.seq, admission.ahead, admission.accepted_at_us
+        order_id, admission.seq, admission.ahead, admission.accepted_at_us, admission.lane_seq
     )
     host = headers.get(b"host")
     base = _base_url(scope, state, host.decode("latin-1") if host else None)
@@ -248,7 +248,7 @@ async def get_order(request: Request) -> Response:
         if record.storefront_id != storefront:
             raise NotFound(f"no order {order_id!r}")  # never reveal another storefront's orders
         ticket = await state.tickets.issue(
-            order_id, record.seq, record.ahead, record.accepted_at_us
+            order_id, record.seq, record.ahead, record.accepted_at_us, record.lane_seq
         )
         status = OrderStatus(
             order_id=order_id,

@@ -1,8 +1,8 @@
 """GET /v1/queue/{ticket} (and its Server-Sent Events twin): a customer's place in the queue.
 
 No API key: the ticket is the credential. A waiting order is answered from the ticket (its
-queue number) and the drain's state (one shared Redis read, see ``DrainView``); only a settled
-order costs a read of its status record. Answers carry an ETag and honour If-None-Match, and
+queue and lane numbers) and the lanes' state (one shared Redis read, see ``DrainView``); only a
+settled order costs a read of its status record. Answers carry an ETag and honour If-None-Match, and
 ``poll_after_seconds`` grows with the position so a long queue polls slowly.
 """
 
@@ -55,9 +55,9 @@ class QueueStatus(msgspec.Struct, frozen=True):
 
 
 class DrainView:
-    """The drain's state, followed live: every gateway process keeps it in memory.
+    """The lanes' state, followed live: every gateway process keeps it in memory.
 
-    The drain publishes on ``og:drain:changed`` whenever a batch is taken or settled and at
+    The lanes publish on ``og:drain:changed`` whenever a batch is taken or settled and at
     every heartbeat; on each notice this view re-reads the state (one read however many notices
     queued up), and re-reads every second anyway. So a poll costs no Redis round trip and sees
     what a read would have seen a millisecond earlier. While the subscription is down, polls
@@ -67,9 +67,10 @@ class DrainView:
 
     REFRESH_S = 1.0
 
-    def __init__(self, redis: Any, keys: Keys) -> None:
+    def __init__(self, redis: Any, keys: Keys, shards: int) -> None:
         self._redis = redis
         self._keys = keys
+        self._shards = shards
         self._state: DrainState | None = None
         self._live = False
         self._task: asyncio.Task[None] | None = None
@@ -120,7 +121,9 @@ class DrainView:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._keys.drain_changes())
-                self._state = await read_drain_state(self._redis, self._keys)  # after SUBSCRIBE
+                self._state = await read_drain_state(
+                    self._redis, self._keys, self._shards
+                )  # after SUBSCRIBE
                 self._memory_at = 0.0
                 await self._check_memory()
                 self._live, attempt = True, 0
@@ -130,7 +133,7 @@ class DrainView:
                     )
                     while notice is not None:  # fold every queued notice into one read
                         notice = await pubsub.get_message(ignore_subscribe_messages=True)
-                    self._state = await read_drain_state(self._redis, self._keys)
+                    self._state = await read_drain_state(self._redis, self._keys, self._shards)
                     await self._check_memory()
             except asyncio.CancelledError:
                 raise
@@ -151,7 +154,7 @@ class DrainView:
             while self._waiters:
                 round_, self._waiters = self._waiters, []
                 try:
-                    state = await read_drain_state(self._redis, self._keys)
+                    state = await read_drain_state(self._redis, self._keys, self._shards)
                 except Exception as exc:  # noqa: BLE001 - handed to each caller
                     for w in round_:
                         if not w.done():
@@ -185,11 +188,17 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
         raise TicketNotFound("this is not a queue ticket of this gateway")
     drain = await state.drain_view.get()
     seq, config = ticket.seq, state.config
-    if seq > drain.settled:
-        return _waiting(
-            ticket.order_id, seq, ticket.ahead, ticket.accepted_at_ms * 1000, drain, config
-        )
     shard = shard_of_order_id(ticket.order_id, config.shards)
+    if shard is not None and seq > drain.lane(shard).watermark:
+        return _waiting(
+            ticket.order_id,
+            seq,
+            ticket.lane_seq,
+            ticket.ahead,
+            ticket.accepted_at_ms * 1000,
+            drain,
+            config,
+        )
     record = (
         await read_status(state.redis, state.keys, shard, ticket.order_id)
         if shard is not None
@@ -200,7 +209,13 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
     if not record.final:
         # Settled and then re-queued by an operator: its place is under its new number.
         return _waiting(
-            record.order_id, record.seq, record.ahead, record.accepted_at_us, drain, config
+            record.order_id,
+            record.seq,
+            record.lane_seq,
+            record.ahead,
+            record.accepted_at_us,
+            drain,
+            config,
         )
     settled_at = record.settled_at or record.accepted_at
     age = dt.datetime.now(dt.UTC) - settled_at
@@ -220,9 +235,16 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
 
 
 def _waiting(
-    order_id: str, seq: int, ahead: int, accepted_us: int, drain: DrainState, config: GatewayConfig
+    order_id: str,
+    seq: int,
+    lane_seq: int,
+    ahead: int,
+    accepted_us: int,
+    drain: DrainState,
+    config: GatewayConfig,
 ) -> QueueStatus:
-    place = place_in_line(seq, drain, config.drain_stale_s)
+    shard = shard_of_order_id(order_id, config.shards) or 0
+    place = place_in_line(seq, lane_seq, shard, drain, config.drain_stale_s)
     changed = max(accepted_us, drain.settled_at_us)  # the position last moved then
     return QueueStatus(
         status=place.status,

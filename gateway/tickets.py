@@ -1,6 +1,6 @@
 """Queue tickets: the customer's credential for ``/v1/queue/{ticket}`` and ``/wait/{ticket}``.
 
-A ticket is ``<order id>.<queue number>.<ahead at admission>.<accepted at, ms>.<mac>``, the
+A ticket is ``<order id>.<queue number>.<ahead>.<accepted at, ms>.<lane number>.<mac>``, the
 numbers in hex and the mac the first 128 bits of HMAC-SHA256 under a deployment secret. It needs
 no storage and no lookup to verify, so a poll costs no Redis round trip for the ticket itself;
 nobody can guess one (128 bits) or forge one for another order. The secret is ``ticket_secret``
@@ -24,6 +24,7 @@ class Ticket(NamedTuple):
     seq: int
     ahead: int
     accepted_at_ms: int
+    lane_seq: int = 0  # the order's number inside its lane (0: a ticket from before lanes)
 
 
 class Tickets:
@@ -44,20 +45,23 @@ class Tickets:
                     self._secret = bytes(await self._redis.get(key))
         return self._secret
 
-    async def issue(self, order_id: str, seq: int, ahead: int, accepted_at_us: int) -> str:
-        payload = f"{order_id}.{seq:x}.{ahead:x}.{accepted_at_us // 1000:x}"
+    async def issue(
+        self, order_id: str, seq: int, ahead: int, accepted_at_us: int, lane_seq: int
+    ) -> str:
+        payload = f"{order_id}.{seq:x}.{ahead:x}.{accepted_at_us // 1000:x}.{lane_seq:x}"
         return f"{payload}.{_mac(await self.secret(), payload)}"
 
     async def read(self, ticket: str) -> Ticket | None:
         """The ticket's contents, or None if it is not one of ours."""
         payload, _, mac = ticket.rpartition(".")
         parts = payload.split(".")
-        if len(parts) != 4 or len(mac) != 22 or len(ticket) > 200:
+        if len(parts) not in (4, 5) or len(mac) != 22 or len(ticket) > 200:
             return None
         if not hmac.compare_digest(mac, _mac(await self.secret(), payload)):
             return None
         try:
-            return Ticket(parts[0], int(parts[1], 16), int(parts[2], 16), int(parts[3], 16))
+            numbers = [int(p, 16) for p in parts[1:]]
+            return Ticket(parts[0], *numbers)
         except ValueError:
             return None
 

@@ -169,7 +169,7 @@ def _header(o: Overview) -> Text:
         time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(o.at)),
         "   drain ",
         (state, _DRAIN_STYLE.get(state, "bold red")),
-        f"   leader {d.leader or '-'}",
+        f"   workers {d.leader or '-'}",
         f" (heard {d.heard_s_ago:.1f} s ago)" if d.heard_s_ago is not None else " (never heard)",
     )
     if d.reason:
@@ -195,7 +195,7 @@ def _summary(o: Overview) -> Table:
     n = o.notifications
     grid = Table.grid(padding=(0, 2))
     grid.add_row("buffered", f"{o.buffered:,}", "queue numbers issued", f"{o.issued:,}")
-    grid.add_row("ingest", _rate(o.ingest_rate), "settled (watermark)", f"{o.settled:,}")
+    grid.add_row("ingest", _rate(o.ingest_rate), "settled", f"{o.settled:,}")
     grid.add_row("drain", _rate(o.drain_rate), "busy rate (ETA)", _rate(o.drain.rate_per_s))
     grid.add_row("tail ETA", eta, "dead-lettered orders", f"{o.dead_letters:,}")
     grid.add_row(
@@ -208,19 +208,33 @@ def _summary(o: Overview) -> Table:
 
 
 def _shards(o: Overview) -> Table:
-    table = Table(title="shards", title_justify="left")
-    table.add_column("shard", justify="right")
-    for column in ("depth", "pending", "oldest"):
+    table = Table(title="lanes", title_justify="left")
+    table.add_column("lane", justify="right")
+    for column in ("depth", "pending", "oldest", "rate"):
         table.add_column(column, justify="right")
+    table.add_column("state")
+    table.add_column("owner")
     for s in o.shards:
         oldest = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:,.1f} s"
-        table.add_row(str(s.shard), f"{s.depth:,}", f"{s.pending:,}", oldest)
+        table.add_row(
+            str(s.shard),
+            f"{s.depth:,}",
+            f"{s.pending:,}",
+            oldest,
+            _rate(s.rate_per_s),
+            s.state or "-",
+            s.owner or "-",
+        )
     ages = [s.oldest_age_s for s in o.shards if s.oldest_age_s is not None]
+    rates = [s.rate_per_s for s in o.shards if s.rate_per_s]
     table.add_row(
         "all",
         f"{sum(s.depth for s in o.shards):,}",
         f"{sum(s.pending for s in o.shards):,}",
         f"{max(ages):,.1f} s" if ages else "-",
+        _rate(sum(rates)) if rates else "-",
+        "",
+        f"{len({s.owner for s in o.shards if s.owner})} workers",
         style="bold",
     )
     return table

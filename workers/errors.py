@@ -19,12 +19,12 @@ class MigrationError(WorkerError):
     """The schema cannot be brought up to date."""
 
 
-class LostLeadership(WorkerError):
-    """The connection holding the drain lock broke: another worker may lead now."""
+class LostLane(WorkerError):
+    """The connection holding a lane's lock broke: another worker may own the lane now."""
 
 
 class LockPollFailed(WorkerError):
-    """The drain lock could not be asked for: the connection broke or Postgres did not answer."""
+    """A lane's lock could not be asked for: the connection broke or Postgres did not answer."""
 
 
 class BreakerOpen(WorkerError):

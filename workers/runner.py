@@ -1,5 +1,5 @@
-"""One worker process: takes its part in the drain and in notifications until SIGTERM, finishing
-the batch in flight."""
+"""One worker process: takes its share of the lanes and its part in notifications until SIGTERM,
+finishing the batches in flight."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ordergate.buffer.connection import create_redis
-from ordergate.buffer.consumer import QueueConsumer
 from ordergate.buffer.deployment import check_database_at
 from ordergate.buffer.errors import DeploymentMismatch
 from ordergate.buffer.keys import Keys
@@ -37,7 +36,7 @@ async def run_worker(
     stop: asyncio.Event | None = None,
     install_signals: bool = False,
 ) -> DrainStats:
-    """Run worker ``index``: it leads the drain or stands by to take over.
+    """Run worker ``index``: it drains the lanes dealt to it, and takes more when others leave.
 
     ``burst`` drains until the buffer is empty and settled, then returns (tests, audits); it
     delivers no notifications (they wait in their stream for a long-running worker).
@@ -45,14 +44,15 @@ async def run_worker(
     stop = stop or asyncio.Event()
     consumer_name = f"{socket.gethostname()}-{os.getpid()}-w{index}-{int(time.time())}"
     keys = Keys(config.key_prefix)
-    # Blocking reads hold a connection; the socket timeout must exceed the BLOCK time.
+    # Blocking reads hold a connection (one per idle lane, and the lane's next take runs while
+    # its batch is settled); the socket timeout must exceed the BLOCK time.
     redis = create_redis(
         config.redis_url,
         socket_timeout=config.read_block_ms / 1000 + 10,
-        max_connections=8,
+        max_connections=2 * config.shards + 8,
         name=f"ordergate-worker-{index}",
     )
-    drainer = Drainer(config, redis, QueueConsumer(redis, keys, config.shards, consumer_name))
+    drainer = Drainer(config, redis, keys, consumer_name)
     if install_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,6 +134,7 @@ async def _health(
             "consumer": stats.consumer,
             "pid": os.getpid(),
             "role": stats.role,
+            "lanes": stats.lanes,
             "committed": stats.committed,
             "batches": stats.batches,
             "at": time.time(),

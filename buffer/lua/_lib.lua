@@ -38,27 +38,12 @@ local function mark_processing(prefix, shard, fields, at_us)
   end
 end
 
--- Advance the settled watermark: every queue number <= it is settled (committed, rejected or
--- dead-lettered). It is the lowest queue number still in any stream, minus one, or the admission
--- counter when the streams are empty; it never goes down.
-local function advance_watermark(drain_key, counter_key, streams, now_us)
-  local low = nil
-  for i = 1, #streams do
-    for _, e in ipairs(redis.call('XRANGE', streams[i], '-', '+', 'COUNT', 4)) do
-      local s = tonumber(field(e[2], 'seq'))
-      if s then
-        if not low or s < low then
-          low = s
-        end
-        break
-      end
-    end
+-- Refuse a call from a deposed lane owner: the lane's epoch moved on when its successor took
+-- the lane (buffer.lanes.claim_lane), so nothing it takes or settles can land behind them.
+local function fenced(lane_key, epoch)
+  local current = redis.call('HGET', lane_key, 'epoch') or '0'
+  if current ~= epoch then
+    return redis.error_reply('FENCED lane epoch is ' .. current .. ', not ' .. epoch)
   end
-  local w = low and (low - 1) or tonumber(redis.call('GET', counter_key) or '0')
-  local old = tonumber(redis.call('HGET', drain_key, 'w') or '0')
-  if w > old then
-    redis.call('HSET', drain_key, 'w', w, 'wat', now_us)
-    return w
-  end
-  return old
+  return nil
 end

@@ -1,27 +1,30 @@
 #!lua flags=allow-oom
 -- allow-oom: past maxmemory the drain must still run, since it is what frees memory.
--- Settle a batch after its Postgres transaction: statuses and timelines, ack and delete the
--- committed and rejected entries, move dead letters to their shard's dead-letter stream, then
--- advance the watermark and publish the drain's state -- all at once, so customers see a batch
--- settle atomically and positions never move backwards. A crash before this runs means
--- redelivery, which the Postgres unique keys turn into a no-op.
--- KEYS[1] drain hash, KEYS[2] admission counter, KEYS[3..2+S] streams of shards 0..S-1,
--- KEYS[3+S..2+2S] their dead-letter streams, KEYS[3+2S] the notification stream, then per
--- item: status key, idem key (KEYS[1] when the entry names no order of its shard).
--- ARGV[1] group, ARGV[2] the status records' ttl s, ARGV[3] S, ARGV[4] now_us, ARGV[5] rate
--- ('' = unchanged), ARGV[6] leader, ARGV[7] webhook key prefix, ARGV[8] the idempotency
--- records' ttl s, ARGV[9] the dead letters' retention s (0 = kept), then 9 per item: shard,
--- entry id, outcome (committed | rejected | dead_lettered), at_us, reason, deliveries, order id,
--- storefront id, storefront order id ('' when unknown).
+-- Settle a batch of ONE lane after its Postgres transaction: statuses and timelines, ack and
+-- delete the committed and rejected entries, move dead letters to the lane's dead-letter
+-- stream, advance the lane's watermark and the settled counts, publish -- all at once, so
+-- customers see a batch settle atomically and positions never move backwards. A crash before
+-- this runs means redelivery, which the Postgres unique keys turn into a no-op. Refused
+-- (FENCED) unless the caller holds the lane's current epoch: a deposed owner's late settle
+-- cannot count a batch twice.
+-- KEYS[1] lane hash, KEYS[2] drain hash, KEYS[3] stream, KEYS[4] dead-letter stream,
+-- KEYS[5] notification stream, then per item: status key, idem key (KEYS[1] when the entry
+-- names no order of this lane).
+-- ARGV[1] group, ARGV[2] the status records' ttl s, ARGV[3] epoch, ARGV[4] now_us, ARGV[5]
+-- rate ('' = unchanged), ARGV[6] owner, ARGV[7] webhook key prefix, ARGV[8] the idempotency
+-- records' ttl s, ARGV[9] the dead letters' retention s (0 = kept), ARGV[10] the drain's
+-- changes channel, then 8 per item: entry id, outcome (committed | rejected |
+-- dead_lettered), at_us, reason, deliveries, order id, storefront id, storefront order id ('' when
+-- unknown).
 -- A settled order whose storefront has a webhook also gets an event in the notification stream,
 -- in the same atomic step: a notification can be late, never lost, and never delays a commit.
--- Returns the new watermark.
-local group, ttl, shards, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local streams = {}
-for i = 1, shards do
-  streams[i] = KEYS[2 + i]
+-- Returns {the lane's watermark, entries settled by this call}.
+local refused = fenced(KEYS[1], ARGV[3])
+if refused then
+  return refused
 end
-local notify = KEYS[3 + 2 * shards]
+local group, ttl, now = ARGV[1], tonumber(ARGV[2]), ARGV[4]
+local lane, stream, dlq, notify = KEYS[1], KEYS[3], KEYS[4], KEYS[5]
 local hooked = {}
 local function notify_of(sf, sfo, oid, outcome, at)
   if sf == '' or oid == '' then
@@ -35,43 +38,40 @@ local function notify_of(sf, sfo, oid, outcome, at)
       'sfo', sfo, 'status', outcome, 'at', at)
   end
 end
-local done = {}
+local done, settled = {}, 0
 local idem_ttl, retention = tonumber(ARGV[8]), tonumber(ARGV[9])
-local n = (#ARGV - 9) / 9
+local n = (#ARGV - 10) / 8
 for i = 0, n - 1 do
-  local a = 10 + i * 9
-  local shard, eid, outcome, at, reason = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2],
-    ARGV[a + 3], ARGV[a + 4]
-  local stream = streams[shard + 1]
-  local status_key, idem_key = KEYS[4 + 2 * shards + i * 2], KEYS[5 + 2 * shards + i * 2]
-  notify_of(ARGV[a + 7], ARGV[a + 8], ARGV[a + 6], outcome, at)
-  local has_status = status_key ~= KEYS[1] and redis.call('EXISTS', status_key) == 1
+  local a = 11 + i * 8
+  local eid, outcome, at, reason = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local status_key, idem_key = KEYS[6 + i * 2], KEYS[7 + i * 2]
+  local has_status = status_key ~= lane and redis.call('EXISTS', status_key) == 1
   if outcome == 'dead_lettered' then
     local entry = redis.call('XRANGE', stream, eid, eid)
-    local dl = {'source_id', eid, 'deliveries', ARGV[a + 5], 'error', reason, 'failed_at', at}
     if entry[1] then
+      notify_of(ARGV[a + 6], ARGV[a + 7], ARGV[a + 5], outcome, at)
+      local dl = {'source_id', eid, 'deliveries', ARGV[a + 4], 'error', reason, 'failed_at', at}
       for _, v in ipairs(entry[1][2]) do
         dl[#dl + 1] = v
       end
-    end
-    local dlq = KEYS[2 + shards + shard + 1]
-    redis.call('XADD', dlq, '*', unpack(dl))
-    if retention > 0 then  -- ids are milliseconds: what is older than the retention goes
-      local t = redis.call('TIME')
-      local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-      local cutoff = math.max(0, now_ms - retention * 1000)
-      redis.call('XTRIM', dlq, 'MINID', string.format('%d', cutoff))
-    end
-    redis.call('XACK', stream, group, eid)
-    redis.call('XDEL', stream, eid)
-    if has_status then
-      redis.call('HSET', status_key, 'status', 'dead_lettered', 'reason', reason,
-        'rejected_at', at)
-      mark(status_key, 'dead_lettered', at)
+      redis.call('XADD', dlq, '*', unpack(dl))
+      if retention > 0 then  -- ids are milliseconds: what is older than the retention goes
+        local t = redis.call('TIME')
+        local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local cutoff = math.max(0, now_ms - retention * 1000)
+        redis.call('XTRIM', dlq, 'MINID', string.format('%d', cutoff))
+      end
+      redis.call('XACK', stream, group, eid)
+      settled = settled + redis.call('XDEL', stream, eid)
+      if has_status then
+        redis.call('HSET', status_key, 'status', 'dead_lettered', 'reason', reason,
+          'rejected_at', at)
+        mark(status_key, 'dead_lettered', at)
+      end
     end
   else
-    done[shard] = done[shard] or {}
-    table.insert(done[shard], eid)
+    notify_of(ARGV[a + 6], ARGV[a + 7], ARGV[a + 5], outcome, at)
+    done[#done + 1] = eid
     if has_status then
       if outcome == 'committed' then
         redis.call('HSET', status_key, 'status', 'committed', 'committed_at', at)
@@ -81,19 +81,41 @@ for i = 0, n - 1 do
       mark(status_key, outcome, at)
       redis.call('EXPIRE', status_key, ttl)
     end
-    if idem_key ~= KEYS[1] then
+    if idem_key ~= lane then
       redis.call('EXPIRE', idem_key, idem_ttl)
     end
   end
 end
-for shard, ids in pairs(done) do
-  redis.call('XACK', streams[shard + 1], group, unpack(ids))
-  redis.call('XDEL', streams[shard + 1], unpack(ids))
+if #done > 0 then
+  redis.call('XACK', stream, group, unpack(done))
+  settled = settled + redis.call('XDEL', stream, unpack(done))
 end
-local w = advance_watermark(KEYS[1], KEYS[2], streams, now)
-redis.call('HSET', KEYS[1], 'state', 'draining', 'reason', '', 'at', now, 'leader', ARGV[6])
+-- The lane's watermark: every entry of this lane with a queue number <= it is settled. The
+-- lowest queue number left in the stream, minus one, or the lane's last admitted one when the
+-- stream is empty; it never goes down.
+local low = nil
+for _, e in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', 4)) do
+  local s = tonumber(field(e[2], 'seq'))
+  if s then
+    low = s
+    break
+  end
+end
+local w = low and (low - 1) or tonumber(redis.call('HGET', lane, 'last') or '0')
+local old = tonumber(redis.call('HGET', lane, 'w') or '0')
+if w > old then
+  redis.call('HSET', lane, 'w', w)
+else
+  w = old
+end
+if settled > 0 then
+  redis.call('HINCRBY', lane, 's', settled)
+  redis.call('HINCRBY', KEYS[2], 's', settled)
+  redis.call('HSET', lane, 'wat', now)
+end
+redis.call('HSET', lane, 'state', 'draining', 'reason', '', 'at', now, 'owner', ARGV[6])
 if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[1], 'rate', ARGV[5])
+  redis.call('HSET', lane, 'rate', ARGV[5])
 end
-redis.call('PUBLISH', KEYS[1] .. ':changed', w)
-return w
+redis.call('PUBLISH', ARGV[10], w)
+return {w, settled}

@@ -123,11 +123,11 @@ async def test_counters_and_depth_are_true_with_workers_stopped_then_running(
     assert total(done, "ordergate_buffer_oldest_age_seconds") == 0
     assert value(done, "ordergate_queue_settled") == value(done, "ordergate_queue_issued")
     batches = [
-        r.getMessage() for r in caplog.records if r.getMessage().startswith("batch q")
-    ]  # one line per batch, named by its queue numbers
+        r.getMessage() for r in caplog.records if re.match(r"lane \d+ batch q", r.getMessage())
+    ]  # one line per batch, named by its lane and queue numbers
     assert batches and all(
         re.fullmatch(
-            r"batch q\d+-\d+: \d+ entries, \d+ committed, 0 rejected, "
+            r"lane \d+ batch q\d+-\d+: \d+ entries, \d+ committed, 0 rejected, "
             r"0 dead-lettered in [\d.]+ s",
             line,
         )

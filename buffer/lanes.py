@@ -1,0 +1,131 @@
+"""Lanes: each shard's stream is a lane, drained in admission order by one owner at a time.
+
+The lane hash (``Keys.lane``) holds the lane's counters, written by the scripts that admit and
+settle, and its fence: ``epoch`` goes up each time a worker takes the lane, and ``take.lua``,
+``claim.lua`` and ``settle.lua`` refuse a caller whose epoch is not the current one. The owner
+also holds the lane's Postgres advisory lock on the connection it commits on (workers.lanelock),
+so a deposed owner can neither commit behind its successor nor settle after it.
+
+Which worker owns a lane comes from the membership (``Keys.members``): every worker process
+renews its entry every ``BEAT_S``; an entry not renewed for ``LEASE_S`` has lapsed, and the
+lanes are dealt over the live ones (sharding.lanes).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.scripts import scripts_for
+
+LEASE_S = 2.0  # a worker silent this long has left: its lanes go to the others
+BEAT_S = 0.5  # how often a worker renews its membership
+
+
+class LaneState(msgspec.Struct, frozen=True):
+    """One lane as its hash says."""
+
+    shard: int
+    admitted: int = 0  # n: orders admitted into the lane so far (its lane numbers 1..n)
+    settled: int = 0  # s: of those, settled (committed, rejected or dead-lettered)
+    last: int = 0  # the queue number of the lane's newest order
+    watermark: int = 0  # w: every order of the lane numbered <= w is settled
+    taken: int = 0  # d: the highest queue number its owners have taken
+    settled_at_us: int = 0  # when the lane last settled something
+    epoch: int = 0
+    owner: str = ""
+    state: str | None = None  # draining | stalled | stopped | paused; None: never drained
+    reason: str = ""
+    heard_at_us: int = 0  # the owner's last report
+    rate: float | None = None  # orders per second the lane drains while busy
+    cap: float | None = None  # the drain's total rate limit in force, as the owner applies it
+
+    @property
+    def depth(self) -> int:
+        return max(0, self.admitted - self.settled)
+
+
+def lane_of(shard: int, raw: dict[bytes, bytes]) -> LaneState:
+    def num(name: bytes) -> int:
+        return int(raw.get(name, 0) or 0)
+
+    def opt(name: bytes) -> float | None:
+        value = raw.get(name)
+        return float(value) if value else None
+
+    return LaneState(
+        shard=shard,
+        admitted=num(b"n"),
+        settled=num(b"s"),
+        last=num(b"last"),
+        watermark=num(b"w"),
+        taken=num(b"d"),
+        settled_at_us=num(b"wat"),
+        epoch=num(b"epoch"),
+        owner=raw.get(b"owner", b"").decode(),
+        state=raw[b"state"].decode() if b"state" in raw else None,
+        reason=raw.get(b"reason", b"").decode(),
+        heard_at_us=num(b"at"),
+        rate=opt(b"rate"),
+        cap=opt(b"cap"),
+    )
+
+
+async def read_lanes(redis: Any, keys: Keys, shards: int) -> list[LaneState]:
+    pipe = redis.pipeline(transaction=False)
+    for shard in range(shards):
+        pipe.hgetall(keys.lane(shard))
+    return [lane_of(shard, raw) for shard, raw in enumerate(await pipe.execute())]
+
+
+async def claim_lane(redis: Any, keys: Keys, shard: int, owner: str) -> int:
+    """Make ``owner`` the lane's owner under a new epoch, and return it. Call only while
+    holding the lane's Postgres lock: that is what makes the epoch one owner's alone."""
+    return int(await scripts_for(redis).own(keys=[keys.lane(shard)], args=[owner]))
+
+
+async def report(redis: Any, keys: Keys, shard: int, fields: dict[str, Any]) -> None:
+    """The owner's report of its lane: state, reason, rate, cap (a heartbeat). A field whose
+    value is None is left as it is, except ``cap``, which is removed."""
+    fields = {**fields, "at": time.time_ns() // 1000}
+    drop_cap = "cap" in fields and fields["cap"] is None
+    pairs: list[Any] = []
+    for name, value in fields.items():
+        if value is not None:
+            pairs.extend((name, value))
+    await scripts_for(redis).report(
+        keys=[keys.lane(shard)], args=[keys.drain_changes(), "1" if drop_cap else "0", *pairs]
+    )
+
+
+class Membership:
+    """One worker process's entry among the drain's workers."""
+
+    def __init__(self, redis: Any, keys: Keys, name: str) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.name = name
+        self._scripts = scripts_for(redis)
+
+    async def beat(self) -> list[str]:
+        """Renew this worker's entry, drop lapsed ones; returns the live workers."""
+        members = await self._scripts.member(
+            keys=[self.keys.members()],
+            args=[self.name, int(time.time() * 1000), int(LEASE_S * 1000)],
+        )
+        return [m.decode() if isinstance(m, bytes) else m for m in members]
+
+    async def live(self) -> list[str]:
+        return await live_workers(self.redis, self.keys)
+
+    async def leave(self) -> None:
+        await self.redis.zrem(self.keys.members(), self.name)
+
+
+async def live_workers(redis: Any, keys: Keys) -> list[str]:
+    now_ms = int(time.time() * 1000)
+    members = await redis.zrangebyscore(keys.members(), now_ms, "+inf")
+    return [m.decode() if isinstance(m, bytes) else m for m in members]
