@@ -276,6 +276,15 @@ async def retry_until_receipts(
     return Receipts(by_sfo, replayed)
 
 
+async def assert_fifo_per_lane(pg: Any, what: str = "") -> None:
+    """Inside each lane, no order committed before one admitted earlier (lanes drain in
+    parallel, so across lanes commit times interleave)."""
+    rows = await pg.fetch("SELECT shard, committed_at FROM orders ORDER BY seq")
+    for lane in {r["shard"] for r in rows}:
+        times = [r["committed_at"] for r in rows if r["shard"] == lane]
+        assert times == sorted(times), f"lane {lane}: {what or 'orders committed out of order'}"
+
+
 async def committed(pg: Any, n: int) -> bool:
     return await pg.fetchval("SELECT count(*) FROM orders") >= n
 

@@ -159,7 +159,7 @@ class LaneDrain:
         owner = owner.decode() if isinstance(owner, bytes) else owner
         if owner == self.shared.name or owner in self.shared.live:
             return  # a live owner hands the lane over by itself once it sees the new assignment
-        pid = await lanelock.holder(conn, self._deployment, self.shard)
+        pid = await lanelock.drain_holder(conn, self._deployment, self.shard)
         if pid is not None and await lanelock.terminate(conn, pid):
             self.shared.stats.takeovers += 1
             log.warning(
@@ -399,10 +399,13 @@ class LaneDrain:
             await asyncio.sleep(self.REPORT_S)  # pacing of a heartbeat, cancelled by _own
 
     async def _report_unowned(self) -> None:
-        """Nobody can own the lane (Postgres unreachable): say why, unless an owner reports."""
+        """Nobody can own the lane (Postgres unreachable): say why, unless another owner
+        reports. Customers' ETAs read it: at once if this worker was the last owner."""
         try:
-            at = await self.redis.hget(self.keys.lane(self.shard), "at")
-            if at is not None and time.time() - int(at) / 1e6 <= 3 * self.REPORT_S:
+            owner, at = await self.redis.hmget(self.keys.lane(self.shard), "owner", "at")
+            owner = owner.decode() if isinstance(owner, bytes) else owner
+            recent = at is not None and time.time() - int(at) / 1e6 <= 3 * self.REPORT_S
+            if recent and owner != self.shared.name:
                 return
             await lanes.report(
                 self.redis,

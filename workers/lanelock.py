@@ -58,12 +58,16 @@ async def unlock(conn: Any, deployment: int, shard: int) -> None:
     await conn.execute("SELECT pg_advisory_unlock($1, $2)", deployment, shard, timeout=5)
 
 
-async def holder(conn: Any, deployment: int, shard: int) -> int | None:
-    """The backend pid holding the lane's lock, if any."""
+async def drain_holder(conn: Any, deployment: int, shard: int) -> int | None:
+    """The backend pid holding the lane's lock, if it is a drain session (``connect`` names
+    them): a session of anyone else -- an operator holding the lane on purpose -- is never
+    ended."""
     try:
         pid = await conn.fetchval(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            " AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 2",
+            "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = $1"
+            " AND l.objid::bigint = $2 AND l.objsubid = 2"
+            " AND a.application_name LIKE 'ordergate-drain %'",
             deployment,
             shard,
             timeout=5,

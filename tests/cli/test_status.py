@@ -18,9 +18,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from ordergate.buffer import history
-from ordergate.buffer.consumer import QueueConsumer
+from ordergate.buffer.consumer import LaneConsumer
 from ordergate.buffer.control import set_control
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.lanes import claim_lane
 from ordergate.statusview import GRACE_S
 from tests.cli.run import cli_env, ordergate, spawn
 from tests.conftest import admit, eventually
@@ -42,8 +43,9 @@ async def test_status_json_has_shard_depths_pending_rates_and_the_controls(
     await history.record(redis, keys, 8)
     await admit(client, api_key, 100, prefix="p")
     await history.record(redis, keys, 8)
-    taken = await QueueConsumer(redis, keys, 8, "test-consumer").take(40)
-    assert len(taken.batch) == 40
+    epoch = await claim_lane(redis, keys, 3, "test-consumer")
+    taken = await LaneConsumer(redis, keys, 8, 3, "test-consumer", epoch).take(10)
+    assert len(taken) == 10
     await set_control(redis, keys, paused=True, rate=50, by="test")
 
     done = await ordergate(settings, "status", "--json")
@@ -52,7 +54,8 @@ async def test_status_json_has_shard_depths_pending_rates_and_the_controls(
     shards = doc["shards"]
     assert [s["shard"] for s in shards] == list(range(8))
     assert sum(s["depth"] for s in shards) == 400 == doc["buffered"] == doc["issued"]
-    assert sum(s["pending"] for s in shards) == 40
+    assert sum(s["pending"] for s in shards) == 10 == shards[3]["pending"]
+    assert shards[3]["owner"] == "test-consumer"
     for s in shards:
         if s["depth"]:
             assert 0 <= s["oldest_age_s"] < 60

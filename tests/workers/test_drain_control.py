@@ -63,7 +63,7 @@ async def flowing(client: Any, key: str) -> AsyncIterator[Flow]:
 
 
 async def _state(redis: Any) -> DrainState:
-    return await read_drain_state(redis, KEYS)
+    return await read_drain_state(redis, KEYS, 8)
 
 
 async def _paused(redis: Any) -> DrainState | None:

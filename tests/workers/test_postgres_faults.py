@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -18,66 +16,16 @@ import asyncpg
 from ordergate.buffer.keys import GROUP, Keys
 from ordergate.buffer.position import DrainState, read_drain_state
 from ordergate.servers import EmbeddedPostgres
-from ordergate.settings import Settings
 from ordergate.workers.backoff import backoff
-from ordergate.workers.leadership import lock_key
+from ordergate.workers.lanelock import deployment_key
 from ordergate.workers.migrate import migrate
 from tests.conftest import admit, auth, eventually, make_settings, order_body
-from tests.faults import DelayProxy, audit
-from tests.workers.procs import spawn_worker
+from tests.faults import DelayProxy, assert_fifo_per_lane, audit
+from tests.workers.procs import LoggedWorker as _Worker
+from tests.workers.procs import logged_worker as _worker
 
 KEYS = Keys()
 OUTAGE_S = 20.0
-
-
-class _Worker:
-    """A real ``ordergate work`` process. Its stderr is read as it comes (a full pipe would
-    stall the worker and look like the very hang these tests look for) and shown on failure."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.proc = spawn_worker(settings, logs=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr
-        for line in self.proc.stderr:
-            self.lines.append(line.decode(errors="replace").rstrip())
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    async def stop(self) -> int:
-        """SIGTERM, as ``up`` sends it; the exit code (0: it stopped cleanly, never crashed)."""
-        if self.alive():
-            self.proc.terminate()
-        try:
-            code = await asyncio.to_thread(self.proc.wait, 30)
-        finally:
-            if self.alive():
-                self.proc.kill()
-                self.proc.wait(10)
-            await asyncio.to_thread(self._reader.join, 5)
-            if self.proc.stderr:
-                self.proc.stderr.close()
-        return code
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.lines[-n:])
-
-
-@contextlib.asynccontextmanager
-async def _worker(settings: Settings) -> AsyncIterator[_Worker]:
-    worker = _Worker(settings)
-    try:
-        yield worker
-    except BaseException:
-        await worker.stop()
-        print(f"--- worker stderr (last lines) ---\n{worker.tail()}")
-        raise
-    code = await worker.stop()
-    assert code == 0, f"the worker exited with {code}:\n{worker.tail()}"
 
 
 class _Storefront:
@@ -124,10 +72,11 @@ class _Storefront:
 
 
 async def _buffer(redis: Any) -> tuple[int, int, int, int]:
-    """(queue numbers issued, watermark, entries in the streams, dead letters), read atomically."""
+    """(queue numbers issued, orders settled, entries in the streams, dead letters), read
+    atomically."""
     pipe = redis.pipeline(transaction=True)
     pipe.get(KEYS.seq())
-    pipe.hget(KEYS.drain(), "w")
+    pipe.hget(KEYS.drain(), "s")
     for shard in range(8):
         pipe.xlen(KEYS.stream(shard))
     for shard in range(8):
@@ -137,7 +86,7 @@ async def _buffer(redis: Any) -> tuple[int, int, int, int]:
 
 
 async def _drain(redis: Any) -> DrainState:
-    return await read_drain_state(redis, KEYS)
+    return await read_drain_state(redis, KEYS, 8)
 
 
 async def _settled_beyond(redis: Any, w: int) -> DrainState | None:
@@ -243,7 +192,7 @@ async def _jitter(proxy: DelayProxy, low: float, high: float) -> None:
 async def test_slow_postgres_under_load(client, api_key, servers, redis, pg) -> None:
     """Injects: 150-300 ms of added latency on every reply chunk Postgres sends the worker (a
     proxy in between) while orders keep arriving. Audits: every POST got 202, and every 202
-    order is in Postgres exactly once, committed first-in first-out."""
+    order is in Postgres exactly once, committed first-in first-out in each lane."""
     host, port = _address(servers.database_url)
     proxy = await DelayProxy(host, port).start()
     jitter = asyncio.create_task(_jitter(proxy, 0.15, 0.3))
@@ -261,10 +210,7 @@ async def test_slow_postgres_under_load(client, api_key, servers, redis, pg) -> 
         await proxy.close()
     assert not shop.refusals, shop.refusals[:3]
     await audit(pg, redis, shop.receipts)
-    times = [
-        r["committed_at"] for r in await pg.fetch("SELECT committed_at FROM orders ORDER BY seq")
-    ]
-    assert times == sorted(times), "slow replies broke first-in first-out"
+    await assert_fifo_per_lane(pg, "slow replies broke first-in first-out")
     print(f"\nslow Postgres: {len(shop.receipts)} orders, every one committed once")
 
 
@@ -342,7 +288,7 @@ def test_backoff_stays_capped_after_hours_of_outage() -> None:
 
 
 async def _drain_sessions(pg: Any, n: int) -> bool:
-    return n == await pg.fetchval(
+    return n <= await pg.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'ordergate-drain%'"
     )
 
@@ -350,25 +296,28 @@ async def _drain_sessions(pg: Any, n: int) -> bool:
 def _lock_poll_failed(*workers: _Worker) -> bool:
     for w in workers:
         assert w.alive(), w.tail()
-    return any("cannot poll the drain lock" in line for w in workers for line in w.lines)
+    return any("cannot poll its lock" in line for w in workers for line in w.lines)
 
 
 async def test_postgres_held_past_the_lock_poll_timeout(
     client, api_key, servers, redis, pg
 ) -> None:
-    """Injects: a proxy that holds every byte between two workers (leader and standby) and
-    Postgres until the standby's 5 s lock poll times out, while orders keep arriving. Audits:
-    both workers survive, the timeout is reported as Postgres's (not as a Redis error), the
-    drain resumes when traffic flows again, and every 202 order is in Postgres exactly once."""
+    """Injects: an operator's session holds lane 0's lock (so its worker polls for it), then a
+    proxy holds every byte between two workers (4 lanes each) and Postgres until that 5 s lock
+    poll times out, while orders keep arriving. Audits: both workers survive, the timeout is
+    reported as Postgres's (not as a Redis error), the drain resumes when traffic flows again,
+    and once the operator lets go, every 202 order is in Postgres exactly once."""
     host, port = _address(servers.database_url)
     proxy = await DelayProxy(host, port).start()
     settings = make_settings(servers, database_url=proxy.url(servers.database_url), batch_size=100)
     shop = _Storefront(client, api_key, "held")
+    operator = await asyncpg.connect(servers.database_url)  # not a drain session: never ended
+    await operator.execute("SELECT pg_advisory_lock($1, 0)", deployment_key(settings.key_prefix))
     try:
         async with _worker(settings) as first, _worker(settings) as second:
             shop.start()
             before = await eventually(lambda: _settled_beyond(redis, 200), timeout=30)
-            await eventually(lambda: _drain_sessions(pg, 2), timeout=30)  # the standby polls too
+            await eventually(lambda: _drain_sessions(pg, 8), timeout=30)  # a session per lane
             proxy.hold()
             held_at = time.monotonic()
             await eventually(partial(_lock_poll_failed, first, second), timeout=20, interval=0.1)
@@ -376,10 +325,12 @@ async def test_postgres_held_past_the_lock_poll_timeout(
             proxy.release()
             await eventually(lambda: _settled_beyond(redis, before.settled + 300), timeout=60)
             await shop.stop()
+            await operator.close()  # lane 0 drains now
             await eventually(lambda: _all_settled(redis), timeout=60)
     finally:
         await shop.stop()
         await proxy.close()
+        await operator.close()
     assert not shop.refusals, shop.refusals[:3]
     misread = [line for line in first.lines + second.lines if "Redis error" in line]
     assert not misread, f"a Postgres hang was reported as a Redis error: {misread[0]}"
@@ -437,12 +388,12 @@ async def test_postgres_turns_read_only_under_load(client, api_key, servers, red
 
 
 async def _taken_or_pending(redis: Any) -> tuple[int, int]:
-    """(queue numbers taken by the drain beyond the watermark, entries pending on a consumer)."""
+    """(lanes whose owners took orders beyond their watermark, entries pending on a consumer)."""
     state = await _drain(redis)
     pending = 0
     for shard in range(8):
         pending += int((await redis.xpending(KEYS.stream(shard), GROUP))["pending"])
-    return state.dispatched - state.settled, pending
+    return sum(1 for lane in state.lanes if lane.taken > lane.watermark), pending
 
 
 async def _waits_for_a_lock(pg: Any, pid: int) -> bool:
@@ -454,40 +405,42 @@ async def _waits_for_a_lock(pg: Any, pid: int) -> bool:
     )
 
 
-async def test_session_ended_while_the_leader_idles(client, api_key, servers, redis, pg) -> None:
-    """Injects: Postgres ends the idle leader's session (pg_terminate_backend, as an admin, an
-    idle_session_timeout or a restart does) and another session takes the drain lock at once,
-    as a standby would; then orders arrive. Audits: the worker whose lock died takes nothing
-    from the queue while the other session holds the lock, then leads again and commits every
-    202 order exactly once, first-in first-out."""
+async def test_sessions_ended_while_the_lanes_idle(client, api_key, servers, redis, pg) -> None:
+    """Injects: Postgres ends the idle lanes' sessions (pg_terminate_backend, as an admin, an
+    idle_session_timeout or a restart does) and other sessions take the lanes' locks at once,
+    as a rival owner would; then orders arrive. Audits: the worker whose locks died takes
+    nothing from any lane while the other sessions hold the locks, then owns the lanes again and
+    commits every 202 order exactly once, first-in first-out in each lane."""
     settings = make_settings(servers)
+    deployment = deployment_key(settings.key_prefix)
     async with _worker(settings) as worker:
         first = await admit(client, api_key, 50, prefix="a")
         await eventually(lambda: _all_settled(redis), timeout=30)
-        rival = await asyncpg.connect(servers.database_url)
+        await eventually(lambda: _drain_sessions(pg, 8), timeout=30)
+        rivals = [await asyncpg.connect(servers.database_url) for _ in range(8)]
         try:
-            # queued on the lock first, the rival gets it the instant the leader's session ends
-            locking = asyncio.create_task(
-                rival.execute("SELECT pg_advisory_lock($1)", lock_key(settings.key_prefix))
-            )
-            await eventually(partial(_waits_for_a_lock, pg, rival.get_server_pid()))
+            # queued on the locks first, the rivals get them the instant the sessions end
+            locking = [
+                asyncio.create_task(rival.execute("SELECT pg_advisory_lock($1, $2)", deployment, i))
+                for i, rival in enumerate(rivals)
+            ]
+            for rival in rivals:
+                await eventually(partial(_waits_for_a_lock, pg, rival.get_server_pid()))
             ended = await pg.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE application_name LIKE 'ordergate-drain%'"
             )
-            assert ended == 1
-            await asyncio.wait_for(locking, 10)
+            assert ended == 8
+            await asyncio.wait_for(asyncio.gather(*locking), 10)
             later = await admit(client, api_key, 100, prefix="b")
             began = time.monotonic()
-            while time.monotonic() - began < 2.0:  # watch while the rival holds the lock
-                assert await _taken_or_pending(redis) == (0, 0), "a deposed leader took entries"
+            while time.monotonic() - began < 2.0:  # watch while the rivals hold the locks
+                assert await _taken_or_pending(redis) == (0, 0), "a deposed owner took entries"
                 assert worker.alive(), worker.tail()
                 await asyncio.sleep(0.2)
         finally:
-            await rival.close()
+            for rival in rivals:
+                await rival.close()
         await eventually(lambda: _all_settled(redis), timeout=30)
     await audit(pg, redis, first + later)
-    times = [
-        r["committed_at"] for r in await pg.fetch("SELECT committed_at FROM orders ORDER BY seq")
-    ]
-    assert times == sorted(times), "orders committed out of queue order"
+    await assert_fifo_per_lane(pg)

@@ -1,0 +1,229 @@
+"""Lanes across worker processes: split, drained concurrently, moved when a worker joins, leaves,
+is killed or frozen -- and a deposed owner never commits behind its successor."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.parse
+from collections import Counter
+from typing import Any
+
+import asyncpg
+
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.lanes import read_lanes
+from tests.conftest import admit, eventually, make_settings
+from tests.faults import DelayProxy, assert_fifo_per_lane, audit
+from tests.workers.procs import LoggedWorker
+
+KEYS = Keys()
+
+
+def _pid(owner: str) -> int | None:
+    """The pid in a worker's name (``host-pid-wN-started``)."""
+    parts = owner.split("-")
+    return int(parts[-3]) if len(parts) >= 3 and parts[-3].isdigit() else None
+
+
+async def _owners(redis: Any) -> dict[int, int | None]:
+    """Lane -> the pid of the worker owning it."""
+    return {lane.shard: _pid(lane.owner) for lane in await read_lanes(redis, KEYS, 8)}
+
+
+async def _split(redis: Any, *pids: int) -> dict[int, int | None] | None:
+    """The owners, once every lane is owned by one of ``pids`` and they hold equal shares."""
+    owners = await _owners(redis)
+    counts = Counter(owners.values())
+    share = 8 // len(pids)
+    return owners if all(counts[p] == share for p in pids) else None
+
+
+async def _committed(pg: Any) -> int:
+    return int(await pg.fetchval("SELECT count(*) FROM orders"))
+
+
+async def _at_least(pg: Any, n: int) -> bool:
+    return await _committed(pg) >= n
+
+
+async def _settled(redis: Any, n: int) -> bool:
+    issued = int(await redis.get(KEYS.seq()) or 0)
+    settled = int(await redis.hget(KEYS.drain(), "s") or 0)
+    return issued == settled == n
+
+
+async def _stop_all(*workers: LoggedWorker) -> None:
+    for w in workers:
+        if w.alive():
+            w.proc.send_signal(signal.SIGCONT)  # a frozen one must be able to act on SIGTERM
+        await w.stop()
+
+
+async def _end(pg: Any, redis: Any, receipts: list[dict[str, Any]]) -> None:
+    await eventually(lambda: _settled(redis, len(receipts)), timeout=60)
+    await audit(pg, redis, receipts)
+    await assert_fifo_per_lane(pg, "a takeover broke first-in first-out")
+    for lane in await read_lanes(redis, KEYS, 8):  # each lane's counts add up, none counted twice
+        assert lane.settled == lane.admitted > 0, lane
+
+
+async def test_two_workers_split_the_lanes_and_a_killed_ones_lanes_move_in_about_2_s(
+    client, api_key, servers, redis, pg
+) -> None:
+    """Injects: SIGKILL of one of two workers in the middle of a batch. Audits: the two held 4
+    lanes each and both drained, the survivor owns all 8 about 2 s after the kill (its
+    membership lapses), and every 202 order is in Postgres exactly once, first-in first-out
+    in each lane."""
+    receipts = await admit(client, api_key, 3000)
+    settings = make_settings(servers, drain_rate=600, batch_size=50)
+    a, b = LoggedWorker(settings), LoggedWorker(settings)
+    try:
+        await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30)
+        await eventually(lambda: _at_least(pg, 600), timeout=30)
+        lanes = await read_lanes(redis, KEYS, 8)
+        assert all(lane.settled > 0 for lane in lanes), "a worker sat idle with lanes to drain"
+        a.proc.kill()
+        killed_at = time.monotonic()
+        await eventually(lambda: _split(redis, b.pid), timeout=30, interval=0.02)
+        moved_after = time.monotonic() - killed_at
+        await _end(pg, redis, receipts)
+    finally:
+        await _stop_all(a, b)
+    print(f"\nSIGKILL of one of two workers: its 4 lanes moved in {moved_after:.2f} s")
+    assert any("finishing" in line and "left pending" in line for line in b.lines), b.tail()
+
+
+async def test_both_workers_killed_mid_drain_then_a_new_one_finishes(
+    client, api_key, servers, redis, pg
+) -> None:
+    """Injects: SIGKILL of both workers at once, mid-drain. Audits: a worker started afterwards
+    claims what they left pending in every lane, dead-letters nothing, and every 202 order is in
+    Postgres exactly once, first-in first-out in each lane."""
+    receipts = await admit(client, api_key, 2000)
+    settings = make_settings(servers, drain_rate=500, batch_size=50)
+    a, b = LoggedWorker(settings), LoggedWorker(settings)
+    c: LoggedWorker | None = None
+    try:
+        await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30)
+        await eventually(lambda: _at_least(pg, 400), timeout=30)
+        a.proc.kill()
+        b.proc.kill()
+        left = 2000 - await _committed(pg)
+        assert left > 0
+        c = LoggedWorker(make_settings(servers, batch_size=200))
+        await _end(pg, redis, receipts)
+    finally:
+        await _stop_all(a, b, *([c] if c else []))
+    dead = sum([await redis.xlen(KEYS.deadletters(s)) for s in range(8)])
+    assert dead == 0
+    print(f"\nSIGKILL of both workers with {left} orders left: a new worker finished them")
+
+
+async def test_a_worker_frozen_past_its_lease_loses_its_lanes_and_cannot_commit(
+    client, api_key, servers, redis, pg
+) -> None:
+    """Injects: SIGSTOP of one of two workers for longer than its membership lease, then
+    SIGCONT. Audits: the other worker takes its lanes by ending the frozen one's Postgres
+    sessions; woken up, the frozen one finds its sessions gone or its epoch superseded and
+    commits nothing behind its successor (first-in first-out holds in every lane, no order
+    settles twice); the lanes split again, and every 202 order is in Postgres exactly once."""
+    receipts = await admit(client, api_key, 3000)
+    settings = make_settings(servers, drain_rate=600, batch_size=50)
+    a, b = LoggedWorker(settings), LoggedWorker(settings)
+    try:
+        await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30)
+        await eventually(lambda: _at_least(pg, 600), timeout=30)
+        a.proc.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        await eventually(lambda: _split(redis, b.pid), timeout=30, interval=0.02)
+        moved_after = time.monotonic() - stopped_at
+        assert any("ended its Postgres session" in line for line in b.lines), b.tail()
+        frozen = await _committed(pg)
+        await eventually(lambda: _at_least(pg, frozen + 300), timeout=30)
+        woke = len(a.lines)
+        a.proc.send_signal(signal.SIGCONT)
+        await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30)
+        await _end(pg, redis, receipts)
+    finally:
+        await _stop_all(a, b)
+    after = a.lines[woke:]
+    deposed = [
+        line
+        for line in after
+        if "taken by another worker" in line or "lost its lock" in line or "connection lost" in line
+    ]
+    assert deposed, "\n".join(after[-40:])
+    print(
+        f"\nSIGSTOP of one of two workers: its lanes moved in {moved_after:.2f} s; woken up it"
+        f" met {len(deposed)} fence(s): {deposed[0].split(' ', 3)[-1][:120]}"
+    )
+
+
+async def test_lanes_rebalance_when_a_worker_joins_and_leaves(
+    client, api_key, servers, redis, pg
+) -> None:
+    """Injects: a second worker joining a draining one, then leaving with SIGTERM. Audits: the
+    lanes split 4/4 within seconds of the join and all go back to the first worker within
+    seconds of the leave, while orders drain exactly once, first-in first-out in each lane."""
+    receipts = await admit(client, api_key, 3000)
+    settings = make_settings(servers, drain_rate=500, batch_size=50)
+    a = LoggedWorker(settings)
+    b: LoggedWorker | None = None
+    try:
+        await eventually(lambda: _split(redis, a.pid), timeout=30)
+        await eventually(lambda: _at_least(pg, 300), timeout=30)
+        b = LoggedWorker(settings)
+        joined_at = time.monotonic()
+        await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30, interval=0.02)
+        split_after = time.monotonic() - joined_at
+        await eventually(lambda: _at_least(pg, 1200), timeout=30)
+        left_at = time.monotonic()
+        assert await b.stop() == 0, b.tail()
+        await eventually(lambda: _split(redis, a.pid), timeout=30, interval=0.02)
+        back_after = time.monotonic() - left_at
+        await _end(pg, redis, receipts)
+    finally:
+        await _stop_all(a, *([b] if b else []))
+    print(
+        f"\nrebalance: 4/4 {split_after:.2f} s after a worker joined, 8/0 {back_after:.2f} s"
+        " after it left (SIGTERM)"
+    )
+
+
+async def test_one_process_drains_its_lanes_concurrently(client, api_key, servers, redis) -> None:
+    """Audits: a single worker's lanes write at the same time, not one after another: with
+    Postgres behind a 20 ms delay proxy, at least two lanes have a transaction open at once."""
+    parts = urllib.parse.urlsplit(servers.database_url)
+    assert parts.hostname and parts.port
+    proxy = await DelayProxy(parts.hostname, parts.port).start()
+    proxy.delay = 0.02
+    settings = make_settings(servers, database_url=proxy.url(servers.database_url), batch_size=50)
+    receipts = await admit(client, api_key, 2000)
+    worker = LoggedWorker(settings)
+    peak = 0
+    try:
+        watcher = await asyncpg.connect(servers.database_url)
+        try:
+
+            async def busy() -> int:
+                return int(
+                    await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE"
+                        " 'ordergate-drain %' AND xact_start IS NOT NULL"
+                    )
+                )
+
+            async def observed() -> bool:
+                nonlocal peak
+                peak = max(peak, await busy())
+                return peak >= 2
+
+            await eventually(observed, timeout=30, interval=0.005)
+            await eventually(lambda: _settled(redis, len(receipts)), timeout=120)
+        finally:
+            await watcher.close()
+    finally:
+        await worker.stop()
+        await proxy.close()
+    print(f"\none worker: {peak} lanes with a transaction open at once")
