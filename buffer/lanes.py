@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from ordergate.buffer.errors import DeploymentMismatch
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.scripts import scripts_for
 
@@ -129,3 +130,29 @@ async def live_workers(redis: Any, keys: Keys) -> list[str]:
     now_ms = int(time.time() * 1000)
     members = await redis.zrangebyscore(keys.members(), now_ms, "+inf")
     return [m.decode() if isinstance(m, bytes) else m for m in members]
+
+
+async def adopt_pre_lane_counts(redis: Any, keys: Keys, shards: int) -> None:
+    """A buffer left by a version before lanes kept one watermark (``og:drain`` ``w``) and no
+    settled count. Once it is empty, every order up to ``w`` is settled: carry that into the
+    settled count and every lane's watermark, so positions and depths start right. With orders
+    still in it, refuse: they were admitted without lane numbers (README: Upgrading)."""
+    raw = await redis.hmget(keys.drain(), "s", "w")
+    if raw[0] is not None or raw[1] is None:
+        return
+    pipe = redis.pipeline(transaction=False)
+    for shard in range(shards):
+        pipe.xlen(keys.stream(shard))
+    left = sum(int(n) for n in await pipe.execute())
+    if left:
+        raise DeploymentMismatch(
+            f"Redis holds {left} orders admitted by an ordergate before lanes (key prefix"
+            f" {keys.prefix!r}); let that version's workers drain them first, then upgrade"
+        )
+    watermark = int(raw[1])
+    pipe = redis.pipeline(transaction=True)
+    pipe.hsetnx(keys.drain(), "s", watermark)
+    for shard in range(shards):
+        pipe.hsetnx(keys.lane(shard), "w", watermark)
+        pipe.hsetnx(keys.lane(shard), "last", watermark)
+    await pipe.execute()

@@ -9,15 +9,18 @@ from redis.exceptions import ResponseError
 
 from ordergate.buffer.deployment import check_redis
 from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.lanes import adopt_pre_lane_counts
 
 
 async def ensure_streams(redis: Any, keys: Keys, shards: int) -> None:
     """Make sure every shard has its stream and the workers' consumer group.
 
     A process started with another shard count than the deployment's gets DeploymentMismatch
-    (buffer.deployment).
+    (buffer.deployment), and so does one that finds orders a version before lanes left
+    (buffer.lanes.adopt_pre_lane_counts).
     """
     await check_redis(redis, keys, shards)
+    await adopt_pre_lane_counts(redis, keys, shards)
     pipe = redis.pipeline(transaction=False)  # reads first, as above
     for shard in range(shards):
         pipe.xinfo_groups(keys.stream(shard))

@@ -42,7 +42,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtests import bench_poll, bench_profile, bench_report
+from loadtests import bench_drain, bench_poll, bench_profile, bench_report
 from loadtests.bench_load import PostOrders, run_load
 from loadtests.bench_openloop import OpenLoopResult, format_open, run_open_loop
 from loadtests.bench_poll import Options
@@ -50,6 +50,7 @@ from loadtests.bench_setup import (
     Placement,
     admit,
     clean_env,
+    delay_proxy,
     placement,
     post_orders,
     prepare,
@@ -246,16 +247,17 @@ class Bench:
             flush=True,
         )
         copied = valkey_usage(s.redis_url or "")  # the COPY child read the streams: not counted
-        drained = self._drain_child("drain", s, profile=self.args.profile)
+        drained = self._drain_workers(s, self.env, profile=self.args.profile)
         settled = valkey_usage(s.redis_url or "")
         # per order buffered: copy['rows'] (wrk's count misses the requests in flight at its end)
         valkey = valkey_per_order(empty, filled, copied, settled, copy["rows"], load.body_length())
         valkey["xadd_cpu_us"] = xadd_cpu_us(s.redis_url or "", load.body_length())
         valkey["cpu_per_xadd"] = valkey["cpu_us"] / valkey["xadd_cpu_us"]
         print(
-            f"  drain: {drained['committed']:,} committed in {drained['seconds']:.2f} s = "
-            f"{drained['rate']:,.0f} orders/s ({drained['batches']} batches; with the "
-            f"worker's start {drained['wall_seconds']:.2f} s = {drained['wall_rate']:,.0f}/s)",
+            f"  drain, {drained['workers']} workers: {drained['committed']:,} committed in"
+            f" {drained['seconds']:.2f} s = {drained['rate']:,.0f} orders/s"
+            f" ({drained['batches']} batches, {drained['per_worker']} per worker; with the"
+            f" workers' start {drained['wall_seconds']:.2f} s = {drained['wall_rate']:,.0f}/s)",
             flush=True,
         )
         print(
@@ -267,18 +269,77 @@ class Bench:
             f" buffered, {valkey['settled_bytes']:.0f} B once settled",
             flush=True,
         )
-        return {"filled": fill.ok, "copy": copy, "drain": drained, "valkey": valkey}
+        delayed = self.drain_delayed(url, key, s) if self.args.delay_ms > 0 else None
+        return {
+            "filled": fill.ok,
+            "copy": copy,
+            "drain": drained,
+            "valkey": valkey,
+            "delayed": delayed,
+        }
 
-    def _drain_child(self, what: str, s: Settings, profile: str | None = None) -> dict[str, Any]:
+    def drain_delayed(self, url: str, key: str, s: Settings) -> dict[str, Any]:
+        """Fill again, then COPY and drain through tests/faults.py's proxy, which adds
+        ``--delay-ms`` to every Postgres reply: what a drain far from its database does."""
+        delay = self.args.delay_ms
+        print(f"(d) through a {delay:g} ms delay proxy: filling again ...", flush=True)
+        fill = run_load(
+            url,
+            post_orders(key, self.next_tag("dd")),
+            generator=self.opts.generator,
+            connections=self.opts.connections,
+            duration=self.args.fill,
+            warmup=0,
+            processes=self.opts.gen_processes,
+        )
+        with delay_proxy(s.database_url or "", delay / 1000) as proxied:
+            env = self.env | {"ORDERGATE_DATABASE_URL": proxied, "OGBENCH_COPY_SINGLE": "0"}
+            copy = self._drain_child("copy", s, env=env)
+            drained = self._drain_workers(s, env)
+        ratio = drained["rate"] / copy["batched_rate"] if copy["batched_rate"] else 0.0
+        print(
+            f"  {fill.ok:,} orders; one loop of COPY transactions of {copy['batch_size']}:"
+            f" {copy['batched_rate']:,.0f} rows/s; {drained['workers']} workers:"
+            f" {drained['rate']:,.0f} orders/s = {ratio:.2f} x",
+            flush=True,
+        )
+        return {"delay_ms": delay, "copy": copy, "drain": drained, "ratio": ratio}
+
+    def _drain_workers(
+        self, s: Settings, env: dict[str, str], profile: str | None = None
+    ) -> dict[str, Any]:
+        """``--drain-workers`` burst worker processes started together, as one drain."""
+        n = self.args.drain_workers
+        procs = [
+            self._drain_start("drain", env, profile if i == 0 else None, tag=str(i))
+            for i in range(n)
+        ]
+        parts = [self._drain_wait(*p) for p in procs]
+        return bench_drain.combine(parts)
+
+    def _drain_child(
+        self,
+        what: str,
+        s: Settings,
+        profile: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        return self._drain_wait(*self._drain_start(what, env or self.env, profile))
+
+    def _drain_start(
+        self, what: str, env: dict[str, str], profile: str | None, tag: str = ""
+    ) -> tuple[Any, Path, str]:
         cmd = [sys.executable, "-m", "loadtests.bench_drain", what]
         if profile:
             spy = shutil.which("py-spy")
             if spy:
-                out = Path(profile) / f"{what}.txt"
+                out = Path(profile) / f"{what}{tag}.txt"
                 cmd = [spy, "record", "-r", "200", "-f", "raw", "--nonblocking", "-o", str(out)]
                 cmd += ["--", sys.executable, "-m", "loadtests.bench_drain", what]
-        log = self.tmp / f"drain-{what}.log"
-        proc = spawn(cmd, self.env, log, self.place, True)
+        log = self.tmp / f"drain-{what}{tag}-{time.time_ns()}.log"
+        return spawn(cmd, env, log, self.place, True), log, what
+
+    def _drain_wait(self, proc: Any, log: Path, what: str) -> dict[str, Any]:
         proc.wait()
         m = re.search(r"^DRAINJSON (.*)$", log.read_text(), re.M)
         if proc.returncode != 0 or m is None:
@@ -492,6 +553,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-procs", type=int, default=1, help="generator processes (wrk: threads)")
     p.add_argument("--pg-pool", type=int, default=16, help="(b)'s asyncpg pool per process")
     p.add_argument("--fill", type=float, help="(d): seconds of admissions to drain (3; quick 1)")
+    p.add_argument("--drain-workers", type=int, default=2, help="(d): worker processes")
+    p.add_argument(
+        "--delay-ms", type=float, default=20.0, help="(d): the delayed run's ms per reply (0: skip)"
+    )
     p.add_argument("--queue-variants", nargs="+", choices=["static", "drain"], default=["static"])
     p.add_argument(
         "--queue-kinds", nargs="+", choices=["a", "e", "e304"], default=["a", "e", "e304"]

@@ -7,17 +7,19 @@ settings from the ``ORDERGATE_*`` environment), against the same Valkey and Post
   workers write (``workers.persist.row_of``), and times ``COPY`` of those rows into ``orders``
   (the partitioned table), one transaction per ``batch_size`` rows, as the drain commits, and
   then once more as one single COPY; then it empties the table again.
-* ``drain`` times one worker in burst mode (``run_worker(burst=True)``): take in queue order,
-  one Postgres transaction per batch, settle in Redis, until the buffer is empty and settled;
-  from its first take to its last settle, and from the call to its return (``wall_*``).
+* ``drain`` times one worker process in burst mode (``run_worker(burst=True)``): take its
+  lanes in order, one Postgres transaction per batch, settle in Redis, until the buffer is
+  empty and settled; its first take and last settle (unix time, so that ``bench.py`` can
+  combine several processes started together) and its wall time (``wall_seconds``).
 
-Each prints one JSON line.
+Each prints one JSON line. ``OGBENCH_COPY_SINGLE=0`` skips the single COPY (the delayed run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -61,10 +63,12 @@ async def time_copy(s: Settings) -> dict[str, Any]:
                 )
         batched = time.perf_counter() - t0
         await conn.execute("TRUNCATE orders")
-        t0 = time.perf_counter()
-        await conn.copy_records_to_table("orders", records=rows, columns=COPY_COLUMNS)
-        single = time.perf_counter() - t0
-        await conn.execute("TRUNCATE orders")
+        single = 0.0
+        if os.environ.get("OGBENCH_COPY_SINGLE", "1") != "0":
+            t0 = time.perf_counter()
+            await conn.copy_records_to_table("orders", records=rows, columns=COPY_COLUMNS)
+            single = time.perf_counter() - t0
+            await conn.execute("TRUNCATE orders")
     finally:
         await conn.close()
     return {
@@ -78,40 +82,64 @@ async def time_copy(s: Settings) -> dict[str, Any]:
 
 
 async def time_drain(s: Settings) -> dict[str, Any]:
-    """One burst worker; the rate counts from its first take to its last settle (what it
-    costs to start a process and find the lock is not the drain's speed), the wall time too."""
-    from ordergate.buffer.consumer import QueueConsumer
+    """One burst worker process; its first take and last settle (what it costs to start a
+    process is not the drain's speed), the wall time too."""
+    from ordergate.buffer.consumer import LaneConsumer
     from ordergate.components import worker_config
     from ordergate.workers.runner import run_worker
 
     marks: dict[str, float] = {}
-    take, settle = QueueConsumer.take, QueueConsumer.settle
+    take, settle = LaneConsumer.take, LaneConsumer.settle
 
-    async def timed_take(self: QueueConsumer, n: int) -> Any:
-        marks.setdefault("first_take", time.perf_counter())
-        return await take(self, n)
+    async def timed_take(self: LaneConsumer, n: int) -> Any:
+        batch = await take(self, n)
+        if len(batch):
+            marks.setdefault("first_take", time.time())
+        return batch
 
-    async def timed_settle(self: QueueConsumer, *args: Any, **kwargs: Any) -> Any:
+    async def timed_settle(self: LaneConsumer, *args: Any, **kwargs: Any) -> Any:
         result = await settle(self, *args, **kwargs)
-        marks["last_settle"] = time.perf_counter()
+        marks["last_settle"] = time.time()
         return result
 
-    QueueConsumer.take = timed_take  # type: ignore[method-assign]
-    QueueConsumer.settle = timed_settle  # type: ignore[method-assign]
+    LaneConsumer.take = timed_take  # type: ignore[method-assign]
+    LaneConsumer.settle = timed_settle  # type: ignore[method-assign]
     t0 = time.perf_counter()
     stats = await run_worker(worker_config(s), 0, burst=True)
     wall = time.perf_counter() - t0
-    seconds = marks.get("last_settle", 0.0) - marks.get("first_take", 0.0)
     return {
         "committed": stats.committed,
         "rejected": stats.rejected,
         "dead_lettered": stats.dead_lettered,
         "batches": stats.batches,
         "batch_size": s.batch_size,
-        "seconds": seconds,
-        "rate": stats.committed / seconds if seconds > 0 else 0.0,
+        "first_take": marks.get("first_take", 0.0),
+        "last_settle": marks.get("last_settle", 0.0),
         "wall_seconds": wall,
-        "wall_rate": stats.committed / wall if wall else 0.0,
+    }
+
+
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Worker processes started together, as one drain: from the first take of any to the last
+    settle of any."""
+    committed = sum(p["committed"] for p in parts)
+    started = [p["first_take"] for p in parts if p["first_take"]]
+    first = min(started, default=0.0)
+    last = max((p["last_settle"] for p in parts), default=0.0)
+    seconds = last - first if started else 0.0
+    wall = max((p["wall_seconds"] for p in parts), default=0.0)
+    return {
+        "workers": len(parts),
+        "committed": committed,
+        "per_worker": [p["committed"] for p in parts],
+        "rejected": sum(p["rejected"] for p in parts),
+        "dead_lettered": sum(p["dead_lettered"] for p in parts),
+        "batches": sum(p["batches"] for p in parts),
+        "batch_size": parts[0]["batch_size"] if parts else 0,
+        "seconds": seconds,
+        "rate": committed / seconds if seconds > 0 else 0.0,
+        "wall_seconds": wall,
+        "wall_rate": committed / wall if wall else 0.0,
     }
 
 

@@ -38,6 +38,9 @@ def ratios(report: Mapping[str, Any]) -> dict[str, float]:
     if drain:
         out["d/COPY"] = _div(drain["drain"]["rate"], drain["copy"]["batched_rate"])
         out["d/COPY (one COPY)"] = _div(drain["drain"]["rate"], drain["copy"]["single_rate"])
+        delayed = drain.get("delayed")
+        if delayed:
+            out["d/COPY loop, Postgres +20 ms"] = delayed["ratio"]
     static = report.get("queue", {}).get("static")
     if static:
         out["e/a"] = static["ratio_e_a"]
@@ -129,10 +132,19 @@ def print_summary(report: Mapping[str, Any]) -> None:
     if drain:
         d, c = drain["drain"], drain["copy"]
         print(
-            f"\n(d) drain of {d['committed']:,} orders: {d['rate']:,.0f}/s; COPY of the same rows: "
-            f"{c['batched_rate']:,.0f}/s in transactions of {c['batch_size']}, "
-            f"{c['single_rate']:,.0f}/s as one COPY"
+            f"\n(d) drain of {d['committed']:,} orders by {d.get('workers', 1)} workers:"
+            f" {d['rate']:,.0f}/s; COPY of the same rows: {c['batched_rate']:,.0f}/s in"
+            f" transactions of {c['batch_size']}, {c['single_rate']:,.0f}/s as one COPY"
+            f" (d/COPY {_div(d['rate'], c['batched_rate']):.2f}, target >= 0.6)"
         )
+        delayed = drain.get("delayed")
+        if delayed:
+            print(
+                f"    through a {delayed['delay_ms']:g} ms delay proxy:"
+                f" {delayed['drain']['rate']:,.0f}/s against one loop of COPY transactions"
+                f" {delayed['copy']['batched_rate']:,.0f}/s = {delayed['ratio']:.2f} x"
+                " (target >= 4)"
+            )
         v = drain.get("valkey")
         if v:
             print(

@@ -273,3 +273,33 @@ async def poll_once(url: str, tickets: Sequence[str]) -> list[tuple[int, dict[st
 
     await asyncio.gather(*(one_connection() for _ in range(16)))
     return out
+
+
+@contextlib.contextmanager
+def delay_proxy(database_url: str, delay_s: float) -> Iterator[str]:
+    """tests/faults.py's TCP proxy in front of Postgres, adding ``delay_s`` to every reply, run
+    on an event loop of its own thread; yields the URL that goes through it."""
+    import asyncio
+    import threading
+    import urllib.parse
+
+    from tests.faults import DelayProxy
+
+    parts = urllib.parse.urlsplit(database_url)
+    assert parts.hostname and parts.port
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> DelayProxy:
+        proxy = await DelayProxy(parts.hostname or "", parts.port or 0).start()
+        proxy.delay = delay_s
+        return proxy
+
+    proxy = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield proxy.url(database_url)
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)

@@ -192,6 +192,11 @@ class LaneDrain:
     # -- owning the lane -----------------------------------------------------------------------
 
     async def _drain(self, conn: Any, persister: Persister, consumer: LaneConsumer) -> None:
+        while self.shared.paused and not self.done():  # paused: not even what others left
+            self._set_state("paused", self.shared.paused)
+            await self._pause(0.5)
+        if self.done():
+            return
         await self._recover(persister, consumer)
         size = self.config.batch_size
         started: float | None = None

@@ -107,7 +107,12 @@ async def test_dashboard_shows_a_live_load_and_pauses_the_drain(
 
             await eventually(busy, timeout=30)
             assert await page.get_attribute("body", "data-connection") == "live"
-            assert (await page.locator('[data-figure="leader"]').inner_text()) != "none"
+            workers = await page.locator('[data-figure="leader"]').inner_text()
+            assert workers != "none"
+            owners = await page.locator("#lanes tbody tr").evaluate_all(
+                "rows => rows.map(r => r.getAttribute('data-owner'))"
+            )
+            assert len(owners) == settings.shards and set(owners) == {workers}, owners
             bars = await page.locator("#shards-chart").get_attribute("data-value") or ""
             depths = [int(d) for d in bars.split(",")]
             assert len(depths) == settings.shards and sum(depths) > 0, bars
@@ -118,7 +123,11 @@ async def test_dashboard_shows_a_live_load_and_pauses_the_drain(
                 return await number(page, "issued") > issued + 20
 
             await eventually(moved, timeout=20)
-            assert await page.locator("#rates-chart").screenshot() != chart
+
+            async def redrawn() -> bool:  # the chart moves with the next history sample
+                return await page.locator("#rates-chart").screenshot() != chart
+
+            await eventually(redrawn, timeout=10, interval=0.2)
             p50 = await page.locator('[data-figure="p50"]').inner_text()
             # the admission histogram's median over the last polls, e.g. "3.2 ms"
             assert p50.endswith(" ms") and await number(page, "p50") > 0, p50

@@ -129,3 +129,28 @@ class _connect:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.conn.close()
+
+
+async def test_a_buffer_from_before_lanes_is_adopted_once_empty_and_refused_with_orders(
+    redis: Any,
+) -> None:
+    """The single-leader version kept one watermark (``og:drain`` ``w``) and no settled count:
+    an empty such buffer starts the lanes at that watermark; one still holding orders (they
+    carry no lane numbers) makes the process refuse to start."""
+    from ordergate.buffer.keys import Keys
+    from ordergate.buffer.position import read_drain_state
+    from ordergate.buffer.streams import ensure_streams
+
+    keys = Keys("old")
+    await redis.set(keys.seq(), 500)
+    await redis.hset(keys.drain(), mapping={"w": 500, "d": 500, "leader": "host-1-w0-1"})
+    await redis.xadd(keys.stream(2), {"v": "1", "oid": "ord_2_x", "seq": "500"})
+    with pytest.raises(DeploymentMismatch, match="1 orders admitted by an ordergate before lanes"):
+        await ensure_streams(redis, keys, 8)
+    await redis.delete(keys.stream(2))
+    await ensure_streams(redis, keys, 8)
+    state = await read_drain_state(redis, keys, 8)
+    assert (state.issued, state.settled, state.depth) == (500, 500, 0)
+    assert {(lane.watermark, lane.last) for lane in state.lanes} == {(500, 500)}
+    await ensure_streams(redis, keys, 8)  # once only: the settled count is there now
+    assert (await read_drain_state(redis, keys, 8)).settled == 500

@@ -80,18 +80,18 @@ async def test_status_json_has_shard_depths_pending_rates_and_the_controls(
 async def test_status_screen_and_watch(
     settings: Any, client: Any, api_key: str, redis: Any
 ) -> None:
-    """The screen shows the shards and a pause; --watch refreshes until Ctrl-C, then gives the
+    """The screen shows the lanes and a pause; --watch refreshes until Ctrl-C, then gives the
     terminal back and exits 0 within seconds."""
     await admit(client, api_key, 20)
     await set_control(redis, Keys(), paused=True, by="cli:ada@host-1")
     done = await ordergate(settings, "status")
     assert done.returncode == 0, done.stderr
-    assert "shards" in done.stdout and "PAUSED" in done.stdout and "cli:ada@host-1" in done.stdout
+    assert "lanes" in done.stdout and "PAUSED" in done.stdout and "cli:ada@host-1" in done.stdout
 
     proc = await _watch(settings)
     seen = b""
     try:
-        seen = await _read_until(proc, b"shards", 3)  # the screen, refreshed twice
+        seen = await _read_until(proc, b"lanes", 3)  # the screen, refreshed twice
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = await _exited(proc)
@@ -138,7 +138,7 @@ async def test_watch_ends_on_a_sigint_that_comes_as_a_redis_call_starts(settings
     finally:
         out, err = await _exited(proc)
     assert proc.returncode == 0, err
-    assert out.count(b"shards") >= 2 and out.endswith(SHOW_CURSOR), out[-300:]
+    assert out.count(b"lanes") >= 2 and out.endswith(SHOW_CURSOR), out[-300:]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

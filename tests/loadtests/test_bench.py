@@ -90,3 +90,21 @@ def test_open_loop_counts_timeouts_as_infinitely_slow() -> None:
     assert r.error_share == 0.04
     assert r.p50_ms == 1.0
     assert math.isinf(r.p99_ms)
+
+
+def test_drain_of_several_workers_counts_from_the_first_take_to_the_last_settle() -> None:
+    from loadtests.bench_drain import combine
+
+    one = {"committed": 600, "rejected": 0, "dead_lettered": 0, "batches": 3, "batch_size": 500}
+    parts = [
+        one | {"first_take": 100.0, "last_settle": 101.5, "wall_seconds": 2.5},
+        one | {"committed": 400, "first_take": 100.2, "last_settle": 102.0, "wall_seconds": 3.0},
+    ]
+    drained = combine(parts)
+    assert drained["workers"] == 2 and drained["per_worker"] == [600, 400]
+    assert drained["seconds"] == 2.0 and drained["rate"] == 500.0
+    assert drained["wall_rate"] == 1000 / 3.0
+    idle = combine(
+        [one | {"committed": 0, "first_take": 0.0, "last_settle": 0.0, "wall_seconds": 1}]
+    )
+    assert idle["rate"] == 0.0
