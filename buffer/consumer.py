@@ -82,6 +82,7 @@ class Batch:
     messages: list[OrderMessage] = field(default_factory=list)
     poison: list[Poison] = field(default_factory=list)
     deliveries: dict[str, int] = field(default_factory=dict)  # entry id -> prior deliveries
+    taken_at_us: int = 0  # when the lane's owner took (or claimed) these entries
 
     def __len__(self) -> int:
         return len(self.messages) + len(self.poison)
@@ -110,42 +111,28 @@ class LaneConsumer:
 
     async def take(self, n: int) -> Batch:
         """The lane's next ``n`` entries, in admission order, now pending on us."""
+        taken_at = _now_us()
         entries, self.last_id = await self._fenced(
             self.scripts.take(
                 keys=self._lane_keys,
-                args=[
-                    GROUP,
-                    self.consumer,
-                    n,
-                    self.epoch,
-                    self.keys.prefix,
-                    self.shard,
-                    _now_us(),
-                ],
+                args=[GROUP, self.consumer, n, self.epoch, self.keys.prefix],
             )
         )
-        batch = Batch()
+        batch = Batch(taken_at_us=taken_at)
         self._decode(batch, self.shard, entries)
         _sort(batch)
         return batch
 
     async def claim(self, max_entries: int = 100_000) -> Batch:
         """Every pending entry of the lane, now ours (the lane's lock says they are owed)."""
+        taken_at = _now_us()
         entries, prior = await self._fenced(
             self.scripts.claim(
                 keys=self._lane_keys,
-                args=[
-                    GROUP,
-                    self.consumer,
-                    self.keys.prefix,
-                    self.shard,
-                    _now_us(),
-                    max_entries,
-                    self.epoch,
-                ],
+                args=[GROUP, self.consumer, max_entries, self.epoch],
             )
         )
-        batch = Batch()
+        batch = Batch(taken_at_us=taken_at)
         for (entry_id, _), n in zip(entries, prior, strict=True):
             batch.deliveries[_s(entry_id)] = int(n)
         self._decode(batch, self.shard, entries)
@@ -165,6 +152,7 @@ class LaneConsumer:
         deadletter_retention_s: int = 0,
         rate: float | None,
         owner: str,
+        taken_at_us: int = 0,
     ) -> tuple[int, int]:
         """Record the outcomes, ack/delete or dead-letter, queue the webhook events, advance the
         lane's watermark and the settled counts; returns (the watermark, entries settled)."""
@@ -187,6 +175,7 @@ class LaneConsumer:
             idempotency_ttl_s,
             deadletter_retention_s,
             self.keys.drain_changes(),
+            taken_at_us or _now_us(),
         ]
         for it in items:
             owned = it.order_id and shard_of_order_id(it.order_id, self.shards) == shard

@@ -250,10 +250,13 @@ async def get_order(request: Request) -> Response:
         ticket = await state.tickets.issue(
             order_id, record.seq, record.ahead, record.accepted_at_us, record.lane_seq
         )
+        code = record.status
+        if code == "queued" and record.seq <= (await state.drain_view.get()).lane(shard).taken:
+            code = "processing"  # its lane's owner took it: no per-order write says so
         status = OrderStatus(
             order_id=order_id,
             storefront_order_id=record.storefront_order_id,
-            status=record.status,
+            status=code,
             accepted_at=record.accepted_at,
             committed_at=record.committed_at,
             rejected_at=record.rejected_at,

@@ -337,7 +337,9 @@ class Bench:
                 cmd = [spy, "record", "-r", "200", "-f", "raw", "--nonblocking", "-o", str(out)]
                 cmd += ["--", sys.executable, "-m", "loadtests.bench_drain", what]
         log = self.tmp / f"drain-{what}{tag}-{time.time_ns()}.log"
-        return spawn(cmd, env, log, self.place, True), log, what
+        # Not pinned: nothing else runs meanwhile, and workers pinned to one CPU would share
+        # it; the COPY baseline runs the same way.
+        return spawn(cmd, env, log, self.place, False), log, what
 
     def _drain_wait(self, proc: Any, log: Path, what: str) -> dict[str, Any]:
         proc.wait()

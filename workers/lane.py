@@ -255,7 +255,7 @@ class LaneDrain:
         size = self.config.batch_size
         messages, poison = owed.messages, owed.poison
         for start in range(0, max(len(messages), 1), size):
-            part = Batch(messages[start : start + size], poison, owed.deliveries)
+            part = Batch(messages[start : start + size], poison, owed.deliveries, owed.taken_at_us)
             poison = []
             if not await self._process(part, persister, consumer):
                 return
@@ -287,7 +287,7 @@ class LaneDrain:
         dead = sum(1 for s in settlements if s.outcome == "dead_lettered")
         if dead:
             log.error("lane %d: %d entries -> dead letters", self.shard, dead)
-        if not await self._settle(settlements, consumer):
+        if not await self._settle(settlements, consumer, batch.taken_at_us):
             return False
         committed = sum(1 for s in settlements if s.outcome == "committed")
         rejected = sum(1 for s in settlements if s.outcome == "rejected")
@@ -332,7 +332,9 @@ class LaneDrain:
                 if await self._pause(backoff(attempt, self.config.retry_backoff_max_s), True):
                     return None
 
-    async def _settle(self, settlements: list[Settlement], consumer: LaneConsumer) -> bool:
+    async def _settle(
+        self, settlements: list[Settlement], consumer: LaneConsumer, taken_at_us: int
+    ) -> bool:
         """Settle in Redis, retried until it works (Postgres already holds the rows)."""
         attempt = 0
         while True:
@@ -344,6 +346,7 @@ class LaneDrain:
                     deadletter_retention_s=self.config.deadletter_retention_s,
                     rate=self._rate(),
                     owner=self.shared.name,
+                    taken_at_us=taken_at_us,
                 )
                 self._set_state("draining")
                 return True

@@ -19,22 +19,15 @@ local function mark(status_key, code, at_us)
   end
 end
 
--- The status key of an entry, or nil when its order id does not belong to shard `shard`.
-local function status_key_of(prefix, shard, fields)
-  local oid = field(fields, 'oid')
-  local head = 'ord_' .. shard .. '_'
-  if oid and string.sub(oid, 1, #head) == head then
-    return prefix .. ':{' .. shard .. '}:order:' .. oid
-  end
-  return nil
-end
-
--- A worker took the entry: its order (if its status record still exists) is "processing".
-local function mark_processing(prefix, shard, fields, at_us)
-  local key = status_key_of(prefix, shard, fields)
-  if key and redis.call('EXISTS', key) == 1 then
-    redis.call('HSET', key, 'status', 'processing')
-    mark(key, 'processing', at_us)
+-- Two marks at once: "processing" when the batch was taken, then the outcome (one read and
+-- one write of the timeline, not two of each).
+local function mark2(status_key, taken_us, code, at_us)
+  local tl = redis.call('HGET', status_key, 'tl')
+  local add = 'processing@' .. taken_us .. ',' .. code .. '@' .. at_us
+  if not tl then
+    redis.call('HSET', status_key, 'tl', add)
+  elseif #tl < 4000 then
+    redis.call('HSET', status_key, 'tl', tl .. ',' .. add)
   end
 end
 

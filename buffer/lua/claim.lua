@@ -6,17 +6,15 @@
 -- Entries this consumer already owned keep their delivery count (it lost its Postgres
 -- connection, it did not die on them); others' entries count one more delivery.
 -- KEYS[1] the lane hash, KEYS[2] the lane's stream.
--- ARGV[1] group, ARGV[2] consumer, ARGV[3] key prefix, ARGV[4] shard, ARGV[5] now_us,
--- ARGV[6] max entries, ARGV[7] epoch.
+-- ARGV[1] group, ARGV[2] consumer, ARGV[3] max entries, ARGV[4] epoch.
 -- Returns {entries, prior delivery counts aligned with them}.
-local refused = fenced(KEYS[1], ARGV[7])
+local refused = fenced(KEYS[1], ARGV[4])
 if refused then
   return refused
 end
-local group, consumer, prefix, shard, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
-local stream = KEYS[2]
+local group, consumer, stream = ARGV[1], ARGV[2], KEYS[2]
 local prior, own, others = {}, {}, {}
-for _, p in ipairs(redis.call('XPENDING', stream, group, '-', '+', ARGV[6])) do
+for _, p in ipairs(redis.call('XPENDING', stream, group, '-', '+', ARGV[3])) do
   prior[p[1]] = p[4]
   if p[2] == consumer then
     own[#own + 1] = p[1]
@@ -30,7 +28,6 @@ local function take(claimed)
     if e and e[2] then
       entries[#entries + 1] = e
       counts[#counts + 1] = prior[e[1]]
-      mark_processing(prefix, shard, e[2], now)
     end
   end
 end

@@ -13,7 +13,8 @@
 -- ARGV[1] group, ARGV[2] the status records' ttl s, ARGV[3] epoch, ARGV[4] now_us, ARGV[5]
 -- rate ('' = unchanged), ARGV[6] owner, ARGV[7] webhook key prefix, ARGV[8] the idempotency
 -- records' ttl s, ARGV[9] the dead letters' retention s (0 = kept), ARGV[10] the drain's
--- changes channel, then 8 per item: entry id, outcome (committed | rejected |
+-- changes channel, ARGV[11] when the batch was taken (us: its orders' "processing" mark),
+-- then 8 per item: entry id, outcome (committed | rejected |
 -- dead_lettered), at_us, reason, deliveries, order id, storefront id, storefront order id ('' when
 -- unknown).
 -- A settled order whose storefront has a webhook also gets an event in the notification stream,
@@ -40,9 +41,10 @@ local function notify_of(sf, sfo, oid, outcome, at)
 end
 local done, settled = {}, 0
 local idem_ttl, retention = tonumber(ARGV[8]), tonumber(ARGV[9])
-local n = (#ARGV - 10) / 8
+local taken = ARGV[11]
+local n = (#ARGV - 11) / 8
 for i = 0, n - 1 do
-  local a = 11 + i * 8
+  local a = 12 + i * 8
   local eid, outcome, at, reason = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local status_key, idem_key = KEYS[6 + i * 2], KEYS[7 + i * 2]
   local has_status = status_key ~= lane and redis.call('EXISTS', status_key) == 1
@@ -66,7 +68,7 @@ for i = 0, n - 1 do
       if has_status then
         redis.call('HSET', status_key, 'status', 'dead_lettered', 'reason', reason,
           'rejected_at', at)
-        mark(status_key, 'dead_lettered', at)
+        mark2(status_key, taken, 'dead_lettered', at)
       end
     end
   else
@@ -78,7 +80,7 @@ for i = 0, n - 1 do
       else
         redis.call('HSET', status_key, 'status', outcome, 'rejected_at', at, 'reason', reason)
       end
-      mark(status_key, outcome, at)
+      mark2(status_key, taken, outcome, at)
       redis.call('EXPIRE', status_key, ttl)
     end
     if idem_key ~= lane then
