@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from ordergate.buffer.keys import Keys
+from ordergate.buffer.keys import GROUP, Keys
 from ordergate.buffer.lanes import read_lanes
 from tests.conftest import admit, eventually, make_settings
 from tests.faults import DelayProxy, assert_fifo_per_lane, audit
@@ -53,6 +53,39 @@ async def _settled(redis: Any, n: int) -> bool:
     return issued == settled == n
 
 
+async def _pending_on(redis: Any, pid: int) -> int:
+    """Entries taken by the worker ``pid`` and not yet settled, over all lanes."""
+    pending = 0
+    for shard in range(8):
+        summary = await redis.xpending(KEYS.stream(shard), GROUP)
+        for consumer in summary.get("consumers") or []:
+            name = consumer["name"]
+            if _pid(name.decode() if isinstance(name, bytes) else name) == pid:
+                pending += int(consumer["pending"])
+    return pending
+
+
+async def _kill_mid_batch(redis: Any, *workers: LoggedWorker) -> int:
+    """SIGKILL ``workers`` while at least one has a batch taken and not settled: freeze them
+    (SIGSTOP), look, and kill only if so -- otherwise let them run on and look again. Returns
+    the entries they left pending."""
+    while True:
+        await eventually(lambda: _any_pending(redis, workers), timeout=30, interval=0.002)
+        for w in workers:
+            w.proc.send_signal(signal.SIGSTOP)
+        left = sum([await _pending_on(redis, w.pid) for w in workers])
+        if left:
+            for w in workers:
+                w.proc.kill()
+            return left
+        for w in workers:
+            w.proc.send_signal(signal.SIGCONT)
+
+
+async def _any_pending(redis: Any, workers: tuple[LoggedWorker, ...]) -> bool:
+    return any([await _pending_on(redis, w.pid) for w in workers])
+
+
 async def _stop_all(*workers: LoggedWorker) -> None:
     for w in workers:
         if w.alive():
@@ -83,15 +116,18 @@ async def test_two_workers_split_the_lanes_and_a_killed_ones_lanes_move_in_about
         await eventually(lambda: _at_least(pg, 600), timeout=30)
         lanes = await read_lanes(redis, KEYS, 8)
         assert all(lane.settled > 0 for lane in lanes), "a worker sat idle with lanes to drain"
-        a.proc.kill()
+        left = await _kill_mid_batch(redis, a)
         killed_at = time.monotonic()
         await eventually(lambda: _split(redis, b.pid), timeout=30, interval=0.02)
         moved_after = time.monotonic() - killed_at
         await _end(pg, redis, receipts)
     finally:
         await _stop_all(a, b)
-    print(f"\nSIGKILL of one of two workers: its 4 lanes moved in {moved_after:.2f} s")
-    assert any("finishing" in line and "left pending" in line for line in b.lines), b.tail()
+    print(
+        f"\nSIGKILL of one of two workers with {left} entries taken: its 4 lanes moved in"
+        f" {moved_after:.2f} s"
+    )
+    assert any("left pending by earlier owners" in line for line in b.lines), b.tail()
 
 
 async def test_both_workers_killed_mid_drain_then_a_new_one_finishes(
@@ -107,8 +143,7 @@ async def test_both_workers_killed_mid_drain_then_a_new_one_finishes(
     try:
         await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30)
         await eventually(lambda: _at_least(pg, 400), timeout=30)
-        a.proc.kill()
-        b.proc.kill()
+        taken = await _kill_mid_batch(redis, a, b)
         left = 2000 - await _committed(pg)
         assert left > 0
         c = LoggedWorker(make_settings(servers, batch_size=200))
@@ -117,7 +152,12 @@ async def test_both_workers_killed_mid_drain_then_a_new_one_finishes(
         await _stop_all(a, b, *([c] if c else []))
     dead = sum([await redis.xlen(KEYS.deadletters(s)) for s in range(8)])
     assert dead == 0
-    print(f"\nSIGKILL of both workers with {left} orders left: a new worker finished them")
+    assert c is not None
+    assert any("left pending by earlier owners" in line for line in c.lines), c.tail()
+    print(
+        f"\nSIGKILL of both workers with {taken} entries taken and {left} orders left: a new"
+        " worker finished them"
+    )
 
 
 async def test_a_worker_frozen_past_its_lease_loses_its_lanes_and_cannot_commit(
