@@ -93,6 +93,23 @@ async def _stop_all(*workers: LoggedWorker) -> None:
         await w.stop()
 
 
+async def _two_draining(
+    client: Any, key: str, servers: Any, redis: Any, pg: Any, orders: int, rate: float
+) -> tuple[list[dict[str, Any]], LoggedWorker, LoggedWorker]:
+    """``orders`` admitted, two workers draining them at ``rate``, 4 lanes each, a fifth
+    committed."""
+    receipts = await admit(client, key, orders)
+    settings = make_settings(servers, drain_rate=rate, batch_size=50)
+    a, b = LoggedWorker(settings), LoggedWorker(settings)
+    try:
+        await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30)
+        await eventually(lambda: _at_least(pg, orders // 5), timeout=30)
+    except BaseException:
+        await _stop_all(a, b)
+        raise
+    return receipts, a, b
+
+
 async def _end(pg: Any, redis: Any, receipts: list[dict[str, Any]]) -> None:
     await eventually(lambda: _settled(redis, len(receipts)), timeout=60)
     await audit(pg, redis, receipts)
@@ -108,12 +125,8 @@ async def test_two_workers_split_the_lanes_and_a_killed_ones_lanes_move_in_about
     lanes each and both drained, the survivor owns all 8 about 2 s after the kill (its
     membership lapses), and every 202 order is in Postgres exactly once, first-in first-out
     in each lane."""
-    receipts = await admit(client, api_key, 3000)
-    settings = make_settings(servers, drain_rate=600, batch_size=50)
-    a, b = LoggedWorker(settings), LoggedWorker(settings)
+    receipts, a, b = await _two_draining(client, api_key, servers, redis, pg, 3000, 600)
     try:
-        await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30)
-        await eventually(lambda: _at_least(pg, 600), timeout=30)
         lanes = await read_lanes(redis, KEYS, 8)
         assert all(lane.settled > 0 for lane in lanes), "a worker sat idle with lanes to drain"
         left = await _kill_mid_batch(redis, a)
@@ -136,13 +149,9 @@ async def test_both_workers_killed_mid_drain_then_a_new_one_finishes(
     """Injects: SIGKILL of both workers at once, mid-drain. Audits: a worker started afterwards
     claims what they left pending in every lane, dead-letters nothing, and every 202 order is in
     Postgres exactly once, first-in first-out in each lane."""
-    receipts = await admit(client, api_key, 2000)
-    settings = make_settings(servers, drain_rate=500, batch_size=50)
-    a, b = LoggedWorker(settings), LoggedWorker(settings)
+    receipts, a, b = await _two_draining(client, api_key, servers, redis, pg, 2000, 500)
     c: LoggedWorker | None = None
     try:
-        await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30)
-        await eventually(lambda: _at_least(pg, 400), timeout=30)
         taken = await _kill_mid_batch(redis, a, b)
         left = 2000 - await _committed(pg)
         assert left > 0
@@ -168,12 +177,8 @@ async def test_a_worker_frozen_past_its_lease_loses_its_lanes_and_cannot_commit(
     sessions; woken up, the frozen one finds its sessions gone or its epoch superseded and
     commits nothing behind its successor (first-in first-out holds in every lane, no order
     settles twice); the lanes split again, and every 202 order is in Postgres exactly once."""
-    receipts = await admit(client, api_key, 3000)
-    settings = make_settings(servers, drain_rate=600, batch_size=50)
-    a, b = LoggedWorker(settings), LoggedWorker(settings)
+    receipts, a, b = await _two_draining(client, api_key, servers, redis, pg, 3000, 600)
     try:
-        await eventually(lambda: _split(redis, a.pid, b.pid), timeout=30)
-        await eventually(lambda: _at_least(pg, 600), timeout=30)
         a.proc.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         await eventually(lambda: _split(redis, b.pid), timeout=30, interval=0.02)
