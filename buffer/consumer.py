@@ -45,6 +45,7 @@ class Settlement:
     storefront_order_id: str | None = None
     reason: str = ""
     deliveries: int = 1
+    keep: bool = False  # keep a committed order's status record (it was re-queued)
 
     @classmethod
     def of(
@@ -60,6 +61,7 @@ class Settlement:
             m.storefront_order_id,
             reason,
             deliveries,
+            m.requeued,
         )
 
     @classmethod
@@ -194,6 +196,7 @@ class LaneConsumer:
                     it.order_id or "",
                     it.storefront_id or "",
                     it.storefront_order_id or "",
+                    "1" if it.keep else "0",
                 )
             )
         watermark, settled = await self._fenced(self.scripts.settle(keys=keys, args=args))

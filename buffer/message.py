@@ -9,7 +9,9 @@ An entry is a flat field map, readable with ``XRANGE`` in any Redis client:
 ``sfo``    the storefront's own order id
 ``seq``    the order's queue number: one counter across all shards, assigned by Redis
 ``at``     accepted_at, microseconds since the epoch, stamped by the gateway
+``ls``     its number inside its lane (buffer.position)
 ``body``   the order as canonical JSON (msgspec encoding of the validated order)
+``rq``     ``1`` on an entry an operator re-queued from the dead letters (buffer.deadletters)
 =========  ====================================================================
 
 ``seq`` is written by the admission script; the gateway never chooses it.
@@ -37,6 +39,7 @@ class OrderMessage(msgspec.Struct, frozen=True):
     seq: int
     accepted_at_us: int
     body: bytes
+    requeued: bool = False
 
     @property
     def accepted_at(self) -> dt.datetime:
@@ -70,6 +73,7 @@ def decode_entry(shard: int, entry_id: bytes | str, fields: dict[bytes, bytes]) 
             seq=int(fields[b"seq"]),
             accepted_at_us=int(fields[b"at"]),
             body=fields[b"body"],
+            requeued=fields.get(b"rq") == b"1",
         )
     except KeyError as exc:
         raise MalformedMessage(f"entry {eid}: missing field {exc.args[0]!r}") from None

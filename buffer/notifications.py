@@ -3,7 +3,8 @@
 ``settle.lua`` adds an event to ``og:notify`` in the same atomic step that settles its order.
 From there an event leaves by exactly one of three doors, each atomic:
 
-* delivered (``notified.lua``): deleted, and "notified" goes on the order's timeline;
+* delivered (``notified.lua``): deleted, and "notified" goes on the order's timeline (its
+  status record, or for a committed order its idempotency record);
 * deferred: moved to its destination's lane ``og:notify:deferred:<storefront>``, in order, when
   the destination's breaker is open, a delivery failed or the destination is at its concurrency
   limit; lanes are replayed head first;
@@ -151,7 +152,11 @@ class NotificationStreams:
         args: list[Any] = [_now_us()]
         for e in events:
             shard = shard_of_order_id(e.order_id, self.shards)
-            keys.append(source if shard is None else self.keys.status(shard, e.order_id))
+            if shard is None:
+                keys.extend((source, source))
+            else:
+                keys.append(self.keys.status(shard, e.order_id))
+                keys.append(self.keys.idem(shard, e.storefront_id, e.storefront_order_id))
             args.extend((e.entry_id, e.event_id))
         await self.scripts.notified(keys=keys, args=args)
 

@@ -19,7 +19,7 @@ from ordergate.buffer.control import DrainControl, from_hash
 from ordergate.buffer.keys import GROUP, Keys
 from ordergate.buffer.lanes import LaneState
 from ordergate.buffer.notifications import NotificationStreams
-from ordergate.buffer.position import read_drain_state, tail_eta
+from ordergate.buffer.position import drain_state_of, queue_drain_state, tail_eta
 
 RATE_WINDOW_S = 10  # ingest and drain rates are averaged over the last this many seconds
 
@@ -88,8 +88,10 @@ class Overview(msgspec.Struct, frozen=True):
 async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.0) -> Overview:
     """The overview; ``stale_s`` is ``drain_stale_s`` (a leader silent longer has stopped)."""
     now = time.time()
-    drain = await read_drain_state(redis, keys, shards)
-    pipe = redis.pipeline(transaction=False)
+    # One transaction: the settled count and the streams' lengths from the same instant (a
+    # scrape must not show an empty buffer with orders unsettled).
+    pipe = redis.pipeline(transaction=True)
+    taken = queue_drain_state(pipe, keys, shards)
     for shard in range(shards):
         pipe.xlen(keys.deadletters(shard))
     pipe.get(keys.notify_state())
@@ -102,6 +104,8 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
     for reply in replies:  # a missing group (NOGROUP) only means nothing is pending there
         if isinstance(reply, Exception) and "NOGROUP" not in str(reply):
             raise reply
+    drain = drain_state_of(replies, shards)
+    replies = replies[taken:]
     dlq, (raw_state, control) = replies[:shards], replies[shards : shards + 2]
     streams = replies[shards + 2 :]
     waiting, deferred, dead = await NotificationStreams(redis, keys, shards).counts()

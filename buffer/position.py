@@ -85,11 +85,22 @@ class DrainState(msgspec.Struct, frozen=True):
 
 async def read_drain_state(redis: Any, keys: Keys, shards: int) -> DrainState:
     pipe = redis.pipeline(transaction=False)
+    queue_drain_state(pipe, keys, shards)
+    return drain_state_of(await pipe.execute(), shards)
+
+
+def queue_drain_state(pipe: Any, keys: Keys, shards: int) -> int:
+    """Queue the reads of the drain state on ``pipe`` (to go with other reads in one
+    transaction); returns how many replies they take, for ``drain_state_of``."""
     pipe.get(keys.seq())
     pipe.hget(keys.drain(), "s")
     for shard in range(shards):
         pipe.hgetall(keys.lane(shard))
-    issued, settled, *lanes = await pipe.execute()
+    return 2 + shards
+
+
+def drain_state_of(replies: list[Any], shards: int) -> DrainState:
+    issued, settled, *lanes = replies[: 2 + shards]
     return DrainState(
         issued=int(issued or 0),
         settled=int(settled or 0),

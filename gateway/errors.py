@@ -77,6 +77,12 @@ class ServiceUnavailable(Problem):
     status, type, title = 503, "buffer-unavailable", "The order buffer is unavailable"
 
 
+class OrderStoreUnavailable(Problem):
+    """A settled order's status lives in Postgres, which this gateway cannot reach now."""
+
+    status, type, title = 503, "order-store-unavailable", "The order store is unavailable"
+
+
 class BufferFull(Problem):
     """The buffer holds ``max_buffered`` orders that are not yet committed: nothing was accepted.
     Retry after ``Retry-After`` seconds (computed from the drain rate) with the same
@@ -107,5 +113,6 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         PayloadTooLarge,
         UnsupportedMediaType,
         ServiceUnavailable,
+        OrderStoreUnavailable,
     )
 }

@@ -19,6 +19,7 @@ from ordergate.buffer.order import ORDER_ENCODER
 from ordergate.buffer.position import DrainState, seconds_until_room
 from ordergate.buffer.status import Change, read_status
 from ordergate.gateway import metrics
+from ordergate.gateway.committed import read_committed
 from ordergate.gateway.errors import (
     BufferFull,
     NotFound,
@@ -30,7 +31,7 @@ from ordergate.gateway.errors import (
 from ordergate.gateway.state import GatewayState
 from ordergate.gateway.validation import parse_order
 from ordergate.sharding.ids import new_order_id, shard_of_order_id
-from ordergate.sharding.routing import partition_table, shard_for
+from ordergate.sharding.routing import shard_for
 
 _encoder = msgspec.json.Encoder()
 JSON = "application/json"
@@ -271,24 +272,15 @@ async def get_order(request: Request) -> Response:
 
 
 async def _from_postgres(state: GatewayState, shard: int, order_id: str, storefront: str) -> Any:
-    """Status records expire (status_ttl_s) after commit; the row in Postgres does not."""
-    if state.pg is None:
-        raise NotFound(f"no order {order_id!r}")
-    row = await state.pg.fetchrow(
-        f"SELECT storefront_order_id, accepted_at, committed_at FROM {partition_table(shard)}"
-        " WHERE shard = $1 AND order_id = $2 AND storefront_id = $3",
-        shard,
-        order_id,
-        storefront,
-        timeout=2,
-    )
-    if row is None:
+    """A committed order has no status record in Redis: its Postgres row tells its status."""
+    committed = await read_committed(state, shard, order_id, storefront)
+    if committed is None:
         raise NotFound(f"no order {order_id!r}")
     return OrderStatus(
         order_id=order_id,
-        storefront_order_id=row["storefront_order_id"],
+        storefront_order_id=committed.storefront_order_id,
         status="committed",
-        accepted_at=row["accepted_at"],
-        committed_at=row["committed_at"],
-        timeline=[Change("accepted", row["accepted_at"]), Change("committed", row["committed_at"])],
+        accepted_at=committed.accepted_at,
+        committed_at=committed.committed_at,
+        timeline=committed.timeline,
     )

@@ -2,8 +2,9 @@
 
 No API key: the ticket is the credential. A waiting order is answered from the ticket (its
 queue and lane numbers) and the lanes' state (one shared Redis read, see ``DrainView``); only a
-settled order costs a read of its status record. Answers carry an ETag and honour If-None-Match, and
-``poll_after_seconds`` grows with the position so a long queue polls slowly.
+settled order costs a read: of its status record, and for a committed one of its Postgres row.
+Answers carry an ETag and honour If-None-Match, and ``poll_after_seconds`` grows with the
+position so a long queue polls slowly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ordergate.buffer.connection import cancel_and_wait
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.position import DrainState, place_in_line, read_drain_state
 from ordergate.buffer.status import read_status
+from ordergate.gateway.committed import read_committed
 from ordergate.gateway.config import GatewayConfig
 from ordergate.gateway.errors import TicketNotFound
 from ordergate.gateway.state import GatewayState
@@ -204,6 +206,24 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
         if shard is not None
         else None
     )
+    if record is None and shard is not None:
+        committed = await read_committed(state, shard, ticket.order_id)
+        if committed is None:
+            raise TicketNotFound("this queue ticket has expired")
+        age = dt.datetime.now(dt.UTC) - committed.committed_at
+        if age.total_seconds() > config.ticket_ttl_s:
+            raise TicketNotFound("this queue ticket has expired")
+        return QueueStatus(
+            status="committed",
+            position=0,
+            eta_seconds=0,
+            eta_reason=None,
+            poll_after_seconds=None,
+            updated_at=committed.committed_at,
+            queue_number=committed.seq,
+            ahead_at_admission=ticket.ahead,
+            order_id=committed.order_id,
+        )
     if record is None:
         raise TicketNotFound("this queue ticket has expired")
     if not record.final:

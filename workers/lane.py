@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
@@ -275,7 +276,8 @@ class LaneDrain:
             else:
                 messages.append(m)
         if messages:
-            written = await self._persist(persister, messages)
+            taken_at = dt.datetime.fromtimestamp((batch.taken_at_us or now_us) / 1e6, tz=dt.UTC)
+            written = await self._persist(persister, messages, taken_at)
             if written is None:
                 return False
             persisted, refused = written
@@ -311,11 +313,13 @@ class LaneDrain:
         )
         return True
 
-    async def _persist(self, persister: Persister, messages: list[Any]) -> Any:
+    async def _persist(
+        self, persister: Persister, messages: list[Any], taken_at: dt.datetime
+    ) -> Any:
         attempt = 0
         while True:
             try:
-                return await persister.write(messages)
+                return await persister.write(messages, taken_at)
             except TransientPersistError as exc:
                 if persister.conn.is_closed():
                     raise LostLane(str(exc)) from exc

@@ -57,6 +57,7 @@ COPY_COLUMNS = (
     "seq",
     "accepted_at",
     "body",
+    "taken_at",
 )
 _COLUMNS = ", ".join(COPY_COLUMNS)
 
@@ -65,7 +66,7 @@ _INSERT = (
     f"INSERT INTO orders ({_COLUMNS})"
     " SELECT * FROM unnest($1::smallint[], $2::text[], $3::text[], $4::text[], $5::text[],"
     " $6::text[], $7::text[], $8::bigint[], $9::int[], $10::bigint[], $11::timestamptz[],"
-    " $12::jsonb[])"
+    " $12::jsonb[], $13::timestamptz[])"
     " ON CONFLICT DO NOTHING RETURNING order_id, committed_at"
 )
 _EXISTING = (
@@ -81,13 +82,16 @@ class Persister:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
 
-    async def write(self, messages: list[OrderMessage]) -> tuple[list[Persisted], list[Refused]]:
-        """Persist ``messages``; raises TransientPersistError if Postgres cannot take them now."""
+    async def write(
+        self, messages: list[OrderMessage], taken_at: dt.datetime | None = None
+    ) -> tuple[list[Persisted], list[Refused]]:
+        """Persist ``messages``, taken from their lane at ``taken_at``; raises
+        TransientPersistError if Postgres cannot take them now."""
         rows: list[tuple[OrderMessage, tuple[Any, ...]]] = []
         refused: list[Refused] = []
         for m in messages:
             try:
-                rows.append((m, row_of(m)))
+                rows.append((m, row_of(m, taken_at)))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 refused.append(Refused(m, f"order body does not decode: {exc}"))
         persisted = await self._write_rows(rows, refused)
@@ -168,7 +172,7 @@ class Persister:
         return out
 
 
-def row_of(m: OrderMessage) -> tuple[Any, ...]:
+def row_of(m: OrderMessage, taken_at: dt.datetime | None = None) -> tuple[Any, ...]:
     """The ``orders`` row of one entry, in ``COPY_COLUMNS`` order (raises if the body does not
     decode)."""
     order = ORDER_DECODER.decode(m.body)
@@ -185,4 +189,5 @@ def row_of(m: OrderMessage) -> tuple[Any, ...]:
         m.seq,
         m.accepted_at,
         m.body.decode(),
+        taken_at,
     )

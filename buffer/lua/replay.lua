@@ -15,7 +15,7 @@ for i = 2, #ARGV do
     for j = 1, #f, 2 do
       local k = f[j]
       if k ~= 'source_id' and k ~= 'deliveries' and k ~= 'error' and k ~= 'failed_at'
-          and k ~= 'seq' and k ~= 'ls' then
+          and k ~= 'seq' and k ~= 'ls' and k ~= 'rq' then
         orig[#orig + 1] = k
         orig[#orig + 1] = f[j + 1]
       end
@@ -24,6 +24,8 @@ for i = 2, #ARGV do
     orig[#orig + 1] = seq
     orig[#orig + 1] = 'ls'
     orig[#orig + 1] = ls
+    orig[#orig + 1] = 'rq'  -- its status record keeps the history once it commits
+    orig[#orig + 1] = '1'
     local eid = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', unpack(orig))
     if not eid then
       return redis.error_reply('NOSTREAM buffer stream ' .. KEYS[1] .. ' is missing')

@@ -256,11 +256,15 @@ async def test_unknown_and_malformed_order_ids_are_404(client, api_key) -> None:
         assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
 
 
-async def test_status_falls_back_to_postgres_after_expiry(client, api_key, settings, redis) -> None:
+async def test_a_committed_orders_status_comes_from_its_row(
+    client, api_key, other_key, settings, redis, pg
+) -> None:
+    """Settling deletes a committed order's status record: its status and timeline (accepted,
+    processing, committed) come from its Postgres row, and another storefront still gets 404."""
     r = await client.post("/v1/orders", json=order_body("old-1"), headers=auth(api_key))
     await drain(settings)
     oid = r.json()["order_id"]
-    await redis.delete(Keys().status(int(oid.split("_")[1]), oid))  # as if status_ttl_s passed
+    assert not await redis.exists(Keys().status(int(oid.split("_")[1]), oid))
     from tests.conftest import eventually
 
     async def status() -> Any:  # the gateway connects to Postgres in the background
@@ -269,6 +273,12 @@ async def test_status_falls_back_to_postgres_after_expiry(client, api_key, setti
 
     s = await eventually(status, timeout=10)
     assert s.json()["status"] == "committed" and s.json()["storefront_order_id"] == "old-1"
+    row = await pg.fetchrow("SELECT accepted_at, taken_at, committed_at FROM orders")
+    timeline = s.json()["timeline"]
+    assert [c["status"] for c in timeline] == ["accepted", "processing", "committed"]
+    assert row["accepted_at"] <= row["taken_at"] <= row["committed_at"]
+    other = await client.get(f"/v1/orders/{oid}", headers=auth(other_key))
+    assert other.status_code == 404
 
 
 async def test_health_and_readiness(client) -> None:
