@@ -40,7 +40,7 @@ def ratios(report: Mapping[str, Any]) -> dict[str, float]:
         out["d/COPY (one COPY)"] = _div(drain["drain"]["rate"], drain["copy"]["single_rate"])
         delayed = drain.get("delayed")
         if delayed:
-            out["d/COPY loop, Postgres +20 ms"] = delayed["ratio"]
+            out[f"d/COPY loop, Postgres +{delayed['delay_ms']:g} ms"] = delayed["ratio"]
     static = report.get("queue", {}).get("static")
     if static:
         out["e/a"] = static["ratio_e_a"]
