@@ -73,7 +73,7 @@ class Admission:
 @dataclass(slots=True)
 class _Request:
     shard: int
-    keys: tuple[str, str]
+    keys: tuple[str]
     args: tuple[Any, ...]
     future: asyncio.Future[Admission]
     abandoned: bool = False
@@ -161,10 +161,7 @@ class Admitter:
         loop = asyncio.get_running_loop()
         req = _Request(
             shard=shard,
-            keys=(
-                self._keys.idem(shard, storefront_id, storefront_order_id),
-                self._keys.status(shard, args[0]),
-            ),
+            keys=(self._keys.idem(shard, storefront_id, storefront_order_id),),
             args=args,
             future=loop.create_future(),
         )
@@ -256,7 +253,7 @@ class Admitter:
                 self._keys.drain(),
                 self._keys.lane(shard),
             ]
-            script_args: list[Any] = [lease, self._config.max_buffered]
+            script_args: list[Any] = [lease, self._config.max_buffered, shard]
             for req in reqs:
                 script_keys.extend(req.keys)
                 script_args.extend(req.args)

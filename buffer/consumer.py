@@ -45,7 +45,11 @@ class Settlement:
     storefront_order_id: str | None = None
     reason: str = ""
     deliveries: int = 1
-    keep: bool = False  # keep a committed order's status record (it was re-queued)
+    keep: bool = False  # it has a status record to update (it was re-queued)
+    accepted_at_us: int = 0  # the rest: what a status record of an exception needs
+    seq: int = 0
+    lane_seq: int = 0
+    ahead: int = 0
 
     @classmethod
     def of(
@@ -62,6 +66,10 @@ class Settlement:
             reason,
             deliveries,
             m.requeued,
+            m.accepted_at_us,
+            m.seq,
+            m.lane_seq,
+            m.ahead,
         )
 
     @classmethod
@@ -181,7 +189,12 @@ class LaneConsumer:
         ]
         for it in items:
             owned = it.order_id and shard_of_order_id(it.order_id, self.shards) == shard
-            keys.append(self.keys.status(shard, it.order_id) if owned and it.order_id else lane)
+            plain = it.outcome == "committed" and not it.keep  # no record to write
+            keys.append(
+                self.keys.status(shard, it.order_id)
+                if owned and it.order_id and not plain
+                else lane
+            )
             if owned and it.storefront_id is not None and it.storefront_order_id is not None:
                 keys.append(self.keys.idem(shard, it.storefront_id, it.storefront_order_id))
             else:
@@ -197,6 +210,10 @@ class LaneConsumer:
                     it.storefront_id or "",
                     it.storefront_order_id or "",
                     "1" if it.keep else "0",
+                    it.accepted_at_us,
+                    it.seq,
+                    it.lane_seq,
+                    it.ahead,
                 )
             )
         watermark, settled = await self._fenced(self.scripts.settle(keys=keys, args=args))

@@ -4,17 +4,20 @@ An entry is a flat field map, readable with ``XRANGE`` in any Redis client:
 
 =========  ====================================================================
 ``v``      format version, ``1``
-``oid``    order id (``ord_<shard>_...``), handed out by the gateway
+``oid``    order id (``ord_<shard>_<ms><seq><nonce>``), minted by ``admit.lua``; the entry's
+           own id is ``<ms>-<seq>`` (sharding.ids.entry_id_of)
 ``sf``     storefront id (from the API key, never from the body)
 ``sfo``    the storefront's own order id
 ``seq``    the order's queue number: one counter across all shards, assigned by Redis
 ``at``     accepted_at, microseconds since the epoch, stamped by the gateway
 ``ls``     its number inside its lane (buffer.position)
+``a0``     orders ahead of it at admission
 ``body``   the order as canonical JSON (msgspec encoding of the validated order)
 ``rq``     ``1`` on an entry an operator re-queued from the dead letters (buffer.deadletters)
 =========  ====================================================================
 
-``seq`` is written by the admission script; the gateway never chooses it.
+``seq``, ``ls``, ``a0`` and the order id are written by the admission script; the gateway never
+chooses them.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class OrderMessage(msgspec.Struct, frozen=True):
     accepted_at_us: int
     body: bytes
     requeued: bool = False
+    lane_seq: int = 0
+    ahead: int = 0
 
     @property
     def accepted_at(self) -> dt.datetime:
@@ -47,15 +52,16 @@ class OrderMessage(msgspec.Struct, frozen=True):
 
 
 def admission_args(
-    order_id: str,
+    nonce: str,
     storefront_id: str,
     storefront_order_id: str,
     accepted_at_us: int,
     fingerprint: bytes,
     body: bytes,
 ) -> tuple[str | bytes | int, ...]:
-    """The per-order arguments of the admission script, in the order ``admit.lua`` reads them."""
-    return (order_id, storefront_id, storefront_order_id, accepted_at_us, fingerprint, body)
+    """The per-order arguments of the admission script, in the order ``admit.lua`` reads them;
+    ``nonce`` is the random tail of the order id it mints (sharding.ids)."""
+    return (nonce, storefront_id, storefront_order_id, accepted_at_us, fingerprint, body)
 
 
 def decode_entry(shard: int, entry_id: bytes | str, fields: dict[bytes, bytes]) -> OrderMessage:
@@ -74,6 +80,8 @@ def decode_entry(shard: int, entry_id: bytes | str, fields: dict[bytes, bytes]) 
             accepted_at_us=int(fields[b"at"]),
             body=fields[b"body"],
             requeued=fields.get(b"rq") == b"1",
+            lane_seq=int(fields.get(b"ls", 0)),
+            ahead=int(fields.get(b"a0", 0)),
         )
     except KeyError as exc:
         raise MalformedMessage(f"entry {eid}: missing field {exc.args[0]!r}") from None

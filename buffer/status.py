@@ -1,4 +1,10 @@
-"""An order's status record, as admission and the workers leave it in Redis."""
+"""An order's status as Redis knows it: from its stream entry while it is in flight, from its
+status record when it is an exception (rejected, dead-lettered, re-queued).
+
+Admission writes no status record: the order id names its stream entry (sharding.ids), which
+says who it belongs to and when it was accepted. ``settle.lua`` writes a record only for the
+orders Postgres will have no row of; a committed order's status comes from its row
+(gateway.committed)."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any
 import msgspec
 
 from ordergate.buffer.keys import Keys
+from ordergate.sharding.ids import entry_id_of
 
 #: The status codes of an order, in the order they can happen. ``requeued``: an operator replayed
 #: the dead letter (``ordergate dlq replay``); ``notified``: its webhook was delivered.
@@ -75,10 +82,23 @@ def _time(us: bytes | None) -> dt.datetime | None:
 
 
 async def read_status(redis: Any, keys: Keys, shard: int, order_id: str) -> StatusRecord | None:
-    """The order's status record, or None if Redis has none (unknown or expired)."""
-    raw = await redis.hgetall(keys.status(shard, order_id))
-    if not raw or b"status" not in raw:
-        return None
+    """The order's status from Redis, or None if Redis has neither its record nor its entry
+    (unknown, expired, or committed: then Postgres has it)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(keys.status(shard, order_id))
+    entry_id = entry_id_of(order_id)
+    pipe.xrange(keys.stream(shard), entry_id, entry_id)
+    raw, entries = await pipe.execute()
+    if raw and b"status" in raw:
+        return _from_record(order_id, raw)
+    if entries:
+        fields = entries[0][1]
+        if fields.get(b"oid", b"").decode() == order_id:
+            return _from_entry(order_id, fields)
+    return None
+
+
+def _from_record(order_id: str, raw: dict[bytes, bytes]) -> StatusRecord:
     return StatusRecord(
         order_id=order_id,
         status=raw[b"status"].decode(),
@@ -92,4 +112,19 @@ async def read_status(redis: Any, keys: Keys, shard: int, order_id: str) -> Stat
         ahead=int(raw.get(b"a0", 0)),
         timeline=parse_timeline(raw.get(b"tl")),
         lane_seq=int(raw.get(b"ls", 0)),
+    )
+
+
+def _from_entry(order_id: str, fields: dict[bytes, bytes]) -> StatusRecord:
+    accepted = _time(fields.get(b"at")) or dt.datetime.fromtimestamp(0, tz=dt.UTC)
+    return StatusRecord(
+        order_id=order_id,
+        status="queued",  # the caller knows from its lane's state whether it is processing
+        storefront_id=fields.get(b"sf", b"").decode(),
+        storefront_order_id=fields.get(b"sfo", b"").decode(),
+        seq=int(fields.get(b"seq", 0)),
+        accepted_at=accepted,
+        ahead=int(fields.get(b"a0", 0)),
+        timeline=[Change("accepted", accepted)],
+        lane_seq=int(fields.get(b"ls", 0)),
     )

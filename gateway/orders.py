@@ -30,7 +30,7 @@ from ordergate.gateway.errors import (
 )
 from ordergate.gateway.state import GatewayState
 from ordergate.gateway.validation import parse_order
-from ordergate.sharding.ids import new_order_id, shard_of_order_id
+from ordergate.sharding.ids import new_nonce, shard_of_order_id
 from ordergate.sharding.routing import shard_for
 
 _encoder = msgspec.json.Encoder()
@@ -192,13 +192,13 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
     shard = shard_for(storefront, sfo, config.shards)
     canonical = ORDER_ENCODER.encode(order)
     fingerprint = hashlib.blake2b(canonical, digest_size=16).digest()
-    order_id = new_order_id(shard)
+    nonce = new_nonce()
     accepted_at_us = time.time_ns() // 1000
     admission = await state.admitter.admit(
         shard,
         storefront,
         sfo,
-        admission_args(order_id, storefront, sfo, accepted_at_us, fingerprint, canonical),
+        admission_args(nonce, storefront, sfo, accepted_at_us, fingerprint, canonical),
         timeout=deadline,
     )
     if admission.outcome is Outcome.MISMATCH:

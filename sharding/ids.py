@@ -1,12 +1,14 @@
 """Ids handed out to clients carry their shard, so any gateway finds the shard without a lookup.
 
-An order id reads ``ord_<shard>_<26 chars>``: the suffix is a ULID-like value (48-bit millisecond
-time + 80 random bits, Crockford base32), so ids sort by admission time within a shard.
+An order id reads ``ord_<shard>_<26 chars>``, Crockford base32: 10 chars of the admission's
+millisecond time (Redis's clock), 11 of its queue number, 5 random. ``admit.lua`` mints it, and
+the order's stream entry has the id ``<ms>-<queue number>``: from the order id alone, a gateway
+finds the entry of an order in flight (``entry_id_of``), with no record per order. Ids sort by
+admission within a shard.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 
@@ -14,24 +16,42 @@ _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _PREFIX = "ord_"
 
 
-# RFC 4648 base32hex has Crockford's order (digits, then letters); only the letters differ.
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUV", _CROCKFORD[10:].encode())
+MS_CHARS, SEQ_CHARS, NONCE_CHARS = 10, 11, 5
 
 
-def _b32_128(value: int) -> str:
-    """A 128-bit value as 26 Crockford digits, most significant first. 26 digits are 130 bits:
-    shifted left by 6 into 17 bytes, the value's digits are the first 26 of its base32hex
-    encoding (C speed; a Python loop over the digits was 7 % of a POST's CPU)."""
-    return (
-        base64.b32hexencode((value << 6).to_bytes(17, "big"))[:26].translate(_TO_CROCKFORD).decode()
-    )
+def _digits(value: int, width: int) -> str:
+    return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(width)))
 
 
-def new_order_id(shard: int, now_ms: int | None = None) -> str:
-    """A fresh, unguessable, time-sortable order id for ``shard``."""
+def _number(text: str) -> int:
+    value = 0
+    for c in text:
+        value = value * 32 + _CROCKFORD.index(c)
+    return value
+
+
+def new_nonce() -> str:
+    """The random tail of an order id, chosen by the gateway (25 bits)."""
+    return _digits(int.from_bytes(os.urandom(4), "big"), NONCE_CHARS)
+
+
+def order_id_of(shard: int, ms: int, seq: int, nonce: str) -> str:
+    """The order id ``admit.lua`` mints from the same digits (for tests and tools)."""
+    return f"{_PREFIX}{shard}_{_digits(ms, MS_CHARS)}{_digits(seq, SEQ_CHARS)}{nonce}"
+
+
+def new_order_id(shard: int, now_ms: int | None = None, seq: int = 0) -> str:
+    """An order id of the minted shape (tests and tools; the gateway lets ``admit.lua`` mint)."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
-    value = (ms & ((1 << 48) - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
-    return f"{_PREFIX}{shard}_{_b32_128(value)}"
+    return order_id_of(shard, ms, seq, new_nonce())
+
+
+def entry_id_of(order_id: str) -> str:
+    """The stream entry id of the order, ``<ms>-<queue number>``, read from its id."""
+    tail = order_id.rpartition("_")[2]
+    ms = _number(tail[:MS_CHARS])
+    seq = _number(tail[MS_CHARS : MS_CHARS + SEQ_CHARS])
+    return f"{ms}-{seq}"
 
 
 def shard_of_order_id(order_id: str, shards: int) -> int | None:

@@ -14,12 +14,13 @@
 -- rate ('' = unchanged), ARGV[6] owner, ARGV[7] webhook key prefix, ARGV[8] the idempotency
 -- records' ttl s, ARGV[9] the dead letters' retention s (0 = kept), ARGV[10] the drain's
 -- changes channel, ARGV[11] when the batch was taken (us: its orders' "processing" mark),
--- then 9 per item: entry id, outcome (committed | rejected |
--- dead_lettered), at_us, reason, deliveries, order id, storefront id, storefront order id ('' when
--- unknown), '1' to keep a committed order's status record (one re-queued from the dead letters:
--- its record holds the history its Postgres row cannot tell).
--- A committed order's status record is deleted: from now on its Postgres row tells its status
--- and timeline. Rejected and dead-lettered orders keep theirs (for status_ttl_s): they have no row.
+-- then 13 per item: entry id, outcome (committed | rejected | dead_lettered), at_us, reason,
+-- deliveries, order id, storefront id, storefront order id ('' when unknown), '1' when the order
+-- has a status record to update (one re-queued from the dead letters: it holds the history its
+-- Postgres row cannot tell), and its accepted_at_us, queue number, lane number and ahead.
+-- Nothing is written per committed order: its Postgres row tells its status and timeline from
+-- now on. A rejected or dead-lettered order gets a status record (for status_ttl_s), since it
+-- has no row.
 -- A settled order whose storefront has a webhook also gets an event in the notification stream,
 -- in the same atomic step: a notification can be late, never lost, and never delays a commit.
 -- Returns {the lane's watermark, entries settled by this call}.
@@ -45,13 +46,30 @@ end
 local done, settled = {}, 0
 local idem_ttl, retention = tonumber(ARGV[8]), tonumber(ARGV[9])
 local taken = ARGV[11]
-local n = (#ARGV - 11) / 9
+local n = (#ARGV - 11) / 13
+local function record(status_key, a, outcome, at, reason)
+  -- the record of an order that leaves without a row (or, re-queued, with its history)
+  if ARGV[a + 8] == '1' and redis.call('EXISTS', status_key) == 1 then
+    if outcome == 'committed' then
+      redis.call('HSET', status_key, 'status', 'committed', 'committed_at', at)
+    else
+      redis.call('HSET', status_key, 'status', outcome, 'rejected_at', at, 'reason', reason)
+    end
+    mark2(status_key, taken, outcome, at)
+  else
+    local accepted = ARGV[a + 9]
+    redis.call('HSET', status_key, 'status', outcome, 'sf', ARGV[a + 6], 'sfo', ARGV[a + 7],
+      'at', accepted, 'seq', ARGV[a + 10], 'ls', ARGV[a + 11], 'a0', ARGV[a + 12],
+      'rejected_at', at, 'reason', reason,
+      'tl', 'accepted@' .. accepted .. ',processing@' .. taken .. ',' .. outcome .. '@' .. at)
+  end
+  redis.call('EXPIRE', status_key, ttl)
+end
 for i = 0, n - 1 do
-  local a = 12 + i * 9
+  local a = 12 + i * 13
   local eid, outcome, at, reason = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local status_key, idem_key = KEYS[6 + i * 2], KEYS[7 + i * 2]
   local plain = outcome == 'committed' and ARGV[a + 8] ~= '1'
-  local has_status = not plain and status_key ~= lane and redis.call('EXISTS', status_key) == 1
   if outcome == 'dead_lettered' then
     local entry = redis.call('XRANGE', stream, eid, eid)
     if entry[1] then
@@ -69,32 +87,15 @@ for i = 0, n - 1 do
       end
       redis.call('XACK', stream, group, eid)
       settled = settled + redis.call('XDEL', stream, eid)
-      if has_status then
-        redis.call('HSET', status_key, 'status', 'dead_lettered', 'reason', reason,
-          'rejected_at', at)
-        mark2(status_key, taken, 'dead_lettered', at)
+      if status_key ~= lane then
+        record(status_key, a, 'dead_lettered', at, reason)
       end
-    end
-  elseif plain then
-    notify_of(ARGV[a + 6], ARGV[a + 7], ARGV[a + 5], outcome, at)
-    done[#done + 1] = eid
-    if status_key ~= lane then
-      redis.call('DEL', status_key)
-    end
-    if idem_key ~= lane then
-      redis.call('EXPIRE', idem_key, idem_ttl)
     end
   else
     notify_of(ARGV[a + 6], ARGV[a + 7], ARGV[a + 5], outcome, at)
     done[#done + 1] = eid
-    if has_status then
-      if outcome == 'committed' then
-        redis.call('HSET', status_key, 'status', 'committed', 'committed_at', at)
-      else
-        redis.call('HSET', status_key, 'status', outcome, 'rejected_at', at, 'reason', reason)
-      end
-      mark2(status_key, taken, outcome, at)
-      redis.call('EXPIRE', status_key, ttl)
+    if not plain and status_key ~= lane then
+      record(status_key, a, outcome, at, reason)
     end
     if idem_key ~= lane then
       redis.call('EXPIRE', idem_key, idem_ttl)

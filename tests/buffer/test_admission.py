@@ -22,7 +22,8 @@ from ordergate.buffer.errors import BufferUnavailable, NotDurable
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.message import admission_args
 from ordergate.buffer.streams import ensure_streams
-from ordergate.sharding import new_order_id, shard_for
+from ordergate.sharding import shard_for
+from ordergate.sharding.ids import new_nonce
 from tests.conftest import auth, eventually, make_settings, order_body, worker_running
 from tests.faults import (
     DelayProxy,
@@ -43,7 +44,7 @@ KEYS = Keys()
 def _args(sfo: str, shard: int) -> tuple:
     body = f'{{"sfo":"{sfo}"}}'.encode()
     fp = hashlib.blake2b(body, digest_size=16).digest()
-    return admission_args(new_order_id(shard), "shop-a", sfo, time.time_ns() // 1000, fp, body)
+    return admission_args(new_nonce(), "shop-a", sfo, time.time_ns() // 1000, fp, body)
 
 
 async def _cmdstat(redis: Any, command: str, field: str = "calls") -> int:
