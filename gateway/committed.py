@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import asyncpg
 import msgspec
 from redis.exceptions import RedisError
 
@@ -50,7 +51,7 @@ async def read_committed(
         args.append(storefront)
     try:
         row = await state.pg.fetchrow(query, *args, timeout=2)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise OrderStoreUnavailable(
             f"Postgres did not answer for order {order_id}: {exc}", headers={"Retry-After": "2"}
         ) from exc

@@ -27,7 +27,7 @@ from ordergate.buffer.position import DrainState, place_in_line, read_drain_stat
 from ordergate.buffer.status import read_status
 from ordergate.gateway.committed import read_committed
 from ordergate.gateway.config import GatewayConfig
-from ordergate.gateway.errors import TicketNotFound
+from ordergate.gateway.errors import OrderStoreUnavailable, TicketNotFound
 from ordergate.gateway.state import GatewayState
 from ordergate.sharding.ids import shard_of_order_id
 
@@ -207,22 +207,32 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
         else None
     )
     if record is None and shard is not None:
-        committed = await read_committed(state, shard, ticket.order_id)
-        if committed is None:
-            raise TicketNotFound("this queue ticket has expired")
-        age = dt.datetime.now(dt.UTC) - committed.committed_at
-        if age.total_seconds() > config.ticket_ttl_s:
-            raise TicketNotFound("this queue ticket has expired")
+        # Settled, and no record of an exception: committed. Its row says when (and so when
+        # the ticket expires); while Postgres is out of reach, the lane's last settlement will do.
+        try:
+            committed = await read_committed(state, shard, ticket.order_id)
+        except OrderStoreUnavailable:
+            lane = drain.lane(shard)
+            at = lane.settled_at_us or ticket.accepted_at_ms * 1000
+            settled_at = dt.datetime.fromtimestamp(at / 1e6, tz=dt.UTC)
+            seq = ticket.seq
+        else:
+            if committed is None:
+                raise TicketNotFound("this queue ticket has expired") from None
+            age = dt.datetime.now(dt.UTC) - committed.committed_at
+            if age.total_seconds() > config.ticket_ttl_s:
+                raise TicketNotFound("this queue ticket has expired")
+            settled_at, seq = committed.committed_at, committed.seq
         return QueueStatus(
             status="committed",
             position=0,
             eta_seconds=0,
             eta_reason=None,
             poll_after_seconds=None,
-            updated_at=committed.committed_at,
-            queue_number=committed.seq,
+            updated_at=settled_at,
+            queue_number=seq,
             ahead_at_admission=ticket.ahead,
-            order_id=committed.order_id,
+            order_id=ticket.order_id,
         )
     if record is None:
         raise TicketNotFound("this queue ticket has expired")
