@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 from ordergate.buffer.errors import LaneFenced, MalformedMessage
 from ordergate.buffer.keys import GROUP, Keys
 from ordergate.buffer.message import OrderMessage, decode_entry
-from ordergate.buffer.scripts import Scripts
+from ordergate.buffer.scripts import scripts_for
 from ordergate.sharding.ids import shard_of_order_id
 
 
@@ -115,7 +115,7 @@ class LaneConsumer:
         self.consumer = consumer
         self.epoch = epoch
         self.stream = keys.stream(shard)
-        self.scripts = Scripts(redis)
+        self.scripts = scripts_for(redis)
         self._lane_keys = [keys.lane(shard), self.stream]
         self.last_id: bytes | str = "0-0"  # the newest entry the group has delivered
 
@@ -218,10 +218,6 @@ class LaneConsumer:
             )
         watermark, settled = await self._fenced(self.scripts.settle(keys=keys, args=args))
         return int(watermark), int(settled)
-
-    async def outstanding(self) -> tuple[int, int]:
-        """(entries in the lane's stream, of which pending): both 0 once all is settled."""
-        return await outstanding(self.redis, self.keys, [self.shard])
 
     async def _fenced(self, call: Any) -> Any:
         try:

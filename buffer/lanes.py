@@ -48,6 +48,11 @@ class LaneState(msgspec.Struct, frozen=True):
     def depth(self) -> int:
         return max(0, self.admitted - self.settled)
 
+    def processing(self, seq: int) -> bool:
+        """Whether the order numbered ``seq`` (waiting in this lane) was taken into a batch:
+        no per-order write says so, the lane's ``d`` does."""
+        return seq <= self.taken
+
 
 def lane_of(shard: int, raw: dict[bytes, bytes]) -> LaneState:
     def num(name: bytes) -> int:
@@ -73,13 +78,6 @@ def lane_of(shard: int, raw: dict[bytes, bytes]) -> LaneState:
         rate=opt(b"rate"),
         cap=opt(b"cap"),
     )
-
-
-async def read_lanes(redis: Any, keys: Keys, shards: int) -> list[LaneState]:
-    pipe = redis.pipeline(transaction=False)
-    for shard in range(shards):
-        pipe.hgetall(keys.lane(shard))
-    return [lane_of(shard, raw) for shard, raw in enumerate(await pipe.execute())]
 
 
 async def claim_lane(redis: Any, keys: Keys, shard: int, owner: str) -> int:
@@ -119,17 +117,8 @@ class Membership:
         )
         return [m.decode() if isinstance(m, bytes) else m for m in members]
 
-    async def live(self) -> list[str]:
-        return await live_workers(self.redis, self.keys)
-
     async def leave(self) -> None:
         await self.redis.zrem(self.keys.members(), self.name)
-
-
-async def live_workers(redis: Any, keys: Keys) -> list[str]:
-    now_ms = int(time.time() * 1000)
-    members = await redis.zrangebyscore(keys.members(), now_ms, "+inf")
-    return [m.decode() if isinstance(m, bytes) else m for m in members]
 
 
 async def adopt_pre_lane_counts(redis: Any, keys: Keys, shards: int) -> None:

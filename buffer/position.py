@@ -140,7 +140,7 @@ def place_in_line(
     lane = drain.lane(shard)
     in_lane = max(0, lane_seq - 1 - lane.settled) if lane_seq else None
     position = max(0, seq - 1 - drain.settled, in_lane or 0)
-    status = "processing" if seq <= lane.taken else "queued"
+    status = "processing" if lane.processing(seq) else "queued"
     ahead_in_lane = position if in_lane is None else in_lane
     eta, reason = lane_eta(ahead_in_lane, lane, stale_s, time.time() if now is None else now)
     return Place(status, position, eta, reason)

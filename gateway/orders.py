@@ -252,8 +252,8 @@ async def get_order(request: Request) -> Response:
             order_id, record.seq, record.ahead, record.accepted_at_us, record.lane_seq
         )
         code = record.status
-        if code == "queued" and record.seq <= (await state.drain_view.get()).lane(shard).taken:
-            code = "processing"  # its lane's owner took it: no per-order write says so
+        if code == "queued" and (await state.drain_view.get()).lane(shard).processing(record.seq):
+            code = "processing"
         status = OrderStatus(
             order_id=order_id,
             storefront_order_id=record.storefront_order_id,

@@ -223,17 +223,7 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
             if age.total_seconds() > config.ticket_ttl_s:
                 raise TicketNotFound("this queue ticket has expired")
             settled_at, seq = committed.committed_at, committed.seq
-        return QueueStatus(
-            status="committed",
-            position=0,
-            eta_seconds=0,
-            eta_reason=None,
-            poll_after_seconds=None,
-            updated_at=settled_at,
-            queue_number=seq,
-            ahead_at_admission=ticket.ahead,
-            order_id=ticket.order_id,
-        )
+        return _settled("committed", settled_at, seq, ticket.ahead, ticket.order_id)
     if record is None:
         raise TicketNotFound("this queue ticket has expired")
     if not record.final:
@@ -251,16 +241,21 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
     age = dt.datetime.now(dt.UTC) - settled_at
     if age.total_seconds() > config.ticket_ttl_s:
         raise TicketNotFound("this queue ticket has expired")
+    return _settled(record.status, settled_at, record.seq, record.ahead, record.order_id)
+
+
+def _settled(status: str, at: dt.datetime, seq: int, ahead: int, order_id: str) -> QueueStatus:
+    """A final answer: nothing ahead, nothing left to poll for."""
     return QueueStatus(
-        status=record.status,
+        status=status,
         position=0,
         eta_seconds=0,
         eta_reason=None,
         poll_after_seconds=None,
-        updated_at=settled_at,
-        queue_number=record.seq,
-        ahead_at_admission=record.ahead,
-        order_id=record.order_id,
+        updated_at=at,
+        queue_number=seq,
+        ahead_at_admission=ahead,
+        order_id=order_id,
     )
 
 

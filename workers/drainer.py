@@ -52,8 +52,9 @@ class Drainer:
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> DrainStats:
         """Drain until ``stop`` is set; in burst mode, until the buffer is empty and settled."""
-        shared = Shared(self.config, self.redis, self.keys, self.name, self.stats, stop)
-        shared.burst = burst
+        shared = Shared(
+            self.config, self.redis, self.keys, self.name, self.stats, stop, burst=burst
+        )
         try:
             # Join first, deal lanes one beat later: workers started together then see each
             # other before any takes a lane, instead of moving half of them a beat later.

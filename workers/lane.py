@@ -193,12 +193,7 @@ class LaneDrain:
     # -- owning the lane -----------------------------------------------------------------------
 
     async def _drain(self, conn: Any, persister: Persister, consumer: LaneConsumer) -> None:
-        while self.shared.paused and not self.done():  # paused: not even what others left
-            self._set_state("paused", self.shared.paused)
-            await self._pause(0.5)
-        if self.done():
-            return
-        await self._recover(persister, consumer)
+        recovered = False
         size = self.config.batch_size
         started: float | None = None
         ahead: asyncio.Task[Batch] | None = None  # the next take, running during a write
@@ -215,6 +210,10 @@ class LaneDrain:
                         self._set_state("paused", self.shared.paused)
                         await self._pause(0.5)
                         continue
+                if not recovered:  # paused, it takes nothing, not even what others left
+                    await self._recover(persister, consumer)
+                    recovered = True
+                    continue
                 self._set_state("draining")
                 if started is None:
                     started = time.monotonic()  # waiting for tokens is part of draining at a cap

@@ -40,18 +40,19 @@ async def connect(url: str, name: str) -> Any:
     )
 
 
-async def try_lock(conn: Any, deployment: int, shard: int) -> bool:
-    """Take the lane's lock if it is free (never waits).
-
-    Raises LockPollFailed when the connection breaks or Postgres does not answer within 5 s,
-    so a hung Postgres is not mistaken for a Redis error (asyncio's TimeoutError is an OSError).
-    """
+async def _ask(conn: Any, query: str, *args: Any) -> Any:
+    """``fetchval`` within 5 s, raising LockPollFailed when the connection breaks or Postgres
+    does not answer: a hung Postgres is not mistaken for a Redis error (asyncio's TimeoutError
+    is an OSError)."""
     try:
-        return bool(
-            await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", deployment, shard, timeout=5)
-        )
+        return await conn.fetchval(query, *args, timeout=5)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise LockPollFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def try_lock(conn: Any, deployment: int, shard: int) -> bool:
+    """Take the lane's lock if it is free (never waits)."""
+    return bool(await _ask(conn, "SELECT pg_try_advisory_lock($1, $2)", deployment, shard))
 
 
 async def unlock(conn: Any, deployment: int, shard: int) -> None:
@@ -62,24 +63,18 @@ async def drain_holder(conn: Any, deployment: int, shard: int) -> int | None:
     """The backend pid holding the lane's lock, if it is a drain session (``connect`` names
     them): a session of anyone else -- an operator holding the lane on purpose -- is never
     ended."""
-    try:
-        pid = await conn.fetchval(
-            "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = $1"
-            " AND l.objid::bigint = $2 AND l.objsubid = 2"
-            " AND a.application_name LIKE 'ordergate-drain %'",
-            deployment,
-            shard,
-            timeout=5,
-        )
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise LockPollFailed(f"{type(exc).__name__}: {exc}") from exc
+    pid = await _ask(
+        conn,
+        "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = $1"
+        " AND l.objid::bigint = $2 AND l.objsubid = 2"
+        " AND a.application_name LIKE 'ordergate-drain %'",
+        deployment,
+        shard,
+    )
     return int(pid) if pid is not None else None
 
 
 async def terminate(conn: Any, pid: int) -> bool:
     """End a backend's session (and with it, its locks and open transaction)."""
-    try:
-        return bool(await conn.fetchval("SELECT pg_terminate_backend($1)", pid, timeout=5))
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise LockPollFailed(f"{type(exc).__name__}: {exc}") from exc
+    return bool(await _ask(conn, "SELECT pg_terminate_backend($1)", pid))

@@ -10,7 +10,7 @@ import pytest
 from ordergate.buffer.consumer import LaneConsumer, Settlement
 from ordergate.buffer.errors import LaneFenced
 from ordergate.buffer.keys import GROUP, Keys
-from ordergate.buffer.lanes import claim_lane, read_lanes
+from ordergate.buffer.lanes import claim_lane
 from ordergate.buffer.position import read_drain_state
 from tests.conftest import admit
 
@@ -26,7 +26,9 @@ async def test_a_superseded_owner_can_neither_take_claim_nor_settle(
     client: Any, api_key: str, redis: Any
 ) -> None:
     await admit(client, api_key, 80)
-    lane = next(lane for lane in await read_lanes(redis, KEYS, 8) if lane.admitted >= 4)
+    lane = next(
+        lane for lane in (await read_drain_state(redis, KEYS, 8)).lanes if lane.admitted >= 4
+    )
     shard = lane.shard
     old = LaneConsumer(redis, KEYS, 8, shard, "old", await claim_lane(redis, KEYS, shard, "old"))
     taken = await old.take(2)

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from ordergate.buffer.keys import GROUP, Keys
-from ordergate.buffer.lanes import read_lanes
+from ordergate.buffer.position import read_drain_state
 from tests.conftest import admit, eventually, make_settings
 from tests.faults import DelayProxy, assert_fifo_per_lane, audit
 from tests.workers.procs import LoggedWorker
@@ -28,7 +28,7 @@ def _pid(owner: str) -> int | None:
 
 async def _owners(redis: Any) -> dict[int, int | None]:
     """Lane -> the pid of the worker owning it."""
-    return {lane.shard: _pid(lane.owner) for lane in await read_lanes(redis, KEYS, 8)}
+    return {lane.shard: _pid(lane.owner) for lane in (await read_drain_state(redis, KEYS, 8)).lanes}
 
 
 async def _split(redis: Any, *pids: int) -> dict[int, int | None] | None:
@@ -114,7 +114,9 @@ async def _end(pg: Any, redis: Any, receipts: list[dict[str, Any]]) -> None:
     await eventually(lambda: _settled(redis, len(receipts)), timeout=60)
     await audit(pg, redis, receipts)
     await assert_fifo_per_lane(pg, "a takeover broke first-in first-out")
-    for lane in await read_lanes(redis, KEYS, 8):  # each lane's counts add up, none counted twice
+    for lane in (
+        await read_drain_state(redis, KEYS, 8)
+    ).lanes:  # each lane's counts add up, none counted twice
         assert lane.settled == lane.admitted > 0, lane
 
 
@@ -127,7 +129,7 @@ async def test_two_workers_split_the_lanes_and_a_killed_ones_lanes_move_in_about
     in each lane."""
     receipts, a, b = await _two_draining(client, api_key, servers, redis, pg, 3000, 600)
     try:
-        lanes = await read_lanes(redis, KEYS, 8)
+        lanes = (await read_drain_state(redis, KEYS, 8)).lanes
         assert all(lane.settled > 0 for lane in lanes), "a worker sat idle with lanes to drain"
         left = await _kill_mid_batch(redis, a)
         killed_at = time.monotonic()
