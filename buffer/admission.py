@@ -1,8 +1,9 @@
 """Admission into the buffer pool, with group commit.
 
 Concurrent requests are gathered into one batch; a batch is one pipeline, one round trip: one
-``admit.lua`` call per shard carrying all of that shard's orders as arguments, then one
-durability barrier (``WAITAOF`` for fsync, ``WAIT`` for replica, ``CONFIG GET`` of the AOF
+``admit.lua`` call carrying all of its orders as arguments, grouped by shard (the script's fixed
+work -- the counters, each stream's newest id -- is paid once per batch, not per order), then
+one durability barrier (``WAITAOF`` for fsync, ``WAIT`` for replica, ``CONFIG GET`` of the AOF
 policy for aof-always). A caller's future resolves only after the barrier confirmed the write,
 so a 202 always means durable.
 
@@ -241,22 +242,24 @@ class Admitter:
 
         pipe = self._redis.pipeline(transaction=False)
         # Confirms first: a twin admitted in this very batch then sees the lease already lifted.
-        confirm_order = list(confirms)
-        for shard in confirm_order:
-            pipe.evalsha(self._scripts.confirm.sha, len(confirms[shard]), *confirms[shard])
+        confirm_keys = [key for keys in confirms.values() for key in keys]
+        if confirm_keys:
+            pipe.evalsha(self._scripts.confirm.sha, len(confirm_keys), *confirm_keys)
         shard_order = list(by_shard)
-        for shard in shard_order:
-            reqs = by_shard[shard]
-            script_keys: list[str] = [
-                self._keys.stream(shard),
-                self._keys.seq(),
-                self._keys.drain(),
-                self._keys.lane(shard),
-            ]
-            script_args: list[Any] = [lease, self._config.max_buffered, shard]
-            for req in reqs:
-                script_keys.extend(req.keys)
-                script_args.extend(req.args)
+        if shard_order:
+            script_keys: list[str] = [self._keys.seq(), self._keys.drain()]
+            script_args: list[Any] = [lease, self._config.max_buffered, len(shard_order)]
+            order_keys: list[str] = []
+            order_args: list[Any] = []
+            for shard in shard_order:
+                reqs = by_shard[shard]
+                script_keys += (self._keys.stream(shard), self._keys.lane(shard))
+                script_args += (shard, len(reqs))
+                for req in reqs:
+                    order_keys += req.keys
+                    order_args += req.args
+            script_keys += order_keys
+            script_args += order_args
             pipe.evalsha(self._scripts.admit.sha, len(script_keys), *script_keys, *script_args)
         barrier = self._barrier(pipe, mode) if batch else 0
 
@@ -272,11 +275,10 @@ class Admitter:
             self._fail(batch, BufferUnavailable(f"buffer unreachable: {exc!r}"))
             return
 
-        confirm_results = results[: len(confirm_order)]
-        shard_results = results[len(confirm_order) : len(confirm_order) + len(shard_order)]
-        for shard, res in zip(confirm_order, confirm_results, strict=True):
-            if isinstance(res, Exception):
-                self._confirms[shard].extend(confirms[shard])
+        confirmed = 1 if confirm_keys else 0
+        admitted = results[confirmed] if shard_order else []
+        if confirmed and isinstance(results[0], Exception):
+            self._requeue_confirms(confirms)
         durable_error: Exception | None = None
         if barrier:
             tail = results[len(results) - barrier :]
@@ -288,15 +290,13 @@ class Admitter:
         self.stats.orders += len(batch)
         confirmable = False  # this batch admitted orders whose leases can be lifted now
         unloaded: list[_Request] = []
-        for shard, res in zip(shard_order, shard_results, strict=True):
-            reqs = by_shard[shard]
-            if isinstance(res, NoScriptError):
-                unloaded.extend(reqs)  # Redis restarted and lost its script cache
-                continue
-            if isinstance(res, Exception):
-                self._fail(reqs, self._classify(res))
-                continue
-            for req, reply in zip(reqs, res, strict=True):
+        if isinstance(admitted, NoScriptError):
+            unloaded.extend(batch)  # Redis restarted and lost its script cache
+        elif isinstance(admitted, Exception):
+            self._fail(batch, self._classify(admitted))
+        else:
+            requests = [req for shard in shard_order for req in by_shard[shard]]
+            for req, reply in zip(requests, admitted, strict=True):
                 admission = _decode(reply)
                 if durable_error is not None and admission.outcome is Outcome.ADMITTED:
                     # Written but not confirmed durable: never a receipt. The lease stays, so
@@ -306,7 +306,7 @@ class Admitter:
                         req.future.set_exception(durable_error)
                     continue
                 if admission.outcome is Outcome.ADMITTED and lease:
-                    self._confirms[shard].append(req.keys[0])
+                    self._confirms[req.shard].append(req.keys[0])
                     confirmable = True
                 if not req.future.done():
                     req.future.set_result(admission)

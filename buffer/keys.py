@@ -2,12 +2,16 @@
 
 Keys of a shard carry the shard's hash tag (``og:{3}:stream``). Each shard is a lane: its
 stream, its lane hash and its dead letters are taken and settled together by the lane's one
-owner. Admission still numbers orders with one counter over all lanes and settling adds to one
-settled count, so those scripts also touch two keys of no shard: the buffer pool needs one
-Redis/Valkey primary (with replicas), not a Cluster.
+owner. Admission still numbers orders with one counter over all lanes (one script call per
+gateway batch, over the streams of several shards) and settling adds to one settled count, so
+those scripts also touch keys of no shard: the buffer pool needs one Redis/Valkey primary (with
+replicas), not a Cluster.
 """
 
 from __future__ import annotations
+
+import base64
+import hashlib
 
 GROUP = "workers"
 
@@ -28,8 +32,12 @@ class Keys:
         return f"{self.tag(shard)}:stream"
 
     def idem(self, shard: int, storefront_id: str, storefront_order_id: str) -> str:
-        """Idempotency record: (storefront, storefront_order_id) -> order_id."""
-        return f"{self.tag(shard)}:idem:{storefront_id}:{storefront_order_id}"
+        """Idempotency record (buffer.idempotency) of (storefront, storefront_order_id): named by
+        a 96-bit hash of the two, so its length does not grow with theirs."""
+        digest = hashlib.blake2b(
+            f"{storefront_id}\n{storefront_order_id}".encode(), digest_size=12
+        ).digest()
+        return f"{self.tag(shard)}:idk:{base64.urlsafe_b64encode(digest).decode()}"
 
     def status(self, shard: int, order_id: str) -> str:
         """The order's status record (hash)."""

@@ -12,13 +12,22 @@ from redis.commands.core import AsyncScript
 
 @cache
 def source(name: str) -> str:
-    """A script's text; ``_lib.lua`` goes in front of the scripts that use its helpers."""
+    """A script's text; the helpers of ``_lib.lua`` and ``_idem.lua`` (the idempotency record)
+    go in front of the scripts that use them."""
     folder = resources.files("ordergate.buffer").joinpath("lua")
     text = folder.joinpath(f"{name}.lua").read_text()
-    if name in ("take", "claim", "settle", "replay", "notified"):
+    libs = [lib for lib, users in _LIBS.items() if name in users]
+    if libs:
         shebang, _, body = text.partition("\n")  # '#!lua' and its flags stay the first line
-        text = shebang + "\n" + folder.joinpath("_lib.lua").read_text() + "\n" + body
+        helpers = "\n".join(folder.joinpath(f"{lib}.lua").read_text() for lib in libs)
+        text = shebang + "\n" + helpers + "\n" + body
     return text
+
+
+_LIBS = {
+    "_lib": ("take", "claim", "settle", "replay", "notified"),
+    "_idem": ("admit", "confirm", "replay", "notified"),
+}
 
 
 class Scripts:

@@ -14,6 +14,7 @@ import asyncpg
 import msgspec
 from redis.exceptions import RedisError
 
+from ordergate.buffer.idempotency import decode_record
 from ordergate.buffer.status import Change
 from ordergate.gateway.errors import OrderStoreUnavailable
 from ordergate.gateway.state import GatewayState
@@ -63,11 +64,12 @@ async def read_committed(
     timeline.append(Change("committed", row["committed_at"]))
     idem = state.keys.idem(shard, row["storefront_id"], row["storefront_order_id"])
     try:
-        notified = await state.redis.hget(idem, "n")
-    except (RedisError, OSError):
+        raw = await state.redis.get(idem)
+        notified = decode_record(shard, raw).notified_at_us if raw else None
+    except (RedisError, OSError, ValueError):
         notified = None  # the mark is a courtesy; the status is the row's
     if notified:
-        timeline.append(Change("notified", dt.datetime.fromtimestamp(int(notified) / 1e6, dt.UTC)))
+        timeline.append(Change("notified", dt.datetime.fromtimestamp(notified / 1e6, dt.UTC)))
     return Committed(
         order_id=order_id,
         storefront_id=row["storefront_id"],

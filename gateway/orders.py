@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from ordergate.buffer.admission import Outcome
 from ordergate.buffer.errors import BufferUnavailable
+from ordergate.buffer.idempotency import FINGERPRINT_BYTES
 from ordergate.buffer.message import admission_args
 from ordergate.buffer.order import ORDER_ENCODER
 from ordergate.buffer.position import DrainState, seconds_until_room
@@ -191,7 +192,7 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
     sfo = order.storefront_order_id
     shard = shard_for(storefront, sfo, config.shards)
     canonical = ORDER_ENCODER.encode(order)
-    fingerprint = hashlib.blake2b(canonical, digest_size=16).digest()
+    fingerprint = hashlib.blake2b(canonical, digest_size=FINGERPRINT_BYTES).digest()
     nonce = new_nonce()
     accepted_at_us = time.time_ns() // 1000
     admission = await state.admitter.admit(

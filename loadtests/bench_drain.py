@@ -13,6 +13,8 @@ settings from the ``ORDERGATE_*`` environment), against the same Valkey and Post
   combine several processes started together) and its wall time (``wall_seconds``).
 
 Each prints one JSON line. ``OGBENCH_COPY_SINGLE=0`` skips the single COPY (the delayed run).
+``OGBENCH_CPROFILE=/tmp/prof`` runs each drain process under cProfile and writes
+``/tmp/prof.<pid>`` (where py-spy is not installed; read it with ``pstats``).
 """
 
 from __future__ import annotations
@@ -150,7 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["copy", "drain"])
     args = p.parse_args(argv)
     s = Settings.load()
-    result = uvloop.run(time_copy(s) if args.what == "copy" else time_drain(s))
+    prof_out = os.environ.get("OGBENCH_CPROFILE")
+    if prof_out and args.what == "drain":
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        result = uvloop.run(time_drain(s))
+        prof.disable()
+        prof.dump_stats(f"{prof_out}.{os.getpid()}")
+    else:
+        result = uvloop.run(time_copy(s) if args.what == "copy" else time_drain(s))
     print("DRAINJSON " + json.dumps(result), flush=True)
     return 0
 

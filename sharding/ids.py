@@ -54,6 +54,12 @@ def entry_id_of(order_id: str) -> str:
     return f"{ms}-{seq}"
 
 
+def seq_of_order_id(order_id: str) -> int:
+    """The queue number an order id was minted with."""
+    tail = order_id.rpartition("_")[2]
+    return _number(tail[MS_CHARS : MS_CHARS + SEQ_CHARS])
+
+
 def shard_of_order_id(order_id: str, shards: int) -> int | None:
     """The shard encoded in ``order_id``, or None if it is not an id this system handed out."""
     if not order_id.startswith(_PREFIX) or len(order_id) > 40:

@@ -14,8 +14,11 @@ for i = 0, (#ARGV - 1) / 2 - 1 do
   local status_key, idem_key = KEYS[3 + i * 2], KEYS[4 + i * 2]
   if status_key ~= KEYS[1] and redis.call('EXISTS', status_key) == 1 then
     mark(status_key, 'notified', ARGV[1])
-  elseif idem_key ~= KEYS[1] and redis.call('EXISTS', idem_key) == 1 then
-    redis.call('HSET', idem_key, 'n', ARGV[1])
+  elseif idem_key ~= KEYS[1] then
+    local raw = redis.call('GET', idem_key)
+    if raw then
+      redis.call('SET', idem_key, idem_with(raw, 'n', tonumber(ARGV[1])), 'KEEPTTL')
+    end
   end
 end
 return deleted

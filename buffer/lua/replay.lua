@@ -39,8 +39,13 @@ for i = 2, #ARGV do
       redis.call('PERSIST', status_key)
       mark(status_key, 'requeued', ARGV[1])
     end
-    if idem_key ~= KEYS[1] then
-      redis.call('HSET', idem_key, 'seq', seq, 'ls', ls)
+    if idem_key ~= KEYS[1] then  -- a replayed receipt names its new place in the line
+      local raw = redis.call('GET', idem_key)
+      if raw then
+        local fp, tail, at, ahead = struct.unpack(IDEM, raw)
+        local fresh = idem_pack(fp, tail, at, ahead, ls) .. string.sub(raw, IDEM_LEN + 1)
+        redis.call('SET', idem_key, idem_with(fresh, 'q', seq), 'KEEPTTL')
+      end
     end
     moved = moved + 1
   end

@@ -19,6 +19,7 @@ from redis.exceptions import NoPermissionError
 from ordergate.buffer.admission import AdmissionConfig, Admitter, Outcome
 from ordergate.buffer.connection import create_redis
 from ordergate.buffer.errors import BufferUnavailable, NotDurable
+from ordergate.buffer.idempotency import decode_record
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.message import admission_args
 from ordergate.buffer.streams import ensure_streams
@@ -188,7 +189,7 @@ async def test_aof_always_gives_no_receipt_once_the_server_stops_fsyncing_every_
     try:
         first = await admitter.admit(0, "shop-a", "a-1", _args("a-1", 0))
         assert first.outcome is Outcome.ADMITTED
-        assert await valkey.redis.hget(KEYS.idem(0, "shop-a", "a-1"), "pending_until") is None
+        assert await _lease(valkey.redis, KEYS.idem(0, "shop-a", "a-1")) is None
         twin = await admitter.admit(0, "shop-a", "a-1", _args("a-1", 0))
         assert twin.outcome is Outcome.DUPLICATE and twin.order_id == first.order_id
         await valkey.redis.config_set("appendfsync", "everysec")
@@ -214,8 +215,7 @@ async def test_auto_pays_no_waitaof_while_the_server_fsyncs_every_write(
     and appendfsync always. Audits, from the server's INFO commandstats: once the first batch
     (sent with WAITAOF, before any reply said always) has learnt the policy, 24 clients posting
     back to back get 202s for 1000 orders (dozens of batches) without one more WAITAOF, every
-    batch carries its CONFIG GET, and no order holds a lease (no confirm.lua HDEL, no
-    pending_until)."""
+    batch carries its CONFIG GET, and no order's idempotency record holds a lease."""
     valkey = private_valkey
     settings = make_settings(servers, redis_url=valkey.server.url)
     assert settings.durability == "auto"
@@ -228,7 +228,7 @@ async def test_auto_pays_no_waitaof_while_the_server_fsyncs_every_write(
     assert await _cmdstat(valkey.redis, "waitaof") == 1
     await eventually(lambda: _lifted(valkey.redis, _idem("first")))  # its lease, lifted
     await eventually(lambda: admitter.stats.batches == 2)  # the order's, the confirmation's
-    probes, hdels = await _cmdstat(valkey.redis, "config|get"), await _cmdstat(valkey.redis, "hdel")
+    probes = await _cmdstat(valkey.redis, "config|get")
 
     async with load(http, valkey.api_key, "w") as shots:
         await eventually(lambda: accepted(shots) >= 1000)
@@ -238,11 +238,11 @@ async def test_auto_pays_no_waitaof_while_the_server_fsyncs_every_write(
     assert batches >= 20, "group commit, yet many batches"
     assert await _cmdstat(valkey.redis, "waitaof") == 1
     assert await _cmdstat(valkey.redis, "config|get") - probes == batches
-    assert await _cmdstat(valkey.redis, "hdel") == hdels
     pipe = valkey.redis.pipeline(transaction=False)
     for shot in shots:
-        pipe.hget(_idem(shot.sfo), "pending_until")
-    assert set(await pipe.execute()) == {None}
+        pipe.get(_idem(shot.sfo))
+    records = [decode_record(0, raw) for raw in await pipe.execute()]
+    assert {r.lease_until_ms for r in records} == {None}
     print(
         f"\n[auto] {len(shots)} orders, 202 each, in {batches} batches: cmdstat_waitaof calls=1"
         f" (the first order's batch), cmdstat_config|get calls +{batches}"
@@ -267,10 +267,10 @@ async def test_auto_follows_the_servers_aof_policy(private_valkey) -> None:
         assert learnt.outcome is Outcome.ADMITTED
         assert await _cmdstat(redis, "waitaof") == 1  # sent before any reply said always
         await eventually(lambda: _lifted(redis, KEYS.idem(0, "shop-a", "a")))
-        waits, hdels = await _cmdstat(redis, "waitaof"), await _cmdstat(redis, "hdel")
+        waits = await _cmdstat(redis, "waitaof")
         assert await _admit_many(admitter, "a", 200) == [Outcome.ADMITTED] * 200
         assert await _cmdstat(redis, "waitaof") == waits
-        assert await _cmdstat(redis, "hdel") == hdels  # no lease to lift
+        assert await _leases(redis, _many_keys("a", 200)) == 0  # none to lift
 
         await redis.config_set("appendfsync", "everysec")
         try:
@@ -282,7 +282,8 @@ async def test_auto_follows_the_servers_aof_policy(private_valkey) -> None:
                 assert await _admit_many(admitter, f"b{r}", 50) == [Outcome.ADMITTED] * 50
             during = await _cmdstat(redis, "waitaof")
             assert during >= waits + 4
-            await eventually(partial(_cmdstat_above, redis, "hdel", hdels))  # leases lifted
+            b_orders = [key for r in range(4) for key in _many_keys(f"b{r}", 50)]
+            await eventually(lambda: _no_leases(redis, b_orders))  # written with, then lifted
             one = await admitter.admit(2, "shop-a", "c", _args("c", 2))
             assert one.outcome is Outcome.ADMITTED
             assert await _cmdstat(redis, "waitaof") == during + 1
@@ -325,11 +326,13 @@ async def test_auto_falls_back_to_waitaof_where_config_is_refused(private_valkey
         try:
             waits = await _cmdstat(valkey.redis, "waitaof")
             for i in range(3):  # one batch each
-                hdels = await _cmdstat(valkey.redis, "hdel")
+                sets = await _cmdstat(valkey.redis, "set")
                 result = await auto.admit(i, "shop-a", f"n-{i}", _args(f"n-{i}", i))
                 assert result.outcome is Outcome.ADMITTED
                 assert await _cmdstat(valkey.redis, "waitaof") == waits + i + 1
-                await eventually(partial(_cmdstat_above, valkey.redis, "hdel", hdels))
+                # written under a lease (admit.lua's MSET), then lifted by confirm.lua (a SET)
+                await eventually(partial(_cmdstat_above, valkey.redis, "set", sets))
+                assert await _lifted(valkey.redis, KEYS.idem(i, "shop-a", f"n-{i}"))
             assert await _admit_many(auto, "m", 100) == [Outcome.ADMITTED] * 100
             assert await _cmdstat(valkey.redis, "waitaof") > waits + 3
             assert await _cmdstat(valkey.redis, "config|get", "rejected_calls") >= 4
@@ -356,8 +359,31 @@ async def _refused_since(redis: Any, count: int) -> bool:
     return await _refusals(redis) > count
 
 
+async def _lease(redis: Any, idem: str) -> int | None:
+    raw = await redis.get(idem)
+    return decode_record(0, raw).lease_until_ms if raw else None
+
+
+def _many_keys(prefix: str, n: int) -> list[str]:
+    """The idempotency keys of ``_admit_many(admitter, prefix, n)``'s orders."""
+    return [KEYS.idem(i % 8, "shop-a", f"{prefix}-{i}") for i in range(n)]
+
+
+async def _leases(redis: Any, idems: list[str]) -> int:
+    """How many of these idempotency records hold a lease."""
+    pipe = redis.pipeline(transaction=False)
+    for idem in idems:
+        pipe.get(idem)
+    raws = await pipe.execute()
+    return sum(1 for raw in raws if raw and decode_record(0, raw).lease_until_ms is not None)
+
+
+async def _no_leases(redis: Any, idems: list[str]) -> bool:
+    return await _leases(redis, idems) == 0
+
+
 async def _lifted(redis: Any, idem: str) -> bool:
-    return await redis.hget(idem, "pending_until") is None
+    return await _lease(redis, idem) is None
 
 
 async def test_a_refused_lease_confirmation_waits_for_the_next_batch(servers, redis) -> None:
@@ -376,7 +402,7 @@ async def test_a_refused_lease_confirmation_waits_for_the_next_batch(servers, re
         try:
             proxy.delay = 30
             first = asyncio.create_task(admitter.admit(0, "shop-a", "m-1", _args("m-1", 0)))
-            await eventually(lambda: redis.hget(idem, "pending_until"))  # written, reply held
+            await eventually(lambda: _lease(redis, idem))  # written, reply held
             refused = await _refusals(redis)
             await redis.config_set("maxmemory", "1")
             proxy.delay = 0
