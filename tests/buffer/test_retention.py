@@ -4,12 +4,14 @@ rejected or dead-lettered one), a dead letter for ``deadletter_retention_s``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from typing import Any
 
+from ordergate.buffer.idempotency import FIXED_LEN, decode_record
 from ordergate.buffer.keys import Keys
 from ordergate.sharding.ids import shard_of_order_id
-from tests.conftest import admit, drain, make_settings
+from tests.conftest import admit, auth, drain, make_settings, order_body
 
 KEYS = Keys()
 
@@ -26,6 +28,45 @@ async def test_a_committed_order_keeps_only_its_idempotency_record(
         assert 3500 < await redis.ttl(idem) <= 3600
         # committed: the status record went at settlement (the Postgres row tells the status)
         assert await redis.ttl(KEYS.status(shard, r["order_id"])) == -2
+
+
+async def test_the_idempotency_record_holds_a_replayed_receipt_in_52_bytes(
+    client: Any, api_key: str, servers: Any, redis: Any
+) -> None:
+    """The compact record (buffer.idempotency): 52 bytes while in flight and once settled, and
+    a resubmission, before and after its order commits, gets the very receipt the first
+    submission got (order id, accepted_at, queue number, ahead, ticket), answered from it."""
+    receipts = await admit(client, api_key, 12, prefix="rec")
+    for r in receipts:
+        shard = shard_of_order_id(r["order_id"], 8)
+        assert shard is not None
+        raw = await redis.get(KEYS.idem(shard, "shop-a", r["storefront_order_id"]))
+        assert len(raw) == FIXED_LEN == 52
+        record = decode_record(shard, raw)
+        assert record.order_id == r["order_id"]
+        assert record.seq == r["queue_number"]
+        assert record.ahead == r["ahead_at_admission"]
+        accepted = dt.datetime.fromisoformat(r["accepted_at"])
+        assert record.accepted_at_us == round(accepted.timestamp() * 1e6)
+        assert record.lease_until_ms is None  # the test Valkey fsyncs every write: no lease
+
+    async def resubmitted() -> list[dict[str, Any]]:
+        again = []
+        for i in range(len(receipts)):
+            resp = await client.post(
+                "/v1/orders", json=order_body(f"rec-{i}"), headers=auth(api_key)
+            )
+            assert resp.status_code == 200, resp.text
+            again.append(resp.json())
+        return again
+
+    assert await resubmitted() == receipts  # in flight
+    assert (await drain(make_settings(servers))).committed == 12
+    assert await resubmitted() == receipts  # settled: from the record alone
+    for r in receipts:
+        shard = shard_of_order_id(r["order_id"], 8)
+        assert shard is not None
+        assert len(await redis.get(KEYS.idem(shard, "shop-a", r["storefront_order_id"]))) == 52
 
 
 async def test_dead_letters_older_than_the_retention_are_trimmed(

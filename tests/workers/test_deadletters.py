@@ -129,6 +129,12 @@ async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(
     assert (await client.get(f"/v1/orders/{oid}", headers=auth(api_key))).json()[
         "status"
     ] == "queued"
+    # A resubmission now gets the order's new place in line (the record's re-queue mark).
+    again = await client.post("/v1/orders", json=order_body("doomed"), headers=auth(api_key))
+    assert again.status_code == 200, again.text
+    assert again.json()["order_id"] == oid
+    assert again.json()["queue_number"] > r.json()["queue_number"]
+    assert again.json()["accepted_at"] == r.json()["accepted_at"]
 
     report = await drain(settings)
     assert report.committed == 1
