@@ -12,6 +12,9 @@ An entry is a flat field map, readable with ``XRANGE`` in any Redis client:
 ``at``     accepted_at, microseconds since the epoch, stamped by the gateway
 ``ls``     its number inside its lane (buffer.position)
 ``a0``     orders ahead of it at admission
+``r``      the row's columns the body would give, ``\x1f``-separated: customer id, customer
+           email (empty when none), currency, total_minor, item count (``row_summary``), so
+           the worker does not decode each body; entries without it are decoded
 ``body``   the order as canonical JSON (msgspec encoding of the validated order)
 ``rq``     ``1`` on an entry an operator re-queued from the dead letters (buffer.deadletters)
 =========  ====================================================================
@@ -27,8 +30,10 @@ import datetime as dt
 import msgspec
 
 from ordergate.buffer.errors import MalformedMessage
+from ordergate.buffer.order import ORDER_DECODER, Order
 
 VERSION = b"1"
+SEP = b"\x1f"  # no id, email or currency may hold a control character (buffer.order)
 
 
 class OrderMessage(msgspec.Struct, frozen=True):
@@ -45,10 +50,40 @@ class OrderMessage(msgspec.Struct, frozen=True):
     requeued: bool = False
     lane_seq: int = 0
     ahead: int = 0
+    row: bytes = b""  # the ``r`` field
+
+    def columns(self) -> tuple[str, str | None, str, int, int]:
+        """(customer id, email, currency, total_minor, item count): from ``r``, or from the
+        body where the entry has none (raises ValueError or a msgspec error if neither
+        reads)."""
+        if self.row:
+            customer, email, currency, total, items = self.row.decode().split("\x1f")
+            return customer, email or None, currency, int(total), int(items)
+        order = ORDER_DECODER.decode(self.body)
+        return (
+            order.customer.id,
+            order.customer.email,
+            order.currency,
+            order.total_minor,
+            len(order.items),
+        )
 
     @property
     def accepted_at(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.accepted_at_us / 1e6, tz=dt.UTC)
+
+
+def row_summary(order: Order) -> bytes:
+    """The ``r`` field of an order's entry."""
+    return SEP.join(
+        (
+            order.customer.id.encode(),
+            (order.customer.email or "").encode(),
+            order.currency.encode(),
+            b"%d" % order.total_minor,
+            b"%d" % len(order.items),
+        )
+    )
 
 
 def admission_args(
@@ -58,10 +93,12 @@ def admission_args(
     accepted_at_us: int,
     fingerprint: bytes,
     body: bytes,
+    row: bytes,
 ) -> tuple[str | bytes | int, ...]:
     """The per-order arguments of the admission script, in the order ``admit.lua`` reads them;
-    ``nonce`` is the random tail of the order id it mints (sharding.ids)."""
-    return (nonce, storefront_id, storefront_order_id, accepted_at_us, fingerprint, body)
+    ``nonce`` is the random tail of the order id it mints (sharding.ids), ``row`` the entry's
+    ``r`` (``row_summary``)."""
+    return (nonce, storefront_id, storefront_order_id, accepted_at_us, fingerprint, row, body)
 
 
 def decode_entry(shard: int, entry_id: bytes | str, fields: dict[bytes, bytes]) -> OrderMessage:
@@ -82,6 +119,7 @@ def decode_entry(shard: int, entry_id: bytes | str, fields: dict[bytes, bytes]) 
             requeued=fields.get(b"rq") == b"1",
             lane_seq=int(fields.get(b"ls", 0)),
             ahead=int(fields.get(b"a0", 0)),
+            row=fields.get(b"r", b""),
         )
     except KeyError as exc:
         raise MalformedMessage(f"entry {eid}: missing field {exc.args[0]!r}") from None

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from ordergate.buffer.admission import Outcome
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.idempotency import FINGERPRINT_BYTES
-from ordergate.buffer.message import admission_args
+from ordergate.buffer.message import admission_args, row_summary
 from ordergate.buffer.order import ORDER_ENCODER
 from ordergate.buffer.position import DrainState, seconds_until_room
 from ordergate.buffer.status import Change, read_status
@@ -199,7 +199,9 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
         shard,
         storefront,
         sfo,
-        admission_args(nonce, storefront, sfo, accepted_at_us, fingerprint, canonical),
+        admission_args(
+            nonce, storefront, sfo, accepted_at_us, fingerprint, canonical, row_summary(order)
+        ),
         timeout=deadline,
     )
     if admission.outcome is Outcome.MISMATCH:

@@ -6,8 +6,9 @@
 -- (in group order): its idempotency key.
 -- ARGV[1] pending lease in ms (0 = durable on reply, no pending state), ARGV[2] the most orders
 -- the buffer may hold unsettled (0 = no bound), ARGV[3] the number of groups G, then 2 per
--- group: the shard and its number of orders, then 6 args per order:
---   nonce, storefront_id, storefront_order_id, accepted_at_us, fingerprint (8 bytes), body.
+-- group: the shard and its number of orders, then 7 args per order:
+--   nonce, storefront_id, storefront_order_id, accepted_at_us, fingerprint (8 bytes), the
+--   row's columns (the entry's 'r', buffer/message.py), body.
 -- Returns one reply per order, in the order given:
 --   {1, order_id, seq, accepted_at_us, ahead, ls}  admitted
 --   {2, order_id, seq, accepted_at_us, ahead, ls}  duplicate of an earlier order with the same body
@@ -113,7 +114,8 @@ for g = 1, groups do
       local oid = head .. tail
       redis.call('XADD', stream, 'NOMKSTREAM', string.format('%d-%d', ms, seq),
         'v', '1', 'oid', oid, 'sf', ARGV[a + 1], 'sfo', ARGV[a + 2],
-        'seq', seq, 'ls', ls, 'at', ARGV[a + 3], 'a0', ahead, 'body', ARGV[a + 5])
+        'seq', seq, 'ls', ls, 'at', ARGV[a + 3], 'a0', ahead, 'r', ARGV[a + 5],
+        'body', ARGV[a + 6])
       local record = idem_pack(fp, tail, tonumber(ARGV[a + 3]), ahead, ls)
       if lease > 0 then
         record = record .. 'p' .. struct.pack('>I8', now_ms + lease)
@@ -123,7 +125,7 @@ for g = 1, groups do
       writes[#writes + 1] = record
       out[#out + 1] = {1, oid, seq, ARGV[a + 3], ahead, ls}
     end
-    a = a + 6
+    a = a + 7
   end
   if lane_n > lane_n0 then
     redis.call('HSET', lane_key, 'n', lane_n, 'last', issued)

@@ -45,7 +45,8 @@ KEYS = Keys()
 def _args(sfo: str, shard: int) -> tuple:
     body = f'{{"sfo":"{sfo}"}}'.encode()
     fp = hashlib.blake2b(body, digest_size=16).digest()
-    return admission_args(new_nonce(), "shop-a", sfo, time.time_ns() // 1000, fp, body)
+    row = b"cust-1\x1f\x1fEUR\x1f100\x1f1"
+    return admission_args(new_nonce(), "shop-a", sfo, time.time_ns() // 1000, fp, body, row)
 
 
 async def _cmdstat(redis: Any, command: str, field: str = "calls") -> int:

@@ -6,10 +6,13 @@ import json
 import time
 from typing import Any
 
-from ordergate.buffer.message import OrderMessage
+import msgspec
+
+from ordergate.buffer.message import OrderMessage, row_summary
+from ordergate.buffer.order import ORDER_DECODER
 from ordergate.sharding.ids import new_order_id
 from ordergate.sharding.routing import shard_for
-from ordergate.workers.persist import Persister
+from ordergate.workers.persist import Persister, row_of
 from tests.conftest import order_body
 
 
@@ -54,3 +57,22 @@ async def test_redelivery_and_duplicates_go_through_on_conflict(pg: Any) -> None
     assert by_id[twin.order_id].reason == f"duplicate of order {first[0].order_id}"
     assert by_id[fresh.order_id].status == "committed"
     assert await pg.fetchval("SELECT count(*) FROM orders") == 3
+
+
+def test_the_entrys_row_field_gives_the_columns_the_body_gives() -> None:
+    """An entry's ``r`` (written at admission) and its body (entries without ``r``, from before
+    it) give the same row; so does an order without email."""
+    for body in (order_body("c-1", items=3), {**order_body("c-2"), "customer": {"id": "x"}}):
+        plain = _message(body["storefront_order_id"])
+        plain = msgspec.structs.replace(plain, body=json.dumps(body).encode())
+        order = ORDER_DECODER.decode(plain.body)
+        carried = msgspec.structs.replace(plain, row=row_summary(order))
+        assert carried.row
+        assert row_of(carried) == row_of(plain)
+        assert carried.columns() == (
+            body["customer"]["id"],
+            body["customer"].get("email"),
+            "EUR",
+            body["total_minor"],
+            len(body["items"]),
+        )
