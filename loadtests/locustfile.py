@@ -17,13 +17,15 @@ until it gets one (202, or 200 when the first attempt had been written after all
 Each receipt's ``queue_url`` goes to a shared pool of tickets. A ``CustomerUser`` takes the
 newest ticket and polls ``GET /v1/queue/{ticket}`` (with ``If-None-Match``) every
 ``poll_after_seconds``, as the waiting page does, until its order is final; it checks that its
-position never grows.
+position never grows, and keeps its first answer's ETA against the wait it really had (see
+``Ledger.eta``).
 
 Anything else (503 ``buffer-unavailable`` included) is recorded as a failure. With
 ``--record-dir DIR`` each Locust process writes what its users were told, for
 ``ordergate surge``'s audit: ``receipts-<pid>.txt`` (one ``order_id storefront_order_id`` line per
 accepted order) and ``ledger-<pid>.json`` (answers counted by kind, status and problem type; the
-orders left without a receipt; what customers saw). See ``loadtests/README.md``.
+orders left without a receipt; what customers saw, their ETAs included). See
+``loadtests/README.md``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ class Ledger:
         self.wrong_receipts = 0  # a duplicate answered with another order's id
         self.followed: Counter[str] = Counter()  # final status a customer saw
         self.position_increases = 0
+        # One [first_eta_s, wait_s, first_position, last_gap_s] per followed ticket that
+        # reached committed (see ``eta``).
+        self.eta_samples: list[list[float | int | None]] = []
+        self.eta_unfinished = 0  # followed tickets still waiting when their customer stopped
 
     def open(self, directory: str) -> None:
         self.directory = Path(directory)
@@ -96,6 +102,22 @@ class Ledger:
         if self._receipts is not None:
             self._receipts.write(f"{order_id} {storefront_order_id}\n")
 
+    def eta(
+        self, first_eta: int | None, first_position: int | None, wait_s: float, gap_s: float
+    ) -> None:
+        """A followed ticket seen committed: what its first answer promised, what it got.
+
+        ``wait_s`` runs from the customer's first answer (its ``eta_seconds`` and ``position``)
+        to the first answer that said ``committed``, both taken when the answer arrived. That
+        overshoots the commit by up to one poll interval, since the customer only looks every
+        ``poll_after_seconds``: ``gap_s`` is that last interval (from the last answer that was
+        not final to the committed one), so the commit happened within ``gap_s`` before the
+        end of ``wait_s``. Nothing is subtracted here; the audit
+        (``ordergate/surge_audit.py``) takes the middle of that interval, ``wait_s - gap_s/2``,
+        as the real wait.
+        """
+        self.eta_samples.append([first_eta, round(wait_s, 3), first_position, round(gap_s, 3)])
+
     def write(self) -> None:
         if self.directory is None or self._receipts is None:
             return
@@ -106,6 +128,8 @@ class Ledger:
             "wrong_receipts": self.wrong_receipts,
             "followed": dict(self.followed),
             "position_increases": self.position_increases,
+            "eta_samples": self.eta_samples,
+            "eta_unfinished": self.eta_unfinished,
         }
         tmp = self.directory / f"ledger-{os.getpid()}.json.tmp"
         tmp.write_text(json.dumps(doc))
@@ -286,6 +310,14 @@ class CustomerUser(FastHttpUser):
         self.etag = ""
         self.position: int | None = None
         self.pause = self.IDLE_S
+        # (when, eta_seconds, position) of the ticket's first answer; when the last answer
+        # that was not final arrived
+        self.first: tuple[float, int | None, int | None] | None = None
+        self.last_pending = 0.0
+
+    def on_stop(self) -> None:
+        if self.ticket is not None and self.first is not None:
+            LEDGER.eta_unfinished += 1
 
     def wait_time(self) -> float:
         return self.pause
@@ -297,6 +329,7 @@ class CustomerUser(FastHttpUser):
         self.ticket = TICKETS.pop()
         self.etag = ""
         self.position = None
+        self.first = None
         return True
 
     @task
@@ -309,7 +342,9 @@ class CustomerUser(FastHttpUser):
             self.ticket, headers=headers, name="GET /v1/queue/{ticket}", catch_response=True
         ) as resp:
             LEDGER.answer("poll", resp)
+            now = time.monotonic()
             if resp.status_code == 304:
+                self.last_pending = now
                 resp.success()
                 return
             if resp.status_code != 200:
@@ -325,11 +360,20 @@ class CustomerUser(FastHttpUser):
             else:
                 resp.success()
             self.position = position if isinstance(position, int) else self.position
-            if doc.get("status") in FINAL:
-                LEDGER.followed[str(doc["status"])] += 1
+            if self.first is None:
+                eta = doc.get("eta_seconds")
+                self.first = (now, eta if isinstance(eta, int) else None, self.position)
+                self.last_pending = now
+            status = doc.get("status")
+            if status in FINAL:
+                LEDGER.followed[str(status)] += 1
+                if status == "committed":
+                    at, eta, first_position = self.first
+                    LEDGER.eta(eta, first_position, now - at, now - self.last_pending)
                 self.ticket = None
                 self.pause = 0.0
             else:
+                self.last_pending = now
                 self.pause = float(doc.get("poll_after_seconds") or 1)
 
 

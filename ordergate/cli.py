@@ -203,6 +203,13 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("--results", help="results folder (default ./surge-results/<timestamp>)")
     sg.add_argument("--processes", type=int, help="gateway processes of the started `up`")
     sg.add_argument(
+        "--drain-rate",
+        type=float,
+        metavar="N",
+        help="cap the started `up`'s drain at N orders/s over all lanes (its setting drain_rate; "
+        "0 = no cap), to rehearse a backlog and audit customers' ETAs",
+    )
+    sg.add_argument(
         "--max-p95-ms", type=float, default=500.0, help="ramp: p95 limit of a step (500)"
     )
     sg.add_argument(
@@ -590,6 +597,7 @@ def cmd_surge(args: argparse.Namespace, settings: Settings) -> int:
         results=Path(args.results) if args.results else None,
         data_dir=args.data_dir,
         processes=args.processes,
+        drain_rate=args.drain_rate,
         drain_timeout=args.drain_timeout,
         max_p95_ms=args.max_p95_ms,
         max_error_share=args.max_error_share,

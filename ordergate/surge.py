@@ -49,6 +49,7 @@ class SurgeOptions:
     results: Path | None = None
     data_dir: str | None = None  # of the started `up`; None: a temporary directory
     processes: int | None = None  # gateway processes of the started `up`
+    drain_rate: float | None = None  # the started `up`'s drain cap, orders/s; None: its setting
     drain_timeout: float = 600.0
     max_p95_ms: float = 500.0  # ramp: a step whose p95 passes this ends the ramp
     max_error_share: float = 0.01  # ramp: likewise for its share of failed requests
@@ -58,6 +59,13 @@ def run_surge(options: SurgeOptions, settings: Settings) -> int:
     """Run the surge and print the audit; 0 PASS, 1 FAIL, 3 INCOMPLETE (not everything could
     be checked, e.g. no access to Postgres)."""
     locustfiles = _locustfiles()
+    if options.drain_rate is not None and options.drain_rate < 0:
+        raise SurgeError("--drain-rate must be >= 0 (0 = no cap)")
+    if options.drain_rate is not None and options.host:
+        raise SurgeError(
+            "--drain-rate caps the drain of the `ordergate up` the surge starts; to cap a "
+            "running gateway's drain, use `ordergate drain --rate N`"
+        )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per status poll
     run_id = time.strftime("%Y%m%d-%H%M%S")
     results = options.results or Path("surge-results") / run_id
@@ -70,6 +78,7 @@ def run_surge(options: SurgeOptions, settings: Settings) -> int:
         print(
             f"ordergate surge: {options.shape}, {users} users at most, against {target.url}"
             + (f"\n  on {target.started}" if target.started else "")
+            + (f"\n  drain capped at {options.drain_rate:g} orders/s" if options.drain_rate else "")
             + (f"\n  storefronts {', '.join(storefronts)}" if storefronts else "")
             + f"\n  results in {results}",
             flush=True,
@@ -127,9 +136,11 @@ def _locustfiles() -> tuple[Path, Path]:
 def _target(options: SurgeOptions, settings: Settings, results: Path) -> Iterator[Target]:
     if options.host:
         yield running_gateway(options.host, settings)
-    else:
-        with own_gateway(options.data_dir, options.processes, results / "up.log") as target:
-            yield target
+        return
+    given = {} if options.drain_rate is None else {"drain_rate": f"{options.drain_rate:g}"}
+    up = own_gateway(options.data_dir, options.processes, results / "up.log", given)
+    with up as target:
+        yield target
 
 
 def _run_locust(

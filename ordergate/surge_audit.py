@@ -7,16 +7,21 @@ must have drained, nothing may be dead-lettered, duplicates must have been answe
 original order, customers' positions must never have grown, and no answer may be outside the
 API's table (a 500, a 401, no answer at all). 429 and 503 are the gateway's designed answers to
 overload: they are reported, and their orders retried by the load test, but not faulted.
+
+Customers' ETAs are measured too (``eta_error``): each followed ticket's first ``eta_seconds``
+against the wait it really had. That check is judged only after a real backlog; after a run
+whose drain kept up there is nothing to predict, and it is reported as not judged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ordergate.surge_results import Latency, Ledger
+from ordergate.surge_results import EtaSample, Latency, Ledger
 
 # (kind, status, problem type) the API may answer each kind of request with under load.
 _OVERLOAD = {("429", "/problems/buffer-full"), ("503", "/problems/buffer-unavailable")}
@@ -28,6 +33,16 @@ EXPECTED: dict[str, set[tuple[str, str]]] = {
     "invalid": {("422", "/problems/invalid-order")},
     "poll": {("200", ""), ("304", "")},
 }
+
+# Customers' first ETAs: the relative error |eta - wait| / wait must stay within these (p50,
+# p90), judged when enough tickets were measured and their median wait shows a real backlog.
+ETA_MAX_P50 = 0.20
+ETA_MAX_P90 = 0.35
+ETA_BACKLOG_S = 5.0
+ETA_MIN_TICKETS = 10
+# Shorter waits are not measured: the ETA is whole seconds and customers poll every second or
+# more, so at a 1 s wait a relative error says nothing about the ETA.
+ETA_MIN_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -106,10 +121,79 @@ class Drain:
 
 
 @dataclass(frozen=True)
+class EtaError:
+    """How far customers' first ETAs were from the waits they had, over followed tickets.
+
+    A ticket's real wait runs from its customer's first answer to its commit. The customer
+    sees the commit only at its next poll, up to one ``poll_after_seconds`` later, so the wait
+    is taken as the middle of that last poll interval (``EtaSample.real_wait_s``): it is known
+    to within half of it, ``median_gap_s / 2`` for the median ticket. The error of a ticket is
+    ``|eta - wait| / wait``; percentiles are nearest-rank (each one a ticket's own figure).
+    """
+
+    followed: int = 0  # followed tickets that reached committed
+    without_eta: int = 0  # their first answer had no eta_seconds
+    short: int = 0  # not measured: real wait under ETA_MIN_WAIT_S
+    tickets: int = 0  # measured
+    unfinished: int = 0  # followed tickets still waiting when their customer stopped
+    median_wait_s: float | None = None  # of the measured tickets
+    median_gap_s: float | None = None  # the last poll interval of the measured tickets
+    p50: float | None = None  # relative error, a fraction
+    p90: float | None = None
+    signed_median: float | None = None  # of (eta - wait) / wait: > 0 the ETA was too long
+
+    @property
+    def judged(self) -> bool:
+        """Only a real backlog, measured on enough tickets, says anything about the ETA (the
+        tickets of a run's quiet phases wait a second or less, and are not measured)."""
+        return (
+            self.tickets >= ETA_MIN_TICKETS
+            and self.median_wait_s is not None
+            and self.median_wait_s >= ETA_BACKLOG_S
+        )
+
+
+def eta_error(samples: list[EtaSample], unfinished: int = 0) -> EtaError:
+    """The ETA figures of a run's followed tickets (``Ledger.eta_samples``)."""
+    # (eta, real wait, last poll interval) of the tickets whose first answer had an ETA
+    with_eta = [
+        (s.first_eta_s, s.real_wait_s, s.gap_s) for s in samples if s.first_eta_s is not None
+    ]
+    measured = [m for m in with_eta if m[1] >= ETA_MIN_WAIT_S]
+    signed = [(eta - wait) / wait for eta, wait, _ in measured]
+    errors = [abs(e) for e in signed]
+    return EtaError(
+        followed=len(samples),
+        without_eta=len(samples) - len(with_eta),
+        short=len(with_eta) - len(measured),
+        tickets=len(measured),
+        unfinished=unfinished,
+        median_wait_s=_round(quantile([wait for _, wait, _ in measured], 0.5), 2),
+        median_gap_s=_round(quantile([gap for _, _, gap in measured], 0.5), 2),
+        p50=_round(quantile(errors, 0.5), 4),
+        p90=_round(quantile(errors, 0.9), 4),
+        signed_median=_round(quantile(signed, 0.5), 4),
+    )
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    """Nearest-rank quantile: the smallest value with at least ``q`` of them at or below it."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+@dataclass(frozen=True)
 class Check:
     name: str
     ok: bool | None  # None: could not be checked
     detail: str = ""
+    judged: bool = True  # False: not a question this run can answer; ignored by the verdict
 
 
 @dataclass
@@ -132,14 +216,16 @@ class Audit:
     committed: Committed
     knee: dict[str, Any] | None
     locust_exit: int
+    eta: EtaError = field(default_factory=EtaError)
     checks: list[Check] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
         """PASS, FAIL (a check failed) or INCOMPLETE (one could not be made)."""
-        if any(c.ok is False for c in self.checks):
+        judged = [c for c in self.checks if c.judged]
+        if any(c.ok is False for c in judged):
             return "FAIL"
-        return "INCOMPLETE" if any(c.ok is None for c in self.checks) else "PASS"
+        return "INCOMPLETE" if any(c.ok is None for c in judged) else "PASS"
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -183,6 +269,7 @@ def audit(
         committed=committed,
         knee=knee,
         locust_exit=locust_exit,
+        eta=eta_error(ledger.eta_samples, ledger.eta_unfinished),
     )
     a.checks = _checks(a, ledger)
     return a
@@ -232,5 +319,35 @@ def _checks(a: Audit, ledger: Ledger) -> list[Check]:
             not a.unexpected,
             ", ".join(f"{k}: {n}" for k, n in a.unexpected.items()) or "none outside it",
         ),
+        eta_check(a.eta),
     ]
     return checks
+
+
+def eta_check(e: EtaError) -> Check:
+    """p50 and p90 of the ETA error within their limits, judged only after a real backlog."""
+    name = (
+        f"customers' first ETAs within {percent(ETA_MAX_P50)} / {percent(ETA_MAX_P90)} of "
+        "their wait (p50 / p90)"
+    )
+    if e.tickets < ETA_MIN_TICKETS:
+        why = f"{e.tickets} tickets measured, fewer than {ETA_MIN_TICKETS}"
+        return Check(name, None, f"not judged: {why}", judged=False)
+    if not e.judged:
+        why = f"median wait {e.median_wait_s:.1f} s, under {ETA_BACKLOG_S:g} s: no real backlog"
+        return Check(name, None, f"not judged: {why}", judged=False)
+    assert e.p50 is not None and e.p90 is not None
+    return Check(
+        name,
+        e.p50 <= ETA_MAX_P50 and e.p90 <= ETA_MAX_P90,
+        f"p50 {percent(e.p50)}, p90 {percent(e.p90)} over {e.tickets:,} tickets, "
+        f"median wait {e.median_wait_s:.1f} s",
+    )
+
+
+def percent(share: float | None, signed: bool = False) -> str:
+    """0.123 -> ``12 %`` (``+12 %`` when ``signed``); None -> ``-``."""
+    if share is None:
+        return "-"
+    whole = round(100 * share)
+    return f"{whole:{'+' if signed and whole else ''}d} %"

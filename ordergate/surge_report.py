@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ordergate.surge_audit import Audit
+from ordergate.surge_audit import ETA_MIN_WAIT_S, Audit, EtaError, percent
 
 NEW_ORDERS = "POST /v1/orders [new]"
 POLLS = "GET /v1/queue/{ticket}"
@@ -37,6 +37,7 @@ def render(a: Audit) -> str:
             "tickets followed to the end: "
             + (_counts({k: n for k, n in a.customers.items() if k != "position_increases"})),
         ),
+        *_eta(a.eta),
         _row("peak buffer depth", f"{d.peak_depth:,}", "sampled about twice a second"),
         _row(
             "time to drain",
@@ -56,7 +57,7 @@ def render(a: Audit) -> str:
         lines.append(_row("ramp knee", *_knee(a.knee)))
     lines.append("")
     for check in a.checks:
-        mark = {True: "ok  ", False: "FAIL", None: "??  "}[check.ok]
+        mark = {True: "ok  ", False: "FAIL", None: "??  "}[check.ok] if check.judged else "--  "
         lines.append(f"  {mark}  {check.name}: {check.detail}")
     lines += ["", a.verdict]
     return "\n".join(lines)
@@ -78,6 +79,34 @@ def _latency(lat: dict[str, Any] | None) -> tuple[str, str]:
         f"p50 {p[0]} ms",
         f"p95 {p[1]} ms, p99 {p[2]} ms ({lat['requests']:,} requests, {lat['rps']:,.0f}/s)",
     )
+
+
+def _eta(e: EtaError) -> list[str]:
+    """Two rows: the first ETAs' error, and what it was measured on."""
+    lean = ""
+    if e.signed_median is not None and round(100 * e.signed_median) > 0:
+        lean = " (the ETA ran long: orders came sooner than told)"
+    elif e.signed_median is not None and round(100 * e.signed_median) < 0:
+        lean = " (the ETA ran short: orders came later than told)"
+    wait = "-" if e.median_wait_s is None else f"{e.median_wait_s:.1f} s"
+    within = f", known within {e.median_gap_s / 2:.1f} s" if e.median_gap_s else ""
+    return [
+        _row(
+            "ETA error",
+            f"p50 {percent(e.p50)}",
+            f"p90 {percent(e.p90)}, signed median {percent(e.signed_median, signed=True)}{lean};"
+            f" |first eta_seconds - wait| / wait of {e.tickets:,} measured tickets",
+        ),
+        _row(
+            "ETA waits",
+            f"median {wait}",
+            f"of the measured tickets, first answer to commit{within}"
+            + (" (half the last poll interval)" if within else "")
+            + "; not measured: "
+            f"{e.short:,} under {ETA_MIN_WAIT_S:g} s (too short for a relative error), "
+            f"{e.without_eta:,} without a first ETA, {e.unfinished:,} still waiting at the end",
+        ),
+    ]
 
 
 def _knee(report: dict[str, Any]) -> tuple[str, str]:

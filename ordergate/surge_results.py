@@ -20,6 +20,25 @@ from ordergate.errors import SurgeError
 CSV_PREFIX = "locust"
 
 
+@dataclass(frozen=True)
+class EtaSample:
+    """One followed ticket that reached committed: its first answer against its wait.
+
+    ``wait_s`` runs from the first answer to the first answer saying ``committed`` and
+    overshoots the commit by up to ``gap_s``, the last poll interval (the customer polls every
+    ``poll_after_seconds``); ``real_wait_s`` takes the middle of that interval.
+    """
+
+    first_eta_s: int | None  # eta_seconds of the first answer (None: it had none)
+    wait_s: float
+    first_position: int | None
+    gap_s: float  # from the last answer that was not final to the committed one
+
+    @property
+    def real_wait_s(self) -> float:
+        return max(0.0, self.wait_s - self.gap_s / 2)
+
+
 @dataclass
 class Ledger:
     """Every Locust process's ledger, merged."""
@@ -31,6 +50,8 @@ class Ledger:
     wrong_receipts: int = 0  # a duplicate answered with another order's id
     followed: Counter[str] = field(default_factory=Counter)  # final status customers saw
     position_increases: int = 0
+    eta_samples: list[EtaSample] = field(default_factory=list)
+    eta_unfinished: int = 0  # followed tickets still waiting when their customer stopped
 
     def count(self, kind: str | None = None, status: str | None = None) -> int:
         """Answers of ``kind`` (e.g. ``new``) and/or ``status`` (e.g. ``503``)."""
@@ -55,6 +76,8 @@ def read_ledger(results: Path) -> Ledger:
         merged.wrong_receipts += doc["wrong_receipts"]
         merged.followed.update(doc["followed"])
         merged.position_increases += doc["position_increases"]
+        merged.eta_samples += [EtaSample(*row) for row in doc.get("eta_samples", [])]
+        merged.eta_unfinished += doc.get("eta_unfinished", 0)
     for path in sorted(results.glob("receipts-*.txt")):
         with open(path) as f:
             for line in f:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +56,16 @@ def running_gateway(url: str, settings: Settings) -> Target:
 
 
 @contextlib.contextmanager
-def own_gateway(data_dir: str | None, processes: int | None, log: Path) -> Iterator[Target]:
+def own_gateway(
+    data_dir: str | None,
+    processes: int | None,
+    log: Path,
+    settings: Mapping[str, str] | None = None,
+) -> Iterator[Target]:
     """``ordergate up`` as a child on a free port, until the block ends.
 
-    On ``data_dir``, or on a temporary directory that is removed afterwards."""
+    On ``data_dir``, or on a temporary directory that is removed afterwards; ``settings`` go to
+    it as ``ORDERGATE_<NAME>`` variables (`up` hands them on to its gateway and workers)."""
     temp = None if data_dir else tempfile.mkdtemp(prefix="ordergate-surge-")
     directory = Path(data_dir or temp or "")
     port = free_port()
@@ -75,6 +81,7 @@ def own_gateway(data_dir: str | None, processes: int | None, log: Path) -> Itera
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C reaches the surge, which stops `up` in order
             preexec_fn=die_with_parent,
+            env=os.environ | {f"ORDERGATE_{k.upper()}": v for k, v in (settings or {}).items()},
         )
     try:
         url = f"http://127.0.0.1:{port}"

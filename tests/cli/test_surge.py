@@ -61,6 +61,50 @@ def test_a_short_spike_is_audited_end_to_end(tmp_path: Path) -> None:
     assert not data_dir.exists()
 
 
+def test_a_capped_drain_backlog_gets_its_etas_audited(tmp_path: Path) -> None:
+    """``--drain-rate 60``: the spike's 30 users send far more than 60 orders/s, so a backlog
+    builds, and the customers' first ETAs are measured against their waits. Whether the ETA
+    check is judged depends on how long the waits were, which this test does not assume."""
+    results = tmp_path / "results"
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "ordergate", "surge", "--shape", "spike", "--users", "30"]
+        + ["--duration", "12", "--drain-rate", "60", "--results", str(results)]
+        + ["--drain-timeout", "120"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    took = time.monotonic() - started
+    print(out.stdout, f"\n(`ordergate surge` took {took:.1f} s)")
+    assert "drain capped at 60 orders/s" in out.stdout
+    audit = json.loads((results / "audit.json").read_text())
+    checks = {c["name"]: c for c in audit["checks"]}
+    eta_checks = [c for name, c in checks.items() if name.startswith("customers' first ETAs")]
+    assert len(eta_checks) == 1, checks
+    eta_check = eta_checks[0]
+    assert all(c["ok"] for c in checks.values() if c is not eta_check), out.stdout
+    assert audit["drain"]["peak_depth"] > 60  # more than a second of the cap waited
+    assert audit["committed"]["of_accepted"] == audit["accepted"]
+
+    eta = audit["eta"]
+    assert eta["followed"] == audit["customers"]["committed"] > 0
+    assert eta["followed"] == eta["tickets"] + eta["short"] + eta["without_eta"]
+    if eta["tickets"]:  # waits of 2 s or more (not promised: the spike lasts 4 s)
+        assert eta["median_wait_s"] >= 2 and 0 <= eta["p50"] <= eta["p90"]
+        assert eta["signed_median"] is not None
+    else:
+        assert eta["median_wait_s"] is None and eta["p50"] is None
+    judged = eta["tickets"] >= 10 and eta["median_wait_s"] >= 5
+    assert eta_check["judged"] is judged
+    assert audit["verdict"] == ("PASS" if not judged or eta_check["ok"] else "FAIL")
+    assert out.returncode == (0 if audit["verdict"] == "PASS" else 1), out.stderr[-3000:]
+    assert re.search(r"^ETA error +p50 ", out.stdout, re.M), out.stdout
+    assert re.search(rf"^ETA waits .* {eta['short']:,} under 2 s", out.stdout, re.M)
+
+
 def test_surge_has_help() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "ordergate", "surge", "--help"],
@@ -70,6 +114,20 @@ def test_surge_has_help() -> None:
         timeout=60,
     )
     assert out.returncode == 0 and "--shape {spike,ramp,soak}" in out.stdout
+    assert "--drain-rate N" in out.stdout
+
+
+def test_surge_caps_only_the_drain_of_its_own_up() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ordergate", "surge", "--shape", "spike"]
+        + ["--host", "http://127.0.0.1:9", "--drain-rate", "100"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "ordergate drain --rate N" in out.stderr
 
 
 def test_surge_says_how_to_install_locust() -> None:
