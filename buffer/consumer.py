@@ -9,6 +9,7 @@ by trimming.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,10 @@ from ordergate.buffer.keys import GROUP, Keys
 from ordergate.buffer.message import OrderMessage, decode_entry
 from ordergate.buffer.scripts import scripts_for
 from ordergate.sharding.ids import shard_of_order_id
+
+# Joins a plain commit's fields into one argument of settle.lua: a control byte, which no entry
+# id (<ms>-<seq>), order id, storefront id or storefront order id contains.
+SEP = "\x1f"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,16 +170,43 @@ class LaneConsumer:
         taken_at_us: int = 0,
     ) -> tuple[int, int]:
         """Record the outcomes, ack/delete or dead-letter, queue the webhook events, advance the
-        lane's watermark and the settled counts; returns (the watermark, entries settled)."""
+        lane's watermark and the settled counts; returns (the watermark, entries settled).
+
+        A plain commit (committed at the batch's instant, no status record to update), the
+        normal case, costs one key and one argument; the exceptions go in full (``_detail``)."""
         shard, lane = self.shard, self.keys.lane(self.shard)
-        keys: list[str] = [
+        at = _batch_at(items)
+        idem = self.keys.idem
+        plain_keys: list[str] = []
+        plain_args: list[str] = []
+        other_keys: list[str] = []
+        other_args: list[Any] = []
+        for it in items:
+            sf, sfo = it.storefront_id, it.storefront_order_id
+            if (
+                it.outcome == "committed"
+                and not it.keep
+                and it.at_us == at
+                and it.order_id
+                and sf is not None
+                and sfo is not None
+            ):
+                # Its idem key is named for this lane, so it is ours whatever the order id says
+                # (no shard_of_order_id per order): admit.lua wrote it beside the entry.
+                plain_keys.append(idem(shard, sf, sfo))
+                plain_args.append(f"{it.entry_id}{SEP}{it.order_id}{SEP}{sf}{SEP}{sfo}")
+            else:
+                self._detail(it, lane, other_keys, other_args)
+        keys = [
             lane,
             self.keys.drain(),
             self.stream,
             self.keys.deadletters(shard),
             self.keys.notify(),
+            *plain_keys,
+            *other_keys,
         ]
-        args: list[Any] = [
+        args = [
             GROUP,
             ttl_s,
             self.epoch,
@@ -186,38 +218,42 @@ class LaneConsumer:
             deadletter_retention_s,
             self.keys.drain_changes(),
             taken_at_us or _now_us(),
+            len(plain_args),
+            at,
+            *plain_args,
+            *other_args,
         ]
-        for it in items:
-            owned = it.order_id and shard_of_order_id(it.order_id, self.shards) == shard
-            plain = it.outcome == "committed" and not it.keep  # no record to write
-            keys.append(
-                self.keys.status(shard, it.order_id)
-                if owned and it.order_id and not plain
-                else lane
-            )
-            if owned and it.storefront_id is not None and it.storefront_order_id is not None:
-                keys.append(self.keys.idem(shard, it.storefront_id, it.storefront_order_id))
-            else:
-                keys.append(lane)
-            args.extend(
-                (
-                    it.entry_id,
-                    it.outcome,
-                    it.at_us,
-                    it.reason[:2000],
-                    it.deliveries,
-                    it.order_id or "",
-                    it.storefront_id or "",
-                    it.storefront_order_id or "",
-                    "1" if it.keep else "0",
-                    it.accepted_at_us,
-                    it.seq,
-                    it.lane_seq,
-                    it.ahead,
-                )
-            )
         watermark, settled = await self._fenced(self.scripts.settle(keys=keys, args=args))
         return int(watermark), int(settled)
+
+    def _detail(self, it: Settlement, lane: str, keys: list[str], args: list[Any]) -> None:
+        """An exception in full: its status and idem keys (the lane's key where the entry names
+        no order of this lane: a record there is not ours to write) and 13 arguments."""
+        shard, oid = self.shard, it.order_id or ""
+        owned = shard_of_order_id(oid, self.shards) == shard
+        record = it.outcome != "committed" or it.keep  # a committed order's row tells its status
+        keys.append(self.keys.status(shard, oid) if owned and record else lane)
+        if owned and it.storefront_id is not None and it.storefront_order_id is not None:
+            keys.append(self.keys.idem(shard, it.storefront_id, it.storefront_order_id))
+        else:
+            keys.append(lane)
+        args.extend(
+            (
+                it.entry_id,
+                it.outcome,
+                it.at_us,
+                it.reason[:2000],
+                it.deliveries,
+                oid,
+                it.storefront_id or "",
+                it.storefront_order_id or "",
+                "1" if it.keep else "0",
+                it.accepted_at_us,
+                it.seq,
+                it.lane_seq,
+                it.ahead,
+            )
+        )
 
     async def _fenced(self, call: Any) -> Any:
         try:
@@ -258,6 +294,15 @@ async def outstanding(redis: Any, keys: Keys, shards: list[int]) -> tuple[int, i
     length = sum(int(r) for r in replies[0::2])
     pending = sum(int(r["pending"]) for r in replies[1::2])
     return length, pending
+
+
+def _batch_at(items: list[Settlement]) -> int:
+    """The instant most plain commits share: a batch commits in one transaction, so all of them
+    but those of a redelivery (their first commit's instant) or of a split batch."""
+    ats = [it.at_us for it in items if it.outcome == "committed" and not it.keep]
+    if not ats or ats.count(ats[0]) == len(ats):
+        return ats[0] if ats else 0
+    return Counter(ats).most_common(1)[0][0]
 
 
 def _sort(batch: Batch) -> None:
