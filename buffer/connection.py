@@ -32,7 +32,7 @@ def create_redis(
 ) -> aioredis.Redis:
     """An asyncio Redis client with a bounded, blocking pool and no automatic retries.
 
-    Workers that block in XREADGROUP must pass a ``socket_timeout`` above their BLOCK time.
+    Workers that block in XREAD must pass a ``socket_timeout`` above their BLOCK time.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,

@@ -1,9 +1,13 @@
 """The drain's side of the buffer: take a lane in admission order, settle what was written.
 
-Each shard is a lane. ``take`` hands its owner the lane's next entries (``take.lua``), so each
-lane commits first-in first-out; ``settle`` finishes a batch atomically (``settle.lua``).
-Entries leave a stream only through ``settle`` -- committed, rejected or dead-lettered -- never
-by trimming.
+Each shard is a lane. Entries leave a stream only through ``settle`` -- committed, rejected or
+dead-lettered -- never by trimming, so a stream holds exactly the lane's unsettled entries, in
+admission order, and what its owner has taken is its head up to the owner's cursor. So ``take``
+is a plain ``XRANGE`` after the cursor (no consumer group: no pending list to write per entry,
+nothing for the AOF or a replica to copy but the cursor), and ``taken.lua`` records the new
+cursor under the lane's fence. A successor takes over everything up to the cursor
+(``claim``), first, so each lane commits first-in first-out; ``settle`` finishes a batch
+atomically (``settle.lua``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from ordergate.buffer.errors import LaneFenced, MalformedMessage
-from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import Keys
 from ordergate.buffer.message import OrderMessage, decode_entry
 from ordergate.buffer.scripts import scripts_for
 from ordergate.sharding.ids import shard_of_order_id
@@ -121,42 +125,59 @@ class LaneConsumer:
         self.epoch = epoch
         self.stream = keys.stream(shard)
         self.scripts = scripts_for(redis)
-        self._lane_keys = [keys.lane(shard), self.stream]
-        self.last_id: bytes | str = "0-0"  # the newest entry the group has delivered
+        self._lane_keys = [keys.lane(shard), self.stream, keys.deliveries(shard)]
+        self.cursor: str = "0-0"  # the newest entry this owner has taken
 
     async def take(self, n: int) -> Batch:
-        """The lane's next ``n`` entries, in admission order, now pending on us."""
+        """The lane's next ``n`` entries after the cursor, in admission order; the lane's
+        cursor moves past them before they are handed out (a successor takes them over)."""
         taken_at = _now_us()
-        entries, self.last_id = await self._fenced(
-            self.scripts.take(
-                keys=self._lane_keys,
-                args=[GROUP, self.consumer, n, self.epoch, self.keys.prefix],
+        entries = await self.redis.xrange(self.stream, min=f"({self.cursor}", count=n)
+        batch = Batch(taken_at_us=taken_at)
+        if not entries:
+            return batch
+        newest = _s(entries[-1][0])
+        seq = ls = ""
+        for _, fields in reversed(entries):  # the newest with a queue number (a malformed one
+            if b"seq" in fields:  # may lack it)
+                seq, ls = fields[b"seq"], fields.get(b"ls", b"")
+                break
+        await self._fenced(
+            self.scripts.taken(
+                keys=self._lane_keys[:1],
+                args=[self.epoch, newest, seq, ls, self.keys.drain_changes()],
             )
         )
-        batch = Batch(taken_at_us=taken_at)
+        self.cursor = newest
         self._decode(batch, self.shard, entries)
         _sort(batch)
         return batch
 
     async def claim(self, max_entries: int = 100_000) -> Batch:
-        """Every pending entry of the lane, now ours (the lane's lock says they are owed)."""
+        """Every entry earlier owners took and did not settle, now ours, with its count of
+        deliveries lost; the cursor starts after them."""
         taken_at = _now_us()
         entries, prior = await self._fenced(
             self.scripts.claim(
                 keys=self._lane_keys,
-                args=[GROUP, self.consumer, max_entries, self.epoch],
+                args=[self.consumer, max_entries, self.epoch],
             )
         )
         batch = Batch(taken_at_us=taken_at)
         for (entry_id, _), n in zip(entries, prior, strict=True):
             batch.deliveries[_s(entry_id)] = int(n)
-        self._decode(batch, self.shard, entries)
+        if entries:
+            self.cursor = _s(entries[-1][0])
+        else:
+            cursor = await self.redis.hget(self.keys.lane(self.shard), "c")
+            self.cursor = _s(cursor) if cursor else "0-0"
+        self._decode(batch, self.shard, [(eid, _fields(flat)) for eid, flat in entries])
         _sort(batch)
         return batch
 
     async def wait_for_entries(self, block_ms: int) -> None:
-        """Block until the lane has an entry newer than the group has delivered (or time's up)."""
-        await self.redis.xread({self.stream: _s(self.last_id)}, 1, block_ms)
+        """Block until the lane has an entry after the cursor (or time's up)."""
+        await self.redis.xread({self.stream: self.cursor}, 1, block_ms)
 
     async def settle(
         self,
@@ -203,11 +224,12 @@ class LaneConsumer:
             self.stream,
             self.keys.deadletters(shard),
             self.keys.notify(),
+            self.keys.deliveries(shard),
             *plain_keys,
             *other_keys,
         ]
         args = [
-            GROUP,
+            "",
             ttl_s,
             self.epoch,
             _now_us(),
@@ -264,8 +286,7 @@ class LaneConsumer:
             raise
 
     def _decode(self, batch: Batch, shard: int, entries: list[Any]) -> None:
-        for entry_id, flat in entries:
-            fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+        for entry_id, fields in entries:
             try:
                 batch.messages.append(decode_entry(shard, entry_id, fields))
             except MalformedMessage as exc:
@@ -284,16 +305,12 @@ class LaneConsumer:
                 )
 
 
-async def outstanding(redis: Any, keys: Keys, shards: list[int]) -> tuple[int, int]:
-    """(entries in these lanes' streams, of which pending): both 0 once all is settled."""
+async def outstanding(redis: Any, keys: Keys, shards: list[int]) -> int:
+    """Entries in these lanes' streams (taken or not): 0 once all is settled."""
     pipe = redis.pipeline(transaction=False)
     for shard in shards:
         pipe.xlen(keys.stream(shard))
-        pipe.xpending(keys.stream(shard), GROUP)
-    replies = await pipe.execute()
-    length = sum(int(r) for r in replies[0::2])
-    pending = sum(int(r["pending"]) for r in replies[1::2])
-    return length, pending
+    return sum(int(r) for r in await pipe.execute())
 
 
 def _batch_at(items: list[Settlement]) -> int:
@@ -303,6 +320,10 @@ def _batch_at(items: list[Settlement]) -> int:
     if not ats or ats.count(ats[0]) == len(ats):
         return ats[0] if ats else 0
     return Counter(ats).most_common(1)[0][0]
+
+
+def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[0::2], flat[1::2], strict=True))
 
 
 def _sort(batch: Batch) -> None:

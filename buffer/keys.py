@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import hashlib
 
-GROUP = "workers"
+GROUP = (
+    "workers"  # each stream is created with it (XGROUP CREATE MKSTREAM); nothing reads through it
+)
 
 
 class Keys:
@@ -46,9 +48,15 @@ class Keys:
     def lane(self, shard: int) -> str:
         """Hash: the lane's counters and owner (buffer.lanes): ``n`` orders admitted into it,
         ``s`` settled, ``last`` the queue number of its newest order, ``w`` its watermark,
-        ``d`` the newest queue number taken, ``epoch``/``owner`` the fence, and the state its
+        ``d`` the newest queue number taken (``dl`` its lane number, ``c`` its entry id: the
+        lane's cursor), ``epoch``/``owner`` the fence (``prev`` the owner before), and the state its
         owner reports (``state``, ``reason``, ``at``, ``rate``, ``cap``)."""
         return f"{self.tag(shard)}:lane"
+
+    def deliveries(self, shard: int) -> str:
+        """Hash: entry id -> how many owners took it and were lost before settling it, written
+        on takeover only (``claim.lua``); an entry at ``max_deliveries`` is dead-lettered."""
+        return f"{self.tag(shard)}:deliveries"
 
     def deadletters(self, shard: int) -> str:
         """The shard's dead-letter stream."""

@@ -1,8 +1,9 @@
 """Lanes: each shard's stream is a lane, drained in admission order by one owner at a time.
 
 The lane hash (``Keys.lane``) holds the lane's counters, written by the scripts that admit and
-settle, and its fence: ``epoch`` goes up each time a worker takes the lane, and ``take.lua``,
-``claim.lua`` and ``settle.lua`` refuse a caller whose epoch is not the current one. The owner
+settle, its cursor (``c``: the newest entry its owners have taken, ``taken.lua``), and its fence:
+``epoch`` goes up each time a worker takes the lane, and ``taken.lua``, ``claim.lua`` and
+``settle.lua`` refuse a caller whose epoch is not the current one. The owner
 also holds the lane's Postgres advisory lock on the connection it commits on (workers.lanelock),
 so a deposed owner can neither commit behind its successor nor settle after it.
 
@@ -35,6 +36,7 @@ class LaneState(msgspec.Struct, frozen=True):
     last: int = 0  # the queue number of the lane's newest order
     watermark: int = 0  # w: every order of the lane numbered <= w is settled
     taken: int = 0  # d: the highest queue number its owners have taken
+    taken_lane: int = 0  # dl: that order's lane number
     settled_at_us: int = 0  # when the lane last settled something
     epoch: int = 0
     owner: str = ""
@@ -47,6 +49,11 @@ class LaneState(msgspec.Struct, frozen=True):
     @property
     def depth(self) -> int:
         return max(0, self.admitted - self.settled)
+
+    @property
+    def in_flight(self) -> int:
+        """Orders taken into batches and not yet settled (the lane is drained in order)."""
+        return max(0, min(self.admitted, self.taken_lane) - self.settled)
 
     def processing(self, seq: int) -> bool:
         """Whether the order numbered ``seq`` (waiting in this lane) was taken into a batch:
@@ -69,6 +76,7 @@ def lane_of(shard: int, raw: dict[bytes, bytes]) -> LaneState:
         last=num(b"last"),
         watermark=num(b"w"),
         taken=num(b"d"),
+        taken_lane=num(b"dl"),
         settled_at_us=num(b"wat"),
         epoch=num(b"epoch"),
         owner=raw.get(b"owner", b"").decode(),

@@ -16,7 +16,7 @@ import msgspec
 
 from ordergate.buffer import history
 from ordergate.buffer.control import DrainControl, from_hash
-from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import Keys
 from ordergate.buffer.lanes import LaneState
 from ordergate.buffer.notifications import NotificationStreams
 from ordergate.buffer.position import drain_state_of, queue_drain_state, tail_eta
@@ -98,11 +98,10 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
     pipe.hgetall(keys.drain_control())
     for shard in range(shards):
         pipe.xlen(keys.stream(shard))
-        pipe.xpending(keys.stream(shard), GROUP)
         pipe.xrange(keys.stream(shard), count=1)
     replies = await pipe.execute(raise_on_error=False)
-    for reply in replies:  # a missing group (NOGROUP) only means nothing is pending there
-        if isinstance(reply, Exception) and "NOGROUP" not in str(reply):
+    for reply in replies:
+        if isinstance(reply, Exception):
             raise reply
     drain = drain_state_of(replies, shards)
     replies = replies[taken:]
@@ -144,7 +143,7 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
         notifications=Notifications(state.get("leader"), waiting, deferred, dead),
         breakers=breakers,
         shards=[
-            _shard(shard, streams[3 * shard : 3 * shard + 3], drain.lane(shard), now)
+            _shard(shard, streams[2 * shard : 2 * shard + 2], drain.lane(shard), now)
             for shard in range(shards)
         ],
         ingest_rate=_round(ingest),
@@ -156,12 +155,12 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
 
 
 def _shard(shard: int, replies: list[Any], lane: LaneState, now: float) -> Shard:
-    depth, pending, first = replies
+    depth, first = replies
     oldest = None
     if first:  # the oldest entry; its id starts with the unix ms of its admission
         ms = int(first[0][0].split(b"-", 1)[0])
         oldest = round(max(0.0, now - ms / 1000), 3)
-    count = pending["pending"] if isinstance(pending, dict) else 0
+    count = min(int(depth), lane.in_flight)
     heard = round(now - lane.heard_at_us / 1e6, 2) if lane.heard_at_us else None
     return Shard(
         shard,

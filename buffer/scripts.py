@@ -25,7 +25,7 @@ def source(name: str) -> str:
 
 
 _LIBS = {
-    "_lib": ("take", "claim", "settle", "replay", "notified"),
+    "_lib": ("taken", "claim", "settle", "replay", "notified"),
     "_idem": ("admit", "confirm", "replay", "notified"),
 }
 
@@ -36,7 +36,7 @@ class Scripts:
     NAMES = (
         "admit",
         "confirm",
-        "take",
+        "taken",
         "claim",
         "settle",
         "replay",
@@ -50,7 +50,7 @@ class Scripts:
     def __init__(self, redis: Any) -> None:
         self.admit: AsyncScript = redis.register_script(source("admit"))
         self.confirm: AsyncScript = redis.register_script(source("confirm"))
-        self.take: AsyncScript = redis.register_script(source("take"))
+        self.taken: AsyncScript = redis.register_script(source("taken"))
         self.claim: AsyncScript = redis.register_script(source("claim"))
         self.settle: AsyncScript = redis.register_script(source("settle"))
         self.replay: AsyncScript = redis.register_script(source("replay"))

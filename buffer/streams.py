@@ -1,4 +1,4 @@
-"""Create the shards' streams and consumer groups (idempotent, safe to call from every process),
+"""Create the shards' streams (idempotent, safe to call from every process),
 once the process's shard count is the deployment's."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from ordergate.buffer.lanes import adopt_pre_lane_counts
 
 
 async def ensure_streams(redis: Any, keys: Keys, shards: int) -> None:
-    """Make sure every shard has its stream and the workers' consumer group.
+    """Make sure every shard has its stream (created by ``XGROUP CREATE MKSTREAM``, the one way
+    to make an empty stream; the drain reads with a cursor, not through the group).
 
     A process started with another shard count than the deployment's gets DeploymentMismatch
     (buffer.deployment), and so does one that finds orders a version before lanes left

@@ -262,7 +262,9 @@ class Bench:
         )
         print(
             f"  Valkey CPU per order: {valkey['admit_cpu_us']:.1f} us admitting +"
-            f" {valkey['drain_cpu_us']:.1f} us draining = {valkey['cpu_us']:.1f} us"
+            f" {valkey['drain_cpu_us']:.1f} us draining = {valkey['cpu_us']:.1f} us (inside"
+            f" commands and scripts: {valkey['admit_commands_us']:.1f} +"
+            f" {valkey['drain_commands_us']:.1f} us)"
             f" ({valkey['cpu_per_xadd']:.1f} x a bare pipelined XADD of the same body,"
             f" {valkey['xadd_cpu_us']:.1f} us); memory per"
             f" order: body ({valkey['body_bytes']} B) + {valkey['buffered_overhead_bytes']:.0f} B"
@@ -449,19 +451,25 @@ def _postgres_pid(s: Settings) -> int:
     return int((s.data_path / "postgres" / "postmaster.pid").read_text().split()[0])
 
 
-def valkey_usage(url: str) -> tuple[float, int]:
-    """(CPU seconds, user + system, and used_memory bytes) of the Valkey at ``url``."""
+def valkey_usage(url: str) -> tuple[float, int, float]:
+    """(CPU seconds, user + system; used_memory bytes; seconds spent inside commands, scripts
+    included, from INFO commandstats) of the Valkey at ``url``. The CPU beyond the commands'
+    own time is the server's reading, replying and, with appendfsync always, the AOF's writes
+    and fsyncs, which grow with the number of round trips rather than of orders."""
     from ordergate.buffer.connection import create_redis
 
-    async def go() -> tuple[float, int]:
+    async def go() -> tuple[float, int, float]:
         redis = create_redis(url)
         try:
             cpu, memory = await redis.info("cpu"), await redis.info("memory")
+            stats = await redis.info("commandstats")
         finally:
             await redis.aclose()
-        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), int(memory["used_memory"])
+        inside = sum(float(v["usec"]) for v in stats.values() if isinstance(v, dict)) / 1e6
+        total = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+        return total, int(memory["used_memory"]), inside
 
-    result: tuple[float, int] = run(go())
+    result: tuple[float, int, float] = run(go())
     return result
 
 
@@ -494,10 +502,10 @@ def xadd_cpu_us(url: str, body_bytes: int, n: int = 20_000) -> float:
 
 
 def valkey_per_order(
-    empty: tuple[float, int],
-    filled: tuple[float, int],
-    copied: tuple[float, int],
-    settled: tuple[float, int],
+    empty: tuple[float, int, float],
+    filled: tuple[float, int, float],
+    copied: tuple[float, int, float],
+    settled: tuple[float, int, float],
     orders: int,
     body_bytes: int,
 ) -> dict[str, Any]:
@@ -510,6 +518,8 @@ def valkey_per_order(
         "orders": orders,
         "admit_cpu_us": admit_us,
         "drain_cpu_us": drain_us,
+        "admit_commands_us": (filled[2] - empty[2]) / n * 1e6,
+        "drain_commands_us": (settled[2] - copied[2]) / n * 1e6,
         "cpu_us": admit_us + drain_us,
         "body_bytes": body_bytes,
         "buffered_overhead_bytes": (filled[1] - empty[1]) / n - body_bytes,

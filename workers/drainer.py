@@ -140,9 +140,7 @@ class Drainer:
 
     async def _all_settled(self) -> bool:
         try:
-            length, pending = await outstanding(
-                self.redis, self.keys, list(range(self.config.shards))
-            )
+            length = await outstanding(self.redis, self.keys, list(range(self.config.shards)))
         except (RedisError, OSError):
             return False
-        return length == 0 and pending == 0
+        return length == 0

@@ -5,12 +5,13 @@ its own Postgres connection, takes the lane's lock on it (workers.lanelock), mak
 lane's owner under a new epoch (buffer.lanes), finishes what earlier owners left pending, then
 loops:
 
-1. ``take`` the lane's next entries (they go pending on this worker);
+1. ``take`` the lane's next entries (the lane's cursor moves past them);
 2. write them in one Postgres transaction, on the connection that holds the lock -- while the
    next ``take`` runs, so Redis and Postgres work at the same time;
-3. ``settle`` them in Redis: statuses, ack and delete, the lane's watermark -- atomically.
+3. ``settle`` them in Redis: statuses, delete, the lane's watermark -- atomically.
 
-A crash after 1 or 2 leaves the entries pending; the next owner claims them first, and the
+A crash after 1 or 2 leaves the entries in the stream behind the cursor; the next owner claims
+them first (each counting one more delivery), and the
 Postgres unique keys turn rows already written into a no-op. While Postgres is unavailable the
 batch is retried from memory, never re-read, so healthy orders do not pile up delivery counts;
 only entries that keep killing their owners reach ``max_deliveries`` and the dead letters.
@@ -365,8 +366,8 @@ class LaneDrain:
                     return False  # left pending: redelivery finds the rows and settles then
 
     async def _redis_trouble(self, exc: Exception) -> None:
-        if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-            log.error("lane %d: consumer group missing; recreating", self.shard)
+        if isinstance(exc, ResponseError) and "NOSTREAM" in str(exc):
+            log.error("lane %d: stream missing; recreating", self.shard)
             await _quietly(ensure_streams(self.redis, self.keys, self.config.shards))
         else:
             log.warning("lane %d: Redis error %r; retrying", self.shard, exc)

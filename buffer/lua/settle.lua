@@ -8,10 +8,11 @@
 -- (FENCED) unless the caller holds the lane's current epoch: a deposed owner's late settle
 -- cannot count a batch twice.
 -- KEYS[1] lane hash, KEYS[2] drain hash, KEYS[3] stream, KEYS[4] dead-letter stream,
--- KEYS[5] notification stream, then one per plain commit: its idem key; then two per
+-- KEYS[5] notification stream, KEYS[6] the lane's deliveries hash (claim.lua; it exists only
+-- after a takeover), then one per plain commit: its idem key; then two per
 -- exception: its status key, its idem key (KEYS[1] when the entry names no order of this lane,
 -- or, as a status key, when the order gets no record).
--- ARGV[1] group, ARGV[2] the status records' ttl s, ARGV[3] epoch, ARGV[4] now_us, ARGV[5]
+-- ARGV[1] unused, ARGV[2] the status records' ttl s, ARGV[3] epoch, ARGV[4] now_us, ARGV[5]
 -- rate ('' = unchanged), ARGV[6] owner, ARGV[7] webhook key prefix, ARGV[8] the idempotency
 -- records' ttl s, ARGV[9] the dead letters' retention s (0 = kept), ARGV[10] the drain's
 -- changes channel, ARGV[11] when the batch was taken (us: its orders' "processing" mark),
@@ -34,7 +35,7 @@ local refused = fenced(KEYS[1], ARGV[3])
 if refused then
   return refused
 end
-local group, ttl, now = ARGV[1], tonumber(ARGV[2]), ARGV[4]
+local ttl, now = tonumber(ARGV[2]), ARGV[4]
 local lane, stream, dlq, notify = KEYS[1], KEYS[3], KEYS[4], KEYS[5]
 local hooked = {}
 local function notify_of(sf, sfo, oid, outcome, at)
@@ -49,7 +50,7 @@ local function notify_of(sf, sfo, oid, outcome, at)
       'sfo', sfo, 'status', outcome, 'at', at)
   end
 end
-local done, settled = {}, 0
+local done, lettered, settled = {}, {}, 0
 local idem_ttl, retention = tonumber(ARGV[8]), tonumber(ARGV[9])
 local taken = ARGV[11]
 local p, committed_at = tonumber(ARGV[12]), ARGV[13]
@@ -77,7 +78,7 @@ for i = 1, p do
   local eid, oid, sf, sfo = string.match(ARGV[13 + i], PLAIN)
   notify_of(sf, sfo, oid, 'committed', committed_at)
   done[#done + 1] = eid
-  local idem_key = KEYS[5 + i]
+  local idem_key = KEYS[6 + i]
   if idem_key ~= lane then
     redis.call('EXPIRE', idem_key, idem_ttl)
   end
@@ -85,7 +86,7 @@ end
 for i = 0, n - 1 do
   local a = 14 + p + i * 13
   local eid, outcome, at, reason = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local status_key, idem_key = KEYS[6 + p + i * 2], KEYS[7 + p + i * 2]
+  local status_key, idem_key = KEYS[7 + p + i * 2], KEYS[8 + p + i * 2]
   local plain = outcome == 'committed' and ARGV[a + 8] ~= '1'
   if outcome == 'dead_lettered' then
     local entry = redis.call('XRANGE', stream, eid, eid)
@@ -102,8 +103,8 @@ for i = 0, n - 1 do
         local cutoff = math.max(0, now_ms - retention * 1000)
         redis.call('XTRIM', dlq, 'MINID', string.format('%d', cutoff))
       end
-      redis.call('XACK', stream, group, eid)
       settled = settled + redis.call('XDEL', stream, eid)
+      lettered[#lettered + 1] = eid
       if status_key ~= lane then
         record(status_key, a, 'dead_lettered', at, reason)
       end
@@ -120,8 +121,15 @@ for i = 0, n - 1 do
   end
 end
 if #done > 0 then
-  redis.call('XACK', stream, group, unpack(done))
   settled = settled + redis.call('XDEL', stream, unpack(done))
+end
+if redis.call('EXISTS', KEYS[6]) == 1 then  -- after a takeover: forget the settled ones' counts
+  if #done > 0 then
+    redis.call('HDEL', KEYS[6], unpack(done))
+  end
+  if #lettered > 0 then
+    redis.call('HDEL', KEYS[6], unpack(lettered))
+  end
 end
 -- The lane's watermark: every entry of this lane with a queue number <= it is settled. The
 -- lowest queue number left in the stream, minus one, or the lane's last admitted one when the

@@ -7,11 +7,12 @@ import dataclasses
 from typing import Any
 
 from ordergate.buffer.consumer import LaneConsumer, Settlement
-from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import Keys
 from ordergate.buffer.lanes import claim_lane
 from ordergate.buffer.position import read_drain_state
 from ordergate.buffer.webhooks import set_webhook
 from tests.conftest import admit
+from tests.faults import in_flight
 
 KEYS = Keys()
 IDEM_TTL = 7777
@@ -55,7 +56,7 @@ async def test_a_batch_mixing_every_outcome_settles_each_as_it_should(
     assert settled == len(items) and watermark == lane.last
     stream = KEYS.stream(shard)
     assert await redis.xlen(stream) == 0
-    assert (await redis.xpending(stream, GROUP))["pending"] == 0
+    assert await in_flight(redis, KEYS, shard) == 0
     after = next(x for x in (await read_drain_state(redis, KEYS, 8)).lanes if x.shard == shard)
     assert after.settled == len(items) and after.watermark == lane.last
 

@@ -9,10 +9,11 @@ import pytest
 
 from ordergate.buffer.consumer import LaneConsumer, Settlement
 from ordergate.buffer.errors import LaneFenced
-from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import Keys
 from ordergate.buffer.lanes import claim_lane
 from ordergate.buffer.position import read_drain_state
 from tests.conftest import admit
+from tests.faults import in_flight
 
 KEYS = Keys()
 
@@ -38,7 +39,7 @@ async def test_a_superseded_owner_can_neither_take_claim_nor_settle(
     for call in (old.take(2), old.claim(), _settle(old, taken)):
         with pytest.raises(LaneFenced, match=f"lane {shard}: FENCED"):
             await call
-    assert (await redis.xpending(KEYS.stream(shard), GROUP))["pending"] == 2  # nothing moved
+    assert await in_flight(redis, KEYS, shard) == 2  # nothing moved
     owed = await new.claim()
     assert [m.entry_id for m in owed.messages] == [m.entry_id for m in taken.messages]
     watermark, settled = await _settle(new, owed)

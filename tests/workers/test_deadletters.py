@@ -9,7 +9,9 @@ import subprocess
 import sys
 from typing import Any
 
-from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.consumer import LaneConsumer
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.lanes import claim_lane
 from tests.conftest import auth, drain, make_settings, order_body
 
 KEYS = Keys()
@@ -94,21 +96,35 @@ async def test_nul_in_metadata_is_refused_at_the_door(client, api_key) -> None:
     assert r.status_code == 422
 
 
+async def _owner(redis: Any, shard: int, name: str) -> LaneConsumer:
+    """``name`` takes lane ``shard`` under a new epoch (as a worker does once it holds the lock)."""
+    return LaneConsumer(redis, KEYS, 8, shard, name, await claim_lane(redis, KEYS, shard, name))
+
+
 async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(
     client, api_key, servers, redis, pg
 ) -> None:
-    """Injects: an order taken by consumers that die without acking, max_deliveries (3) times.
+    """Injects: an order taken by lane owners that die before settling, max_deliveries (3)
+    times (three owners, each taking the lane under a new epoch, taking over what the last one
+    took, and abandoning it).
     Audits: the next worker dead-letters it with the delivery count; its status says so;
     `ordergate dlq list` shows it and `ordergate dlq replay` re-queues it; it then commits once."""
     settings = make_settings(servers, max_deliveries=3)
     r = await client.post("/v1/orders", json=order_body("doomed"), headers=auth(api_key))
     oid = r.json()["order_id"]
     shard = int(oid.split("_")[1])
-    stream = KEYS.stream(shard)
-    [[_, [(entry_id, _)]]] = await redis.xreadgroup(GROUP, "ghost-1", {stream: ">"}, count=1)
-    for ghost in ("ghost-2", "ghost-3"):  # each claim is one more delivery to a consumer that dies
-        await redis.xclaim(stream, GROUP, ghost, min_idle_time=0, message_ids=[entry_id])
-    assert (await redis.xpending_range(stream, GROUP, "-", "+", 1))[0]["times_delivered"] == 3
+    first = LaneConsumer(
+        redis, KEYS, 8, shard, "ghost-1", await claim_lane(redis, KEYS, shard, "ghost-1")
+    )
+    assert not len(await first.claim())
+    assert [m.order_id for m in (await first.take(10)).messages] == [oid]
+    for n, ghost in enumerate(("ghost-2", "ghost-3"), start=1):  # each takes it over, and dies
+        owner = LaneConsumer(
+            redis, KEYS, 8, shard, ghost, await claim_lane(redis, KEYS, shard, ghost)
+        )
+        owed = await owner.claim()
+        assert [m.order_id for m in owed.messages] == [oid]
+        assert list(owed.deliveries.values()) == [n]
 
     report = await drain(settings)
     assert report.dead_lettered == 1 and report.committed == 0

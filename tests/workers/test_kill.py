@@ -8,16 +8,16 @@ from typing import Any
 
 import asyncpg
 
-from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import Keys
 from tests.conftest import admit, auth, drain, eventually, make_settings
-from tests.faults import audit
+from tests.faults import audit, in_flight
 from tests.workers.procs import kill9, spawn_worker
 
 
 async def _pending(redis: Any) -> int:
     total = 0
     for shard in range(8):
-        total += int((await redis.xpending(Keys().stream(shard), GROUP))["pending"])
+        total += await in_flight(redis, Keys(), shard)
     return total
 
 

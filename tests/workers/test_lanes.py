@@ -11,10 +11,10 @@ from typing import Any
 
 import asyncpg
 
-from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import Keys
 from ordergate.buffer.position import read_drain_state
 from tests.conftest import admit, eventually, make_settings
-from tests.faults import DelayProxy, assert_fifo_per_lane, audit
+from tests.faults import DelayProxy, assert_fifo_per_lane, audit, in_flight
 from tests.workers.procs import LoggedWorker
 
 KEYS = Keys()
@@ -57,11 +57,9 @@ async def _pending_on(redis: Any, pid: int) -> int:
     """Entries taken by the worker ``pid`` and not yet settled, over all lanes."""
     pending = 0
     for shard in range(8):
-        summary = await redis.xpending(KEYS.stream(shard), GROUP)
-        for consumer in summary.get("consumers") or []:
-            name = consumer["name"]
-            if _pid(name.decode() if isinstance(name, bytes) else name) == pid:
-                pending += int(consumer["pending"])
+        owner = await redis.hget(KEYS.lane(shard), "owner")
+        if owner is not None and _pid(owner.decode()) == pid:
+            pending += await in_flight(redis, KEYS, shard)
     return pending
 
 

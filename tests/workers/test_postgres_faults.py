@@ -13,14 +13,14 @@ from typing import Any
 
 import asyncpg
 
-from ordergate.buffer.keys import GROUP, Keys
+from ordergate.buffer.keys import Keys
 from ordergate.buffer.position import DrainState, read_drain_state
 from ordergate.servers import EmbeddedPostgres
 from ordergate.workers.backoff import backoff
 from ordergate.workers.lanelock import deployment_key
 from ordergate.workers.migrate import migrate
 from tests.conftest import admit, auth, eventually, make_settings, order_body
-from tests.faults import DelayProxy, assert_fifo_per_lane, audit
+from tests.faults import DelayProxy, assert_fifo_per_lane, audit, in_flight
 from tests.workers.procs import LoggedWorker as _Worker
 from tests.workers.procs import logged_worker as _worker
 
@@ -392,7 +392,7 @@ async def _taken_or_pending(redis: Any) -> tuple[int, int]:
     state = await _drain(redis)
     pending = 0
     for shard in range(8):
-        pending += int((await redis.xpending(KEYS.stream(shard), GROUP))["pending"])
+        pending += await in_flight(redis, KEYS, shard)
     return sum(1 for lane in state.lanes if lane.taken > lane.watermark), pending
 
 
