@@ -151,7 +151,7 @@ def print_summary(report: Mapping[str, Any]) -> None:
                 f"    Valkey per order: CPU {v['admit_cpu_us']:.1f} us admitting +"
                 f" {v['drain_cpu_us']:.1f} us draining = {v['cpu_us']:.1f} us (target <= 10),"
                 f" {v.get('cpu_per_xadd', math.nan):.1f} x a bare XADD of the same body; inside"
-                f" commands and scripts {v.get('admit_commands_us', math.nan):.1f} +"
+                f" scripts {v.get('admit_commands_us', math.nan):.1f} +"
                 f" {v.get('drain_commands_us', math.nan):.1f} us;"
                 f" memory body + {v['buffered_overhead_bytes']:.0f} B buffered (target <= 250),"
                 f" {v['settled_bytes']:.0f} B settled (target <= 150)"
