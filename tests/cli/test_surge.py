@@ -17,21 +17,27 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ORDERGATE_")}
 
 
-def test_a_short_spike_is_audited_end_to_end(tmp_path: Path) -> None:
-    """Baseline 1 user -> 30 users -> 1 user, 6 s each, against an `up` the surge starts."""
-    results = tmp_path / "results"
+def _surge(tmp_path: Path, *extra: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """A 30-user spike against an `up` the surge starts, its results in ``tmp_path/results``."""
     started = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "ordergate", "surge", "--shape", "spike", "--users", "30"]
-        + ["--duration", "18", "--results", str(results), "--drain-timeout", "60"],
+        + ["--results", str(tmp_path / "results"), *extra],
         cwd=tmp_path,
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=timeout,
     )
     took = time.monotonic() - started
     print(out.stdout, f"\n(`ordergate surge` took {took:.1f} s)")
+    return out
+
+
+def test_a_short_spike_is_audited_end_to_end(tmp_path: Path) -> None:
+    """Baseline 1 user -> 30 users -> 1 user, 6 s each, against an `up` the surge starts."""
+    results = tmp_path / "results"
+    out = _surge(tmp_path, "--duration", "18", "--drain-timeout", "60", timeout=150)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert out.stdout.rstrip().endswith("PASS")
 
@@ -66,19 +72,9 @@ def test_a_capped_drain_backlog_gets_its_etas_audited(tmp_path: Path) -> None:
     builds, and the customers' first ETAs are measured against their waits. Whether the ETA
     check is judged depends on how long the waits were, which this test does not assume."""
     results = tmp_path / "results"
-    started = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "ordergate", "surge", "--shape", "spike", "--users", "30"]
-        + ["--duration", "12", "--drain-rate", "60", "--results", str(results)]
-        + ["--drain-timeout", "120"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=200,
+    out = _surge(
+        tmp_path, "--duration", "12", "--drain-rate", "60", "--drain-timeout", "120", timeout=200
     )
-    took = time.monotonic() - started
-    print(out.stdout, f"\n(`ordergate surge` took {took:.1f} s)")
     assert "drain capped at 60 orders/s" in out.stdout
     audit = json.loads((results / "audit.json").read_text())
     checks = {c["name"]: c for c in audit["checks"]}
