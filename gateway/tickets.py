@@ -57,6 +57,8 @@ class Tickets:
         parts = payload.split(".")
         if len(parts) not in (4, 5) or len(mac) != 22 or len(ticket) > 200:
             return None
+        if not ticket.isascii():  # compare_digest takes only ASCII text; no ticket of ours isn't
+            return None
         if not hmac.compare_digest(mac, _mac(await self.secret(), payload)):
             return None
         try:

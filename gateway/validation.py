@@ -24,6 +24,14 @@ _SEGMENT = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[\.\.\.\]")
 Error = dict[str, str]
 
 
+MAX_DEPTH = 32  # an order nests 3 levels (order, items, item); a document past 32 is not one
+MAX_ERRORS = 20  # reported by pointer; the walk stops after one more
+
+
+class _Enough(Exception):
+    """The walk found more errors than are reported: stop it (the CPU of a hostile body)."""
+
+
 def parse_order(body: bytes) -> Order:
     """Decode and check an order; raises InvalidOrder or MalformedJson."""
     try:
@@ -32,17 +40,51 @@ def parse_order(body: bytes) -> Order:
         raise _all_errors(body) from None
     except msgspec.DecodeError as exc:
         raise MalformedJson(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _too_deep() from None
     errors = _cross_field(order)
     if errors:
         raise _invalid(errors)
     return order
 
 
+def _too_deep() -> MalformedJson:
+    return MalformedJson(f"the body nests arrays or objects deeper than {MAX_DEPTH} levels")
+
+
+def nesting_depth(body: bytes, limit: int = MAX_DEPTH) -> int:
+    """How deep the body's arrays and objects nest, counted up to ``limit + 1``, at C speed:
+    drop the strings, keep the brackets, then peel innermost pairs one level per pass."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return 0  # cannot nest deeper than it has brackets
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    depth = 0
+    while brackets and depth <= limit:
+        peeled = _INNERMOST.sub(b"", brackets)
+        if peeled == brackets:
+            break  # unbalanced: the decoder says what is wrong with it
+        brackets, depth = peeled, depth + 1
+    return depth
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
 def _invalid(errors: list[Error]) -> InvalidOrder:
-    detail = "; ".join(f"{e['pointer']}: {e['detail']}" for e in errors[:5])
-    if len(errors) > 5:
-        detail += f"; and {len(errors) - 5} more"
-    return InvalidOrder(detail, errors=errors)
+    """The problem for ``errors``: at most MAX_ERRORS of them, then a last entry saying more
+    were found (the walk stopped there)."""
+    shown = list(errors[:MAX_ERRORS])
+    more = len(errors) > MAX_ERRORS
+    if more:
+        shown.append({"pointer": "#", "detail": f"more than {MAX_ERRORS} errors, not listed"})
+    detail = "; ".join(f"{e['pointer']}: {e['detail']}" for e in shown[:5])
+    if more:
+        detail += f"; and more (the first {MAX_ERRORS} in errors)"
+    elif len(shown) > 5:
+        detail += f"; and {len(shown) - 5} more"
+    return InvalidOrder(detail, errors=shown)
 
 
 def _pointer(path: list[str | int]) -> str:
@@ -80,18 +122,34 @@ def _cross_field(order: Order) -> list[Error]:
 
 
 def _all_errors(body: bytes) -> InvalidOrder | MalformedJson:
+    if nesting_depth(body) > MAX_DEPTH:
+        return _too_deep()
     try:
         doc = _any_decoder.decode(body)
     except msgspec.DecodeError as exc:
         return MalformedJson(f"the body is not valid JSON: {exc}")
-    errors: list[Error] = []
-    _check(doc, Order, [], errors)
+    except RecursionError:
+        return _too_deep()
+    errors = _Bounded()
+    try:
+        _check(doc, Order, [], errors)
+    except _Enough:
+        pass
     if not errors:  # the typed decode failed for a reason the walk did not see
         try:
             ORDER_DECODER.decode(body)
         except msgspec.ValidationError as exc:
             errors.append(_from_msgspec(exc, []))
     return _invalid(errors)
+
+
+class _Bounded(list[Error]):
+    """The error list of one walk, which ends it once it holds one more than is reported."""
+
+    def append(self, error: Error) -> None:
+        super().append(error)
+        if len(self) > MAX_ERRORS:
+            raise _Enough
 
 
 def _unwrap(tp: Any) -> tuple[Any, tuple[Any, ...]]:

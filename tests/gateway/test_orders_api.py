@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -205,6 +206,40 @@ async def test_invalid_order_names_every_bad_field(client, api_key) -> None:
         "#/customer/id",
         "#/surprise",
     }
+
+
+@pytest.mark.parametrize("depth", [40, 1000, 30000])
+async def test_deep_nesting_is_a_422_not_a_500(client, api_key, depth) -> None:
+    """JSON nested 1,000 levels deep once raised RecursionError in the error path (a 500)."""
+    nested = "[" * depth + "]" * depth
+    doc = json.dumps(order_body())
+    for body in (nested, doc[:-1] + f', "metadata": {{"a": {nested}}}}}'):
+        r = await client.post(
+            "/v1/orders",
+            content=body,
+            headers={**auth(api_key), "content-type": "application/json"},
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["type"] == "/problems/malformed-json"
+        assert "deeper than 32 levels" in r.json()["detail"]
+
+
+async def test_the_error_list_stops_after_20(client, api_key) -> None:
+    """500 bad items, 3 errors each: the answer lists 20 and says there are more (it listed
+    all 1,500 once: a 433 KB answer to a 44 KB body), and the walk stops there."""
+    body = order_body()
+    body["items"] = [{"sku": "", "quantity": 0, "unit_price_minor": -1}] * 500
+    r = await client.post("/v1/orders", json=body, headers=auth(api_key))
+    assert r.status_code == 422
+    errors = r.json()["errors"]
+    assert len(errors) == 21
+    assert errors[:3] == [
+        {"pointer": "#/items/0/sku", "detail": "Expected `str` of length >= 1"},
+        {"pointer": "#/items/0/quantity", "detail": "Expected `int` >= 1"},
+        {"pointer": "#/items/0/unit_price_minor", "detail": "Expected `int` >= 0"},
+    ]
+    assert errors[-1] == {"pointer": "#", "detail": "more than 20 errors, not listed"}
+    assert len(r.content) < 4000
 
 
 @pytest.mark.parametrize(

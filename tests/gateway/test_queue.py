@@ -52,7 +52,14 @@ async def test_receipt_carries_a_ticket_and_unknown_tickets_are_404(client, api_
     assert status["queue_number"] == receipt["queue_number"] == 1
     # no API key needed, and nothing else works as a ticket
     forged = ticket[:-2] + ("AA" if not ticket.endswith("AA") else "BB")
-    for bad in (forged, "nonsense", receipt["order_id"], ticket.replace(".1.0.", ".2.0.")):
+    non_ascii = ticket[:-2] + "\u00e9\u00e9"  # once a TypeError (500) in compare_digest
+    for bad in (
+        forged,
+        "nonsense",
+        receipt["order_id"],
+        ticket.replace(".1.0.", ".2.0."),
+        non_ascii,
+    ):
         r = await client.get(f"/v1/queue/{bad}")
         assert r.status_code == 404, bad
         assert r.headers["content-type"] == "application/problem+json"
