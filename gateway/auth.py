@@ -2,7 +2,9 @@
 
 A key is ``og_`` + 43 url-safe chars (256 random bits); only its SHA-256 is stored, in the hash
 ``og:apikeys`` (sha256 -> storefront id). Gateways cache lookups for ``auth_cache_s`` seconds, so a
-revoked key stops working within that time.
+revoked key stops working within that time. An Authorization value that does not have a key's
+shape is refused before any cache or Redis lookup, so the cache holds only key-sized entries
+(at most ``CACHE_ENTRIES``, about 2 MB), whatever clients send.
 """
 
 from __future__ import annotations
@@ -16,9 +18,20 @@ from typing import Any
 
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import Keys
-from ordergate.gateway.errors import Unauthorized
+from ordergate.gateway.errors import AmbiguousRequest, Unauthorized
 
 STOREFRONT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+BEARER = re.compile(r"Bearer og_[A-Za-z0-9_-]{43}")  # 'Bearer ' and a key, nothing else
+CACHE_ENTRIES = 10_000
+
+
+def authorization_of(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The request's one Authorization value; AmbiguousRequest (400) when it has several
+    (which one would count differs between proxies, and did between the gateway's routes)."""
+    found = [v for k, v in headers if k == b"authorization"]
+    if len(found) > 1:
+        raise AmbiguousRequest("send one Authorization header, not several")
+    return found[0].decode("latin-1") if found else None
 
 
 def hash_key(key: str) -> str:
@@ -63,6 +76,7 @@ class Authenticator:
         self._cache: dict[str, tuple[str | None, float]] = {}
         self._lookups: dict[str, asyncio.Future[str | None]] = {}
         self._cache_s = cache_s
+        self.lookups = 0  # API keys looked up in Redis so far
 
     def cached(self, authorization: str | None) -> str | None:
         """The storefront when the key is in the cache and valid, else None (look it up). The
@@ -76,6 +90,11 @@ class Authenticator:
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized(
                 "send 'Authorization: Bearer <api key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if not BEARER.fullmatch(authorization):
+            raise Unauthorized(
+                "the API key is not valid (a key is og_ and 43 url-safe characters)",
+                headers={"WWW-Authenticate": "Bearer"},
             )
         now = time.monotonic()
         hit = self._cache.get(authorization)
@@ -97,10 +116,11 @@ class Authenticator:
     async def _lookup(self, authorization: str, now: float) -> str | None:
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._lookups[authorization] = future
+        self.lookups += 1
         try:
             raw = await self._redis.hget(self._hash_key, hash_key(authorization[7:].strip()))
             storefront = raw.decode() if raw else None
-            if len(self._cache) > 10000:
+            if len(self._cache) >= CACHE_ENTRIES:
                 self._cache.clear()
             self._cache[authorization] = (storefront, now + (self._cache_s if storefront else 1.0))
             future.set_result(storefront)

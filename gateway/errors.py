@@ -55,6 +55,13 @@ class OrderInFlight(Problem):
     status, type, title = 409, "order-in-flight", "The same order is still being admitted"
 
 
+class AmbiguousRequest(Problem):
+    """A header that must appear once came more than once: the parts of a system (a proxy, the
+    gateway's two routes) could each read another one."""
+
+    status, type, title = 400, "ambiguous-request", "A header that must appear once is repeated"
+
+
 class Unauthorized(Problem):
     status, type, title = 401, "unauthorized", "Missing or invalid API key"
 
@@ -107,6 +114,7 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         OrderIdReused,
         OrderInFlight,
         Unauthorized,
+        AmbiguousRequest,
         NotFound,
         TicketNotFound,
         BufferFull,

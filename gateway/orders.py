@@ -20,6 +20,7 @@ from ordergate.buffer.order import ORDER_ENCODER
 from ordergate.buffer.position import DrainState, seconds_until_room
 from ordergate.buffer.status import Change, read_status
 from ordergate.gateway import metrics
+from ordergate.gateway.auth import authorization_of
 from ordergate.gateway.committed import read_committed
 from ordergate.gateway.errors import (
     BufferFull,
@@ -165,10 +166,7 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = config.admission_timeout_s
-    authorization = headers.get(b"authorization")
-    storefront = await _storefront(
-        state, authorization.decode("latin-1") if authorization else None, deadline
-    )
+    storefront = await _storefront(state, authorization_of(scope["headers"]), deadline)
     deadline -= loop.time() - started
     content_type = headers.get(b"content-type")
     if not _is_json(content_type.decode("latin-1") if content_type else None):
@@ -242,7 +240,7 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
 
 async def get_order(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
-    storefront = await state.auth.storefront(request.headers.get("authorization"))
+    storefront = await state.auth.storefront(authorization_of(request.scope["headers"]))
     order_id: str = request.path_params["order_id"]
     shard = shard_of_order_id(order_id, state.config.shards)
     if shard is None:

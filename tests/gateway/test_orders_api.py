@@ -12,6 +12,7 @@ import pytest
 from ordergate.buffer.keys import Keys
 from ordergate.components import gateway_config
 from ordergate.gateway.app import create_app
+from ordergate.gateway.auth import CACHE_ENTRIES
 from ordergate.sharding import new_order_id
 from tests.conftest import auth, drain, order_body
 
@@ -377,3 +378,39 @@ async def test_an_unexpected_error_is_problem_json_with_a_request_id_in_the_log(
             assert logged[0].exc_info is not None
             r = await client.get(f"/v1/orders/{order_id}", headers=auth(api_key))
             assert len(r.json()["request_id"]) == 16  # none given: a fresh one
+
+
+async def test_an_authorization_not_shaped_like_a_key_costs_no_lookup(client, api_key) -> None:
+    """Injects: 40 requests, each with a distinct 1 MB Authorization value (they once took the
+    gateway from 105 MB to 417 MB RSS, held by the key cache), then 40 well-shaped unknown keys.
+    Audits: every one is 401; the misshapen ones reach neither the key cache nor Redis; the
+    well-shaped ones are looked up once each, and the cache stays within its bound."""
+    auth_state = client.app.state.gateway.auth
+    before = auth_state.lookups
+    for i in range(40):
+        huge = f"Bearer og_{i}" + "x" * 1_000_000
+        r = await client.post("/v1/orders", json=order_body(), headers={"Authorization": huge})
+        assert r.status_code == 401 and r.json()["type"] == "/problems/unauthorized"
+    assert auth_state.lookups == before
+    assert all(len(k) < 100 for k in auth_state._cache)
+    for i in range(40):
+        unknown = "Bearer og_" + f"{i:043d}"
+        r = await client.post("/v1/orders", json=order_body(), headers={"Authorization": unknown})
+        assert r.status_code == 401
+    assert auth_state.lookups == before + 40
+    assert len(auth_state._cache) <= CACHE_ENTRIES
+    ok = await client.post("/v1/orders", json=order_body(), headers=auth(api_key))
+    assert ok.status_code == 202
+
+
+async def test_two_authorization_headers_are_a_400(client, api_key) -> None:
+    """POST read the last Authorization header and GET the first; now neither reads any."""
+    headers = [("Authorization", f"Bearer {api_key}"), ("Authorization", "Bearer og_other")]
+    r = await client.post(
+        "/v1/orders",
+        content=json.dumps(order_body()),
+        headers=[*headers, ("content-type", "application/json")],
+    )
+    assert r.status_code == 400 and r.json()["type"] == "/problems/ambiguous-request"
+    g = await client.get("/v1/orders/ord_0_x", headers=headers)
+    assert g.status_code == 400 and g.json()["type"] == "/problems/ambiguous-request"
