@@ -66,6 +66,10 @@ class Unauthorized(Problem):
     status, type, title = 401, "unauthorized", "Missing or invalid API key"
 
 
+class Forbidden(Problem):
+    status, type, title = 403, "forbidden", "Not allowed from here"
+
+
 class NotFound(Problem):
     status, type, title = 404, "not-found", "Not found"
 
@@ -115,6 +119,7 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         OrderInFlight,
         Unauthorized,
         AmbiguousRequest,
+        Forbidden,
         NotFound,
         TicketNotFound,
         BufferFull,

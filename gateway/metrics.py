@@ -33,7 +33,7 @@ from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.overview import Overview, read_overview
 from ordergate.gateway.errors import PROBLEM_TYPES, BufferFull, Problem, ServiceUnavailable
-from ordergate.gateway.ops import require_admin
+from ordergate.gateway.ops import require_admin_if_set
 
 ACCEPTED = Counter(
     "ordergate_orders_accepted", "Orders admitted into the buffer (POST /v1/orders answered 202)."
@@ -227,7 +227,7 @@ def admission_buckets(metrics_dir: str | None) -> list[tuple[float, int]]:
 
 async def metrics(request: Request) -> Response:
     """GET /metrics (behind ``admin_token`` when one is set, as /v1/ops/status)."""
-    state = require_admin(request)
+    state = require_admin_if_set(request)
     snapshot = await read_snapshot(state.redis, state.keys, state.config.shards)
     return Response(
         exposition(snapshot, state.config.metrics_dir),

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -21,6 +22,7 @@ from ordergate.servers import EmbeddedPostgres, EmbeddedValkey, auto_maxmemory
 from ordergate.settings import Settings, parse_valkey_maxmemory
 
 RUNTIME_FILE = "runtime.json"
+ADMIN_TOKEN_FILE = "admin-token"  # `up`'s admin token when none is configured (mode 0600)
 LOCK_FILE = "lock"
 
 
@@ -44,6 +46,22 @@ def write_runtime(data_dir: Path, redis_url: str, database_url: str) -> None:
         json.dumps({"pid": os.getpid(), "redis_url": redis_url, "database_url": database_url})
     )
     tmp.replace(data_dir / RUNTIME_FILE)
+
+
+def admin_token(data_dir: Path) -> str:
+    """The data dir's admin token, made (256 random bits, readable by its owner only) the first
+    time: the operators' endpoints are off without one, and `up` should not start with them
+    unreachable, nor open."""
+    path = data_dir / ADMIN_TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    return token
 
 
 def clear_runtime(data_dir: Path) -> None:

@@ -22,7 +22,14 @@ from ordergate import metricsdir
 from ordergate.buffer.connection import create_redis
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
-from ordergate.runtime import clear_runtime, data_dir_lock, embedded_valkey, write_runtime
+from ordergate.runtime import (
+    ADMIN_TOKEN_FILE,
+    admin_token,
+    clear_runtime,
+    data_dir_lock,
+    embedded_valkey,
+    write_runtime,
+)
 from ordergate.servers import MIB, EmbeddedPostgres, EmbeddedValkey, die_with_parent
 from ordergate.settings import Settings
 from ordergate.workers.migrate import migrate
@@ -83,6 +90,8 @@ class Supervisor:
                 settings = self._start_servers()
                 if self.with_gateway:  # `up`: the host's processes share one metrics dir
                     settings = metricsdir.fresh(settings)
+                    if settings.admin_token is None:
+                        settings = settings.replace(admin_token=admin_token(self.data_dir))
                 if self.with_migrate:
                     self._prepare(settings)
                 write_runtime(self.data_dir, settings.redis_url or "", settings.database_url or "")
@@ -154,7 +163,13 @@ class Supervisor:
             f"  redis:     {settings.redis_url}\n"
             f"  postgres:  {settings.database_url}\n"
             f"  API key:   ordergate keys create <storefront-id>   (in another terminal)\n"
-            f"  stop:      Ctrl-C\n",
+            f"  operators: /dashboard, /v1/ops/*, /metrics want the admin token"
+            + (
+                f" in {self.data_dir / ADMIN_TOKEN_FILE}\n"
+                if self.settings.admin_token is None
+                else " (configured)\n"
+            )
+            + "  stop:      Ctrl-C\n",
             flush=True,
         )
 

@@ -94,7 +94,7 @@ def run_surge(options: SurgeOptions, settings: Settings) -> int:
         argv += ["--record-dir", str(results), "--exit-code-on-error", "0"]
         argv += ["--stop-timeout", str(USER_STOP_S)]  # a stopping user finishes its request
         env = {**os.environ, "ORDERGATE_API_KEY": ",".join(keys)}
-        probe = OpsProbe(target.url, settings.admin_token)
+        probe = OpsProbe(target.url, target.admin_token or settings.admin_token)
         try:
             before = probe.read()
             with ProgressLine(options.shape) as line:

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from ordergate.errors import SurgeError
-from ordergate.runtime import RUNTIME_FILE, read_runtime
+from ordergate.runtime import ADMIN_TOKEN_FILE, RUNTIME_FILE, read_runtime
 from ordergate.servers import die_with_parent, free_port
 from ordergate.settings import Settings
 
@@ -41,6 +41,7 @@ class Target:
     redis_url: str | None
     database_url: str | None
     started: str  # "" for a running gateway, else what was started (for the audit's header)
+    admin_token: str | None = None  # of the started `up` (its data dir's), else the configured
 
 
 def running_gateway(url: str, settings: Settings) -> Target:
@@ -92,11 +93,18 @@ def own_gateway(
             redis_url=runtime["redis_url"],
             database_url=runtime["database_url"],
             started=f"its own `ordergate up` (pid {proc.pid}, data in {directory}, log {log})",
+            admin_token=_made_token(directory),
         )
     finally:
         _stop(proc)
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _made_token(directory: Path) -> str | None:
+    """The admin token `up` made in its data dir (none when one was configured)."""
+    path = directory / ADMIN_TOKEN_FILE
+    return path.read_text().strip() if path.exists() else None
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:

@@ -98,6 +98,13 @@ async def _run_up_once(
                 return (await http.get(url, headers=headers)).json()["status"] == "committed"
 
             await eventually(committed, timeout=30)
+            # The operators' endpoints: `up` made an admin token, readable by its owner only.
+            token_file = cwd / ".ordergate" / "admin-token"
+            assert token_file.stat().st_mode & 0o777 == 0o600
+            token = token_file.read_text().strip()
+            assert (await http.get("/v1/ops/status")).status_code == 401
+            ops = await http.get("/v1/ops/status", headers={"Authorization": f"Bearer {token}"})
+            assert ops.status_code == 200 and ops.json()["settled"] >= 1
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(children) >= 4  # valkey, postgres, gateway, 2 workers
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does
@@ -113,6 +120,7 @@ async def _run_up_once(
 async def test_up_serves_an_order_into_postgres_and_stops_cleanly(tmp_path: Path) -> None:
     _, children, output = await _run_up_once(tmp_path, free_port(), "up-1")
     assert "ordergate is up" in output
+    assert f"want the admin token in {tmp_path / '.ordergate' / 'admin-token'}" in output
     assert not [
         pid
         for pid in children

@@ -20,6 +20,15 @@ from tests.cli.run import ordergate
 from tests.conftest import admit, auth, eventually, make_settings, order_body, worker_running
 
 KEYS = Keys()
+TOKEN = "drain-admin-token"
+
+
+@pytest.fixture
+async def ops(app_factory: Any, settings: Any) -> Any:
+    """A gateway with an admin token, and a client that sends it."""
+    client = await app_factory(settings.replace(admin_token=TOKEN))
+    client.headers["Authorization"] = f"Bearer {TOKEN}"
+    return client
 
 
 class Flow:
@@ -184,17 +193,22 @@ async def test_a_pause_is_not_held_up_by_a_very_low_rate(
         await eventually(lambda: _all_settled(redis), timeout=30)
 
 
-async def test_post_ops_drain_changes_the_controls(client: Any, redis: Any) -> None:
-    r = await client.post("/v1/ops/drain", json={"action": "rate", "rate": 250})
+async def test_post_ops_drain_changes_the_controls(ops: Any, redis: Any) -> None:
+    r = await ops.post("/v1/ops/drain", json={"action": "rate", "rate": 250})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["paused"] is False and body["rate"] == 250.0
-    assert body["by"].startswith("dashboard") and body["at_us"] > 0
-    r = await client.post("/v1/ops/drain", json={"action": "pause"})
+    assert body["by"] == "admin token" and body["at_us"] > 0  # who, from the authentication
+    r = await ops.post(
+        "/v1/ops/drain",
+        json={"action": "pause"},
+        headers={"Origin": "http://og", "X-Forwarded-For": "10.9.9.9"},
+    )
     assert r.json()["paused"] is True and r.json()["rate"] == 250.0
-    r = await client.post("/v1/ops/drain", json={"action": "resume", "rate": None})
+    assert r.json()["by"] == "dashboard (admin token)"
+    r = await ops.post("/v1/ops/drain", json={"action": "resume", "rate": None})
     assert r.json()["paused"] is False
-    r = await client.post("/v1/ops/drain", json={"action": "rate", "rate": 0})
+    r = await ops.post("/v1/ops/drain", json={"action": "rate", "rate": 0})
     assert r.json()["rate"] is None
     assert await read_control(redis, KEYS) == DrainControl(**r.json())
 
@@ -216,11 +230,9 @@ async def test_post_ops_drain_changes_the_controls(client: Any, redis: Any) -> N
     ],
 )
 async def test_post_ops_drain_refuses_a_bad_body(
-    client: Any, redis: Any, body: bytes, pointer: str
+    ops: Any, redis: Any, body: bytes, pointer: str
 ) -> None:
-    r = await client.post(
-        "/v1/ops/drain", content=body, headers={"Content-Type": "application/json"}
-    )
+    r = await ops.post("/v1/ops/drain", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert r.headers["content-type"] == "application/problem+json"
     problem = r.json()
@@ -239,6 +251,50 @@ async def test_post_ops_drain_wants_the_admin_token(app_factory: Any, servers: A
         "/v1/ops/drain", json={"action": "pause"}, headers={"Authorization": "Bearer s3cret"}
     )
     assert r.status_code == 200 and r.json()["paused"] is True
+
+
+async def test_the_operators_endpoints_are_off_without_a_token(client: Any) -> None:
+    """No admin_token configured: /v1/ops/* answer 404 (they once were open, on the port the
+    customers' pages are served from); /metrics stays scrapeable."""
+    for method, path in (
+        ("GET", "/v1/ops/status"),
+        ("GET", "/v1/ops/dashboard"),
+        ("POST", "/v1/ops/drain"),
+    ):
+        r = await client.request(method, path, json={"action": "pause"})
+        assert r.status_code == 404, (path, r.text)
+        assert "no admin_token" in r.json()["detail"]
+    assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_post_ops_drain_is_json_only_same_origin_and_capped(ops: Any, redis: Any) -> None:
+    """Injects: what another site's page can send (text/plain and a form, no preflight), a
+    foreign Origin, and a 200 MB body. Audits: 415, 415, 403, 413 after reading no more than
+    the cap and a chunk; the controls never changed."""
+    for media in ("text/plain", "application/x-www-form-urlencoded"):
+        r = await ops.post(
+            "/v1/ops/drain", content=b'{"action": "pause"}', headers={"Content-Type": media}
+        )
+        assert r.status_code == 415, r.text
+    r = await ops.post(
+        "/v1/ops/drain", json={"action": "pause"}, headers={"Origin": "https://evil.example"}
+    )
+    assert r.status_code == 403 and r.json()["type"] == "/problems/forbidden"
+    sent = 0
+
+    async def huge() -> AsyncIterator[bytes]:
+        nonlocal sent
+        chunk = b" " * 65536
+        for _ in range(200 * 16):  # 200 MB, never announced by a Content-Length
+            sent += len(chunk)
+            yield chunk
+
+    r = await ops.post(
+        "/v1/ops/drain", content=huge(), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 413, r.text
+    assert sent <= 4 * 65536, f"read {sent} bytes of a body capped at 4096"
+    assert await redis.exists(KEYS.drain_control()) == 0
 
 
 async def test_the_cli_explains_a_bad_rate_and_an_unreachable_redis(settings: Any) -> None:
