@@ -292,6 +292,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def _uvicorn(settings: Settings) -> None:
     import uvicorn
 
+    from ordergate.httpserver import GuardedHttpToolsProtocol
+
     uvicorn.run(
         "ordergate.components:gateway_app",
         factory=True,
@@ -299,7 +301,8 @@ def _uvicorn(settings: Settings) -> None:
         port=settings.port,
         workers=settings.processes if settings.processes > 1 else None,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpToolsProtocol,
+        limit_concurrency=settings.max_connections,
         lifespan="on",
         access_log=False,
         log_config=None,

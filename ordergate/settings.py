@@ -48,6 +48,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     port: int = 8000
     processes: int = 1
     max_body_bytes: int = 65536
+    header_timeout_s: float = 10.0  # request line + headers, from the request's first byte
+    body_timeout_s: float = 10.0  # the body, from the end of the headers
+    max_header_bytes: int = 16384  # request line + headers
+    max_headers: int = 100
+    max_connections: int = 4096  # per gateway process; beyond it, 503
     admission_timeout_ms: int = 2000
     admission_max_batch: int = 256
     admission_max_inflight_batches: int = 2
@@ -97,6 +102,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= 1024:
             raise ConfigError("shards must be between 1 and 1024")
+        if min(self.header_timeout_s, self.body_timeout_s) <= 0:
+            raise ConfigError("header_timeout_s and body_timeout_s must be positive")
+        if self.max_header_bytes < 1024 or self.max_headers < 8 or self.max_connections < 1:
+            raise ConfigError(
+                "max_header_bytes must be >= 1024, max_headers >= 8, max_connections >= 1"
+            )
         if self.processes < 1 or self.workers < 1:
             raise ConfigError("processes and workers must be at least 1")
         if self.ticket_secret is not None and len(self.ticket_secret) < 16:
