@@ -16,7 +16,16 @@ MAX_QUANTITY = 10_000
 MAX_METADATA_KEYS = 20
 MAX_METADATA_BYTES = 2048
 
-Id64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# No control characters (Cc: C0, DEL, C1), no invisible format characters (Cf: bidi overrides
+# and isolates, zero-width ones, the soft hyphen, the BOM) and no line or paragraph separators:
+# an id shows the same wherever it is printed, and one id cannot pose as another.
+_NOT_IN_IDS = (
+    "\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f"
+    "\u0890\u0891\u08e2\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+    "\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0001\U000e0020-\U000e007f"
+)
+Id64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=f"^[^{_NOT_IN_IDS}]+$")]
 Email = Annotated[
     str, msgspec.Meta(min_length=3, max_length=254, pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+$")
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import re
 import time
 from typing import Any, NoReturn
 
@@ -95,9 +96,19 @@ def base_url(request: Request, state: GatewayState) -> str:
 
 
 def _base_url(scope: Any, state: GatewayState, host: str | None) -> str:
+    """``public_url`` when set (the Host header is then never used); else the Host header if it
+    is a plain host[:port], else the address the request came in on."""
     if state.config.public_url:
         return state.config.public_url.rstrip("/")
-    return f"{scope['scheme']}://{host or '{}:{}'.format(*scope['server'])}"
+    if host is None or not _HOST.fullmatch(host):
+        address, port = scope.get("server") or ("127.0.0.1", None)
+        host = address if port is None else f"{address}:{port}"
+    return f"{scope['scheme']}://{host}"
+
+
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?"
+)
 
 
 def _refuse_full(drain: DrainState | None, bound: int) -> NoReturn:
@@ -171,6 +182,12 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
     content_type = headers.get(b"content-type")
     if not _is_json(content_type.decode("latin-1") if content_type else None):
         raise UnsupportedMediaType("send the order as 'Content-Type: application/json'")
+    encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+    if encoding != b"identity":
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding.decode('latin-1')!r} is not accepted: send the order"
+            " uncompressed (it is at most max_body_bytes)"
+        )
     limit = config.max_body_bytes
     length = headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:

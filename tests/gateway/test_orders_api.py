@@ -252,6 +252,11 @@ async def test_the_error_list_stops_after_20(client, api_key) -> None:
         (lambda b: b.update(items=[b["items"][0]] * 501), "#/items"),
         (lambda b: b.update(storefront_order_id="x" * 65), "#/storefront_order_id"),
         (lambda b: b.update(storefront_order_id="bad\u0000id"), "#/storefront_order_id"),
+        (lambda b: b.update(storefront_order_id="bad\u0085id"), "#/storefront_order_id"),  # C1
+        (lambda b: b.update(storefront_order_id="evil\u202egpj.exe"), "#/storefront_order_id"),
+        (lambda b: b.update(storefront_order_id="two\u2028lines"), "#/storefront_order_id"),
+        (lambda b: b.update(storefront_order_id="zero\u200bwidth"), "#/storefront_order_id"),
+        (lambda b: b["customer"].update(id="tag\U000e0041"), "#/customer/id"),
         (lambda b: b["items"][0].update(quantity=10001), "#/items/0/quantity"),
         (lambda b: b["items"][0].update(unit_price_minor=-1), "#/items/0/unit_price_minor"),
         (lambda b: b.update(metadata={f"k{i}": i for i in range(21)}), "#/metadata"),
@@ -414,3 +419,28 @@ async def test_two_authorization_headers_are_a_400(client, api_key) -> None:
     assert r.status_code == 400 and r.json()["type"] == "/problems/ambiguous-request"
     g = await client.get("/v1/orders/ord_0_x", headers=headers)
     assert g.status_code == 400 and g.json()["type"] == "/problems/ambiguous-request"
+
+
+async def test_a_compressed_body_is_415(client, api_key) -> None:
+    """Content-Encoding used to be ignored: a gzip body was decoded as if it were JSON."""
+    r = await client.post(
+        "/v1/orders",
+        content=json.dumps(order_body()),
+        headers={
+            **auth(api_key),
+            "content-type": "application/json",
+            "content-encoding": "gzip",
+        },
+    )
+    assert r.status_code == 415 and "Content-Encoding 'gzip'" in r.json()["detail"]
+
+
+SERVER_ADDRESSES = ("http://og/",)  # the server address httpx's ASGI transport gives
+
+
+@pytest.mark.parametrize("host", ["evil.example/../x", "a b", "og\r\nx: y", "x" * 300])
+async def test_a_strange_host_header_does_not_go_into_receipt_urls(client, api_key, host) -> None:
+    r = await client.post("/v1/orders", json=order_body(), headers={**auth(api_key), "host": host})
+    assert r.status_code == 202, r.text
+    assert host not in r.json()["queue_url"]
+    assert r.json()["queue_url"].startswith(SERVER_ADDRESSES), r.json()["queue_url"]
