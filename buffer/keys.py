@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 
-GROUP = (
-    "workers"  # each stream is created with it (XGROUP CREATE MKSTREAM); nothing reads through it
-)
+# Each stream is created with this group (XGROUP CREATE MKSTREAM); nothing reads through it.
+GROUP = "workers"
+STOREFRONT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: ids name keys
 
 
 class Keys:

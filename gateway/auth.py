@@ -17,10 +17,9 @@ import time
 from typing import Any
 
 from ordergate.buffer.errors import BufferUnavailable
-from ordergate.buffer.keys import Keys
+from ordergate.buffer.keys import STOREFRONT_ID, Keys
 from ordergate.gateway.errors import AmbiguousRequest, Unauthorized
 
-STOREFRONT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 BEARER = re.compile(r"Bearer og_[A-Za-z0-9_-]{43}")  # 'Bearer ' and a key, nothing else
 CACHE_ENTRIES = 10_000
 
@@ -40,7 +39,7 @@ def hash_key(key: str) -> str:
 
 async def create_key(redis: Any, keys: Keys, storefront_id: str) -> str:
     """Make a new key for ``storefront_id``; the key itself is returned once and never stored."""
-    if not STOREFRONT_ID.match(storefront_id):
+    if not STOREFRONT_ID.fullmatch(storefront_id):
         raise ValueError("storefront id: 1-64 chars of letters, digits, '_', '.', '-'")
     key = "og_" + secrets.token_urlsafe(32)
     await redis.hset(keys.api_keys(), hash_key(key), storefront_id)

@@ -22,6 +22,9 @@ class GatewayConfig:
     ticket_ttl_s: int = 3600
     drain_stale_s: float = 5.0
     admin_token: str | None = None
+    sse_per_ticket: int = 4
+    sse_streams: int = 1000
+    sse_max_s: float = 3600.0
     metrics_dir: str | None = None
     pg_pool_size: int = 4
 

@@ -102,6 +102,12 @@ class BufferFull(Problem):
     status, type, title = 429, "buffer-full", "The order buffer is full"
 
 
+class TooManyStreams(Problem):
+    """More event streams than a ticket (or the gateway process) may hold open; poll instead."""
+
+    status, type, title = 429, "too-many-streams", "Too many event streams are open"
+
+
 class TicketNotFound(Problem):
     """The queue ticket is not one this deployment issued, or it expired (``ticket_ttl_s`` after
     its order was settled). The storefront's order status endpoint still knows the order."""
@@ -122,6 +128,7 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         Forbidden,
         NotFound,
         TicketNotFound,
+        TooManyStreams,
         BufferFull,
         PayloadTooLarge,
         UnsupportedMediaType,

@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,7 +28,7 @@ from ordergate.buffer.position import DrainState, place_in_line, read_drain_stat
 from ordergate.buffer.status import read_status
 from ordergate.gateway.committed import read_committed
 from ordergate.gateway.config import GatewayConfig
-from ordergate.gateway.errors import OrderStoreUnavailable, TicketNotFound
+from ordergate.gateway.errors import OrderStoreUnavailable, TicketNotFound, TooManyStreams
 from ordergate.gateway.state import GatewayState
 from ordergate.sharding.ids import shard_of_order_id
 
@@ -36,7 +37,6 @@ _encoder = msgspec.json.Encoder()
 JSON = "application/json"
 CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "ETag"}
 SSE_CHECK_S = 1.0
-SSE_MAX_S = 3600.0
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -320,6 +320,16 @@ async def queue_events(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     ticket = request.path_params["ticket"]
     first = await answer(state, ticket)  # unknown tickets get a plain 404, not a stream
+    config, streams = state.config, state.streams
+    if streams[ticket] >= config.sse_per_ticket or streams.total() >= config.sse_streams:
+        raise TooManyStreams(
+            f"this gateway holds {streams[ticket]} event streams of this ticket and"
+            f" {streams.total()} in all (at most {config.sse_per_ticket} and"
+            f" {config.sse_streams}); poll GET /v1/queue/{{ticket}} instead",
+            headers={"Retry-After": "30", **CORS},
+        )
+    streams[ticket] += 1
+    lifetime = config.sse_max_s
 
     async def events() -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
@@ -338,7 +348,7 @@ async def queue_events(request: Request) -> Response:
             if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
                 quiet_since = time.monotonic()
                 yield b": keep-alive\n\n"
-            if time.monotonic() - started > SSE_MAX_S:
+            if time.monotonic() - started > lifetime:
                 return  # EventSource reconnects by itself
             await asyncio.sleep(SSE_CHECK_S)  # pacing between checks, not synchronisation
             if await request.is_disconnected():
@@ -351,8 +361,26 @@ async def queue_events(request: Request) -> Response:
             except Exception:  # noqa: BLE001 - Redis hiccup: keep the stream, try again
                 current = None
 
-    return StreamingResponse(
+    return _CountedStream(
+        streams,
+        ticket,
         events(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **CORS},
     )
+
+
+class _CountedStream(StreamingResponse):
+    """A stream counted among its ticket's until it ends, however it ends (even unstarted)."""
+
+    def __init__(self, streams: Counter[str], ticket: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._streams, self._ticket = streams, ticket
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._streams[self._ticket] -= 1
+            if self._streams[self._ticket] <= 0:
+                del self._streams[self._ticket]

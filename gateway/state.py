@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from ordergate.buffer.admission import Admitter
@@ -22,3 +23,4 @@ class GatewayState:
     tickets: Tickets
     drain_view: Any  # gateway.queue.DrainView
     pg: Any = None  # asyncpg pool for /readyz and old-status lookups; None until reachable
+    streams: Counter[str] = field(default_factory=Counter)  # open event streams, by ticket

@@ -470,13 +470,16 @@ def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
         try:
             hook = _with_redis(
                 settings,
-                lambda r, k, s: webhooks.set_webhook(r, k, args.storefront_id, args.url),
+                lambda r, k, s: webhooks.set_webhook(
+                    r, k, args.storefront_id, args.url, s.webhook_allow_private
+                ),
             )
         except InvalidWebhook as exc:
             raise CommandError(str(exc)) from None
         print(hook.secret)
         print(
-            f"(signing secret for {args.storefront_id!r} -> {hook.url}; shown once: events carry "
+            f"(signing secret for {args.storefront_id!r} -> {webhooks.redacted(hook.url)};"
+            " shown once: events carry "
             "Ordergate-Signature: t=<unix>,v1=<HMAC-SHA256 of '<t>.' + body>)",
             file=sys.stderr,
         )
@@ -489,7 +492,7 @@ def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
     else:
         hooks = _with_redis(settings, lambda r, k, s: webhooks.list_webhooks(r, k))
         for hook in hooks:
-            print(f"{hook.storefront_id}  {hook.url}")
+            print(f"{hook.storefront_id}  {webhooks.redacted(hook.url)}")
         if not hooks:
             print("no webhooks")
     return 0

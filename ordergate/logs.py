@@ -37,6 +37,10 @@ def configure(level: str = "info", fmt: str = "auto", process: str = "ordergate"
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at info, with its URL: a webhook's query string or credentials
+    # would land in the logs, and a line per delivery drowns the rest.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

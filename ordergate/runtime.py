@@ -23,6 +23,7 @@ from ordergate.settings import Settings, parse_valkey_maxmemory
 
 RUNTIME_FILE = "runtime.json"
 ADMIN_TOKEN_FILE = "admin-token"  # `up`'s admin token when none is configured (mode 0600)
+VALKEY_PASSWORD_FILE = "valkey-password"  # the embedded Valkey's requirepass (mode 0600)
 LOCK_FILE = "lock"
 
 
@@ -42,9 +43,11 @@ def read_runtime(data_dir: Path) -> dict[str, str] | None:
 
 def write_runtime(data_dir: Path, redis_url: str, database_url: str) -> None:
     tmp = data_dir / (RUNTIME_FILE + ".tmp")
-    tmp.write_text(
-        json.dumps({"pid": os.getpid(), "redis_url": redis_url, "database_url": database_url})
-    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # its URLs hold passwords
+    with os.fdopen(fd, "w") as out:
+        out.write(
+            json.dumps({"pid": os.getpid(), "redis_url": redis_url, "database_url": database_url})
+        )
     tmp.replace(data_dir / RUNTIME_FILE)
 
 
@@ -52,7 +55,13 @@ def admin_token(data_dir: Path) -> str:
     """The data dir's admin token, made (256 random bits, readable by its owner only) the first
     time: the operators' endpoints are off without one, and `up` should not start with them
     unreachable, nor open."""
-    path = data_dir / ADMIN_TOKEN_FILE
+    return _secret_file(data_dir, ADMIN_TOKEN_FILE)
+
+
+def _secret_file(data_dir: Path, name: str) -> str:
+    """A secret kept in the data dir (mode 0600), made the first time it is asked for."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / name
     try:
         return path.read_text().strip()
     except FileNotFoundError:
@@ -74,7 +83,9 @@ def embedded_valkey(settings: Settings) -> EmbeddedValkey:
     its ``valkey_maxmemory`` names (``auto``: ordergate.servers.auto_maxmemory)."""
     maxmemory = parse_valkey_maxmemory(settings.valkey_maxmemory)
     return EmbeddedValkey(
-        settings.data_path, maxmemory=auto_maxmemory() if maxmemory is None else maxmemory
+        settings.data_path,
+        maxmemory=auto_maxmemory() if maxmemory is None else maxmemory,
+        password=_secret_file(settings.data_path, VALKEY_PASSWORD_FILE),
     )
 
 
@@ -82,6 +93,9 @@ def embedded_valkey(settings: Settings) -> EmbeddedValkey:
 def data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
     """Exclusive use of a data directory (two servers on one AOF or PGDATA would corrupt it)."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    # Its servers' data, their password and the admin token: the owner's alone. Others keep
+    # only the x bit, if they had it: embedded Postgres runs as its own user when we are root.
+    data_dir.chmod(0o700 | (data_dir.stat().st_mode & 0o011))
     with open(data_dir / LOCK_FILE, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

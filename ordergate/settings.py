@@ -53,6 +53,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     max_header_bytes: int = 16384  # request line + headers
     max_headers: int = 100
     max_connections: int = 4096  # per gateway process; beyond it, 503
+    sse_per_ticket: int = 4  # open event streams of one ticket, per gateway process
+    sse_streams: int = 1000  # open event streams per gateway process
+    sse_max_s: float = 3600.0  # a stream's lifetime (EventSource reconnects)
     admission_timeout_ms: int = 2000
     admission_max_batch: int = 256
     admission_max_inflight_batches: int = 2
@@ -90,6 +93,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     notify_backoff_max_s: float = 60.0
     notify_give_up_s: float = 24 * 3600.0
     notify_max_held: int = 10_000
+    webhook_allow_private: bool = False  # tests and private networks: loopback, 10/8, http
     admin_token: str | None = None
 
     # Metrics (Prometheus)

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from ordergate import metricsdir
 from ordergate.buffer.connection import create_redis
@@ -24,6 +25,7 @@ from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
 from ordergate.runtime import (
     ADMIN_TOKEN_FILE,
+    VALKEY_PASSWORD_FILE,
     admin_token,
     clear_runtime,
     data_dir_lock,
@@ -117,9 +119,10 @@ class Supervisor:
             redis_url = self.valkey.start()
             limit = self.valkey.maxmemory
             log.info(
-                "embedded Valkey on %s (AOF fsync always, maxmemory %s) in %s",
-                redis_url,
+                "embedded Valkey on %s (AOF fsync always, maxmemory %s, password in %s) in %s",
+                _without_password(redis_url),
                 f"{limit // MIB} MiB" if limit else "unlimited",
+                self.data_dir / VALKEY_PASSWORD_FILE,
                 self.valkey.dir,
             )
         if database_url is None:
@@ -160,7 +163,7 @@ class Supervisor:
             f"({settings.processes} gateway process(es), {settings.workers} worker(s), "
             f"{settings.shards} shards)\n"
             f"  data:      {self.data_dir}\n"
-            f"  redis:     {settings.redis_url}\n"
+            f"  redis:     {_without_password(settings.redis_url)}\n"
             f"  postgres:  {settings.database_url}\n"
             f"  API key:   ordergate keys create <storefront-id>   (in another terminal)\n"
             f"  operators: /dashboard, /v1/ops/*, /metrics want the admin token"
@@ -220,3 +223,14 @@ class Supervisor:
         if self.valkey:
             self.valkey.stop()
         log.info("stopped; data kept in %s", self.data_dir)
+
+
+def _without_password(url: str | None) -> str:
+    """A server URL as it may be printed: its password replaced by ***."""
+    parts = urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else ""
+    )
+    return urlunsplit(parts._replace(netloc=netloc))

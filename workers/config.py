@@ -30,3 +30,4 @@ class WorkerConfig:
     notify_backoff_max_s: float = 60.0
     notify_give_up_s: float = 24 * 3600.0
     notify_max_held: int = 10_000
+    webhook_allow_private: bool = False

@@ -31,11 +31,12 @@ import httpx
 from ordergate.buffer.connection import cancel_and_wait
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.notifications import Event, NotificationStreams
-from ordergate.buffer.webhooks import Webhook, get_webhook
+from ordergate.buffer.webhooks import Webhook, get_webhook, redacted
 from ordergate.workers.backoff import backoff, sleep_or_stop
 from ordergate.workers.breaker import CircuitBreaker, State
 from ordergate.workers.config import WorkerConfig
 from ordergate.workers.errors import BreakerOpen, LeaseLost, WebhookFailed
+from ordergate.workers.publicnet import public_only
 from ordergate.workers.signing import HEADER, sign
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class Lane:
             },
         )
         if not 200 <= response.status_code < 300:
-            raise WebhookFailed(f"HTTP {response.status_code} from {hook.url}")
+            raise WebhookFailed(f"HTTP {response.status_code} from {redacted(hook.url)}")
 
     async def _webhook(self) -> Webhook | None:
         now = time.monotonic()
@@ -249,9 +250,13 @@ class Notifier:
         self.streams = NotificationStreams(redis, self.keys, config.shards)
         self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lanes: dict[str, Lane] = {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+        transport = httpx.AsyncHTTPTransport(limits=limits)
+        if not config.webhook_allow_private:
+            public_only(transport)
         self.http = httpx.AsyncClient(
+            transport=transport,
             timeout=httpx.Timeout(config.notify_timeout_s + 1),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
             follow_redirects=False,
         )
         self._tasks: set[asyncio.Task[None]] = set()

@@ -26,7 +26,7 @@ def _s(value: Any) -> str:
 async def test_a_batch_mixing_every_outcome_settles_each_as_it_should(
     client: Any, api_key: str, redis: Any
 ) -> None:
-    await set_webhook(redis, KEYS, "shop-a", "https://example.com/hook")
+    await set_webhook(redis, KEYS, "shop-a", "https://example.com/hook", allow_private=True)
     await admit(client, api_key, 120)
     lane = max((await read_drain_state(redis, KEYS, 8)).lanes, key=lambda lane: lane.admitted)
     shard = lane.shard

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,19 @@ async def _run_up_once(
                 return (await http.get(url, headers=headers)).json()["status"] == "committed"
 
             await eventually(committed, timeout=30)
+            # Secrets at rest: the data dir and the AOF's dir are the owner's alone; the
+            # embedded Valkey wants the password kept beside runtime.json.
+            data = cwd / ".ordergate"
+            assert data.stat().st_mode & 0o766 == 0o700  # others may traverse (Postgres), not list
+            assert (data / "valkey").stat().st_mode & 0o777 == 0o700
+            for secret in ("runtime.json", "valkey-password", "admin-token"):
+                assert (data / secret).stat().st_mode & 0o777 == 0o600, secret
+            password = (data / "valkey-password").read_text().strip()
+            assert f":{password}@" in runtime["redis_url"]
+            port = int(runtime["redis_url"].rsplit(":", 1)[1].split("/")[0])
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET og:ticket-secret\r\n")
+                assert sock.recv(200).startswith(b"-NOAUTH"), "Valkey answered without a password"
             # The operators' endpoints: `up` made an admin token, readable by its owner only.
             token_file = cwd / ".ordergate" / "admin-token"
             assert token_file.stat().st_mode & 0o777 == 0o600

@@ -297,3 +297,24 @@ async def test_positions_stay_right_when_the_gateway_loses_its_drain_subscriptio
     await drain(settings)
     status = await _poll(client, last)  # no notice needed: the answer is read or followed fresh
     assert status["status"] == "committed" and status["position"] == 0
+
+
+async def test_event_streams_are_capped_per_ticket_and_end(app_factory, settings, api_key) -> None:
+    """Injects: more event streams on one ticket than the cap (15,000 once took 80 % of a core
+    and cost other clients 503s). Audits: past the cap, 429 too-many-streams with Retry-After;
+    the open ones end by their lifetime; a stream that ended frees its place."""
+    client = await app_factory(settings.replace(sse_per_ticket=2, sse_max_s=2.0))
+    [receipt] = await admit(client, api_key, 1)
+    ticket = receipt["ticket"]
+    path = _path(receipt["queue_url"]) + "/events"
+    streams = client.app.state.gateway.streams
+    opened = [asyncio.create_task(client.get(path)) for _ in range(2)]
+    await eventually(lambda: streams[ticket] == 2, timeout=10)
+    refused = await client.get(path)
+    assert refused.status_code == 429 and refused.json()["type"] == "/problems/too-many-streams"
+    assert refused.headers["retry-after"] == "30"
+    for r in await asyncio.wait_for(asyncio.gather(*opened), 30):  # their lifetime ends them
+        assert r.status_code == 200 and "event: status" in r.text
+    assert ticket not in streams
+    again = await asyncio.wait_for(client.get(path), 30)
+    assert again.status_code == 200

@@ -27,6 +27,7 @@ def fast_breakers(servers: Any, **extra: Any) -> Any:
         "breaker_window": 10,
         "breaker_open_s": 0.5,
         "notify_concurrency": 4,
+        "webhook_allow_private": True,  # the receiver listens on 127.0.0.1, plain http
         "notify_backoff_max_s": 0.5,
         "read_block_ms": 100,
     }
@@ -287,3 +288,69 @@ async def test_notifier_killed_mid_delivery_loses_no_event(
         r["order_id"] for r in receipts
     }
     await audit(pg, redis, receipts)
+
+
+async def test_a_webhook_may_not_point_inside(servers: Any) -> None:
+    """Injects: the addresses an attacker registers to reach internal services (they were all
+    accepted, and events went to an internal service). Audits: each is refused at registration
+    with a clear message, exit 2, and nothing is stored."""
+    settings = make_settings(servers)  # webhook_allow_private off, as by default
+    for url in (
+        "https://127.0.0.1/hook",
+        "https://[::1]/hook",
+        "https://2130706433/hook",
+        "https://0x7f.1/hook",
+        "https://169.254.169.254/latest/meta-data",
+        "https://metadata.google.internal/computeMetadata",
+        "https://localhost:8443/hook",
+        "https://10.1.2.3/hook",
+        "https://[::ffff:127.0.0.1]/hook",
+        "http://203.0.113.7/hook",  # plain http
+        "https://shop.example/hook\r\nX-Injected: 1",
+        "https://shop.example/ hook",
+    ):
+        done = cli(settings, "storefronts", "set-webhook", "shop-a", url)
+        assert done.returncode == 2, (url, done.stdout, done.stderr)
+        assert "webhook" in done.stderr, (url, done.stderr)
+    bad_id = cli(settings, "storefronts", "set-webhook", "shop a/../x", "https://203.0.113.7/")
+    assert bad_id.returncode == 2 and "storefront id" in bad_id.stderr
+    listed = cli(settings, "storefronts", "list")
+    assert "shop-a" not in listed.stdout
+
+
+async def test_a_webhook_url_is_shown_without_credentials_or_query(servers: Any) -> None:
+    settings = fast_breakers(servers)
+    url = "http://user:s3cret@127.0.0.1:9/hook?token=abc123"
+    done = cli(settings, "storefronts", "set-webhook", "shop-a", url)
+    assert done.returncode == 0, done.stderr
+    assert "s3cret" not in done.stderr and "abc123" not in done.stderr
+    listed = cli(settings, "storefronts", "list")
+    assert "http://***@127.0.0.1:9/hook?***" in listed.stdout
+    assert "s3cret" not in listed.stdout and "abc123" not in listed.stdout
+
+
+async def test_deliveries_connect_to_public_addresses_only(client, api_key, servers, redis) -> None:
+    """Injects: DNS rebinding, as it looks from the worker: a webhook registered where its host
+    was allowed (webhook_allow_private on), delivered by a worker with it off (the name now
+    resolves to 127.0.0.1). Audits: no event reaches the receiver, the deliveries fail with the
+    refusal, and the orders commit regardless."""
+    registered = fast_breakers(servers)
+    delivering = fast_breakers(servers, webhook_allow_private=False)
+    async with receiving() as receiver:
+        receiver.secret = set_webhook(registered, receiver.url)
+        receipts = await admit(client, api_key, 5)
+        async with worker_running(delivering):
+
+            async def refused() -> bool:
+                overview = await read_overview(redis, KEYS, 8)
+                return any(
+                    "not a public address" in (b.last_error or "") for b in overview.breakers
+                )
+
+            await eventually(refused, timeout=30)
+            await eventually(lambda: _all_committed(redis, len(receipts)), timeout=30)
+        assert receiver.calls == []
+
+
+async def _all_committed(redis: Any, n: int) -> bool:
+    return int(await redis.hget(KEYS.drain(), "s") or 0) >= n
