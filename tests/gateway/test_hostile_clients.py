@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from ordergate.servers import free_port
 from tests.conftest import auth, eventually, order_body
-from tests.gateway.test_metrics import processes
+from tests.gateway.test_metrics import answers_200, processes
 
 HEADER_S = BODY_S = 1.5
 CLOSED_WITHIN_S = 8.0  # the deadline plus the slack of a busy 2-core machine; before: never
@@ -28,14 +29,7 @@ async def gateway(settings: Any, tmp_path: Path) -> AsyncIterator[str]:
     )
     with processes(custom, tmp_path / "serve.log", ["serve"]):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{custom.port}") as http:
-
-            async def up() -> bool:
-                try:
-                    return (await http.get("/healthz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(up, timeout=60)
+            await eventually(partial(answers_200, http, "/healthz"), timeout=60)
         yield f"127.0.0.1:{custom.port}"
 
 

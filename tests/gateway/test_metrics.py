@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,14 @@ async def test_every_metric_of_the_grafana_dashboard_is_exported(
         assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}"
 
 
+async def answers_200(http: httpx.AsyncClient, path: str) -> bool:
+    """Whether a started gateway answers ``path`` with 200 yet (for ``eventually``)."""
+    try:
+        return (await http.get(path)).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @contextlib.contextmanager
 def processes(settings: Settings, log: Path, *commands: list[str]) -> Iterator[None]:
     """Real ``ordergate`` processes (one per command) with ``settings``; stopped at the end."""
@@ -275,14 +284,7 @@ async def test_two_gateway_processes_and_a_worker_process_add_up(
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{custom.port}", timeout=10, limits=limits
         ) as http:
-
-            async def ready() -> bool:
-                try:
-                    return (await http.get("/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(ready, timeout=60)
+            await eventually(partial(answers_200, http, "/readyz"), timeout=60)
             before = await scrape(http)
             responses = await asyncio.gather(
                 *(
