@@ -19,7 +19,17 @@ from ordergate.buffer.deployment import check_database_at
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
-from ordergate.gateway import dashboard, health, metrics, ops, orders, problems, queue, waiting
+from ordergate.gateway import (
+    dashboard,
+    health,
+    metrics,
+    openapi,
+    ops,
+    orders,
+    problems,
+    queue,
+    waiting,
+)
 from ordergate.gateway.auth import Authenticator
 from ordergate.gateway.config import GatewayConfig
 from ordergate.gateway.state import GatewayState
@@ -87,6 +97,7 @@ def create_app(config: GatewayConfig) -> GatewayApp:
             Route("/metrics", metrics.metrics, methods=["GET"]),
             Route("/v1/ops/drain", ops.drain, methods=["POST"]),
             Route("/problems/{name}", problems.describe, methods=["GET"]),
+            Route("/openapi.json", openapi.openapi, methods=["GET"]),
         ],
         exception_handlers=handlers,
         lifespan=lifespan,
