@@ -32,6 +32,7 @@ from ordergate.gateway import (
 )
 from ordergate.gateway.auth import Authenticator
 from ordergate.gateway.config import GatewayConfig
+from ordergate.gateway.errors import NotFound
 from ordergate.gateway.state import GatewayState
 from ordergate.gateway.tickets import Tickets
 
@@ -83,6 +84,7 @@ def create_app(config: GatewayConfig) -> GatewayApp:
     create_order = orders.CreateOrderEndpoint(handlers)
     return GatewayApp(
         create_order,
+        config.ops_port,
         routes=[
             Route("/v1/orders", create_order, methods=["POST"]),
             Route("/v1/orders/{order_id}", orders.get_order, methods=["GET"]),
@@ -109,16 +111,37 @@ class GatewayApp(Starlette):
     the hottest route they cost about as much CPU as the handler itself. Every other request, and
     that route's errors, go through Starlette's exception handlers as usual."""
 
-    def __init__(self, create_order: orders.CreateOrderEndpoint, **kwargs: Any) -> None:
+    def __init__(
+        self, create_order: orders.CreateOrderEndpoint, ops_port: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self._create_order = create_order
+        self._ops_port = ops_port
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._ops_port and scope["type"] == "http" and not self._on_its_port(scope):
+            await problems.problem_response(
+                NotFound(f"no {scope['path']} on this port"), scope["path"]
+            )(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/orders":
             scope["app"] = self
             await self._create_order(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+    def _on_its_port(self, scope: Any) -> bool:
+        """With ``ops_port``, the operators' endpoints answer on it alone, and the customers'
+        API not there (the health checks on both)."""
+        path = scope["path"]
+        if path in ("/healthz", "/readyz"):
+            return True
+        server = scope.get("server") or (None, None)
+        on_ops = bool(server[1] == self._ops_port)
+        return on_ops == bool(path.startswith(OPS_PATHS))
+
+
+OPS_PATHS = ("/v1/ops/", "/dashboard", "/metrics")
 
 
 async def _redis_down(request: Any, exc: Exception) -> Any:

@@ -22,6 +22,7 @@ class GatewayConfig:
     ticket_ttl_s: int = 3600
     drain_stale_s: float = 5.0
     admin_token: str | None = None
+    ops_port: int = 0  # the operators' endpoints on a port of their own (0: the main one)
     sse_per_ticket: int = 4
     sse_streams: int = 1000
     sse_max_s: float = 3600.0

@@ -294,7 +294,7 @@ def _uvicorn(settings: Settings) -> None:
 
     from ordergate.httpserver import GuardedHttpToolsProtocol
 
-    uvicorn.run(
+    config = uvicorn.Config(
         "ordergate.components:gateway_app",
         factory=True,
         host=settings.host,
@@ -308,6 +308,34 @@ def _uvicorn(settings: Settings) -> None:
         log_config=None,
         timeout_graceful_shutdown=10,
     )
+    # With ops_port, the operators' port beside the customers': one app on both sockets,
+    # which answers each path on its own port only (gateway.app.GatewayApp).
+    sockets = [config.bind_socket()]
+    if settings.ops_port:
+        sockets.append(_bind(settings.host, settings.ops_port))
+    if config.workers > 1:
+        _multiprocess(config, sockets)
+        return
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:
+        raise SystemExit(3)  # as uvicorn.run: the app did not start
+
+
+def _bind(host: str, port: int) -> Any:
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _multiprocess(config: Any, sockets: list[Any]) -> None:
+    from uvicorn.supervisors import Multiprocess
+
+    Multiprocess(config, sockets=sockets).run()
 
 
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:

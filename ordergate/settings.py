@@ -94,6 +94,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     notify_give_up_s: float = 24 * 3600.0
     notify_max_held: int = 10_000
     webhook_allow_private: bool = False  # tests and private networks: loopback, 10/8, http
+    ops_port: int = 0  # /v1/ops/*, /dashboard and /metrics on a port of their own (0: off)
     admin_token: str | None = None
 
     # Metrics (Prometheus)

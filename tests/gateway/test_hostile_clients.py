@@ -152,3 +152,25 @@ async def test_past_max_connections_the_answer_is_503(settings: Any, tmp_path: P
 
 async def _is(probe: Any, expected: int) -> bool:
     return await probe() == expected
+
+
+async def test_ops_port_keeps_the_operators_endpoints_off_the_customers_port(
+    settings: Any, tmp_path: Path, api_key: str
+) -> None:
+    """``ops_port``: /v1/ops/*, /dashboard and /metrics answer there only, the customers' API
+    not there; both answer /healthz."""
+    custom = settings.replace(port=free_port(), ops_port=free_port(), admin_token="ops-token-1")
+    token = {"Authorization": "Bearer ops-token-1"}
+    with processes(custom, tmp_path / "serve.log", ["serve"]):
+        main = httpx.AsyncClient(base_url=f"http://127.0.0.1:{custom.port}")
+        ops = httpx.AsyncClient(base_url=f"http://127.0.0.1:{custom.ops_port}")
+        async with main, ops:
+            await eventually(partial(answers_200, main, "/healthz"), timeout=60)
+            assert (await ops.get("/healthz")).status_code == 200
+            for path in ("/v1/ops/status", "/metrics", "/dashboard"):
+                assert (await main.get(path, headers=token)).status_code == 404, path
+                assert (await ops.get(path, headers=token)).status_code == 200, path
+            order = await main.post("/v1/orders", json=order_body(), headers=auth(api_key))
+            assert order.status_code == 202
+            elsewhere = await ops.post("/v1/orders", json=order_body(), headers=auth(api_key))
+            assert elsewhere.status_code == 404

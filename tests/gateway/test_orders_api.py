@@ -444,3 +444,35 @@ async def test_a_strange_host_header_does_not_go_into_receipt_urls(client, api_k
     assert r.status_code == 202, r.text
     assert host not in r.json()["queue_url"]
     assert r.json()["queue_url"].startswith(SERVER_ADDRESSES), r.json()["queue_url"]
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"total_minor": 1, "total_minor": 2500, "currency": "EUR"', "total_minor"),
+        (b'{"currency": "USD", "currency": "EUR", "total_minor": 2500', "currency"),
+        (b'{"metadata": {"a": 1, "a": 2}, "currency": "EUR", "total_minor": 2500', "a"),
+        (b'{"tot\\u0061l_minor": 1, "total_minor": 2500, "currency": "EUR"', "total_minor"),
+    ],
+)
+async def test_a_key_given_twice_is_a_422(client, api_key, body, key) -> None:
+    """The same bytes must not mean two orders: msgspec keeps the last of two keys, a proxy or
+    a log reader may keep the first."""
+    rest = (
+        b', "storefront_order_id": "dup-1", "customer": {"id": "c"},'
+        b' "items": [{"sku": "s", "quantity": 1, "unit_price_minor": 2500}]}'
+    )
+    r = await client.post(
+        "/v1/orders",
+        content=body + rest,
+        headers={**auth(api_key), "content-type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"] == [{"pointer": "#", "detail": f"duplicate key {key!r}"}]
+
+
+async def test_a_key_name_inside_a_value_is_no_duplicate(client, api_key) -> None:
+    body = order_body("dup-ok")
+    body["customer"]["id"] = '"currency"'
+    r = await client.post("/v1/orders", json=body, headers=auth(api_key))
+    assert r.status_code == 202, r.text
