@@ -275,7 +275,9 @@ async def test_sigkill_of_a_gateway_process_with_requests_in_flight(
             unanswered = sum(s.status is None for s in shots)
             print(f"\ngateway SIGKILLed: {1000 - unanswered} answers, {unanswered} requests none")
             assert unanswered, "the burst was over before the kill"
-            assert {s.status for s in shots} <= {202, None}, {s.status for s in shots}
+            # 202, or no answer (the kill); or 503 (no receipt: under the 0.2 s delay on a busy
+            # machine a request can outwait admission_timeout_ms): both are retried below.
+            assert {s.status for s in shots} <= {202, 503, None}, {s.status for s in shots}
 
             spawn()
             await eventually(lambda: _ready(http), timeout=60, interval=0.1)
