@@ -36,7 +36,7 @@ class Problem(msgspec.Struct):
     order_id: str | None = None  # order-id-reused, order-in-flight
 
 
-def _problem(status: int, *types: str) -> dict[str, Any]:
+def _problem(*types: str) -> dict[str, Any]:
     listed = ", ".join(f"`/problems/{t}`" for t in types)
     return {
         "description": f"{PROBLEM_TYPES[types[0]].title if len(types) == 1 else listed}",
@@ -69,7 +69,7 @@ def document() -> dict[str, Any]:
     order["total_minor"]["description"] = (
         "must equal the sum of quantity * unit_price_minor over the items (else 422)"
     )
-    unavailable = _problem(503, "buffer-unavailable")
+    unavailable = _problem("buffer-unavailable")
     ticket = {
         "name": "ticket",
         "in": "path",
@@ -92,13 +92,13 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "202": _json("Receipt", "admitted: the receipt"),
                     "200": _json("Receipt", "a resubmission of the same order: the first receipt"),
-                    "400": _problem(400, "ambiguous-request"),
-                    "401": _problem(401, "unauthorized"),
-                    "409": _problem(409, "order-in-flight"),
-                    "413": _problem(413, "payload-too-large"),
-                    "415": _problem(415, "unsupported-media-type"),
-                    "422": _problem(422, "invalid-order", "malformed-json", "order-id-reused"),
-                    "429": _problem(429, "buffer-full"),
+                    "400": _problem("ambiguous-request"),
+                    "401": _problem("unauthorized"),
+                    "409": _problem("order-in-flight"),
+                    "413": _problem("payload-too-large"),
+                    "415": _problem("unsupported-media-type"),
+                    "422": _problem("invalid-order", "malformed-json", "order-id-reused"),
+                    "429": _problem("buffer-full"),
                     "503": unavailable,
                 },
             }
@@ -118,10 +118,10 @@ def document() -> dict[str, Any]:
                 ],
                 "responses": {
                     "200": _json("OrderStatus", "the order"),
-                    "400": _problem(400, "ambiguous-request"),
-                    "401": _problem(401, "unauthorized"),
-                    "404": _problem(404, "not-found"),
-                    "503": _problem(503, "buffer-unavailable", "order-store-unavailable"),
+                    "400": _problem("ambiguous-request"),
+                    "401": _problem("unauthorized"),
+                    "404": _problem("not-found"),
+                    "503": _problem("buffer-unavailable", "order-store-unavailable"),
                 },
             }
         },
@@ -134,8 +134,8 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "200": _json("QueueStatus", "the place in the queue"),
                     "304": {"description": "unchanged since the ETag given"},
-                    "404": _problem(404, "ticket-not-found"),
-                    "503": _problem(503, "buffer-unavailable", "order-store-unavailable"),
+                    "404": _problem("ticket-not-found"),
+                    "503": _problem("buffer-unavailable", "order-store-unavailable"),
                 },
             }
         },
@@ -171,13 +171,9 @@ def document() -> dict[str, Any]:
 
 
 @functools.cache
-def _encoded() -> bytes:
-    return msgspec.json.format(msgspec.json.encode(document()), indent=2) + b"\n"
-
-
 def encoded() -> bytes:
     """The document as ``docs/openapi.json`` holds it."""
-    return _encoded()
+    return msgspec.json.format(msgspec.json.encode(document()), indent=2) + b"\n"
 
 
 async def openapi(request: Request) -> Response:
