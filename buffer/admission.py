@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -57,6 +58,21 @@ class Outcome(enum.IntEnum):
     MISMATCH = 3
     INFLIGHT = 4
     FULL = 5  # the buffer holds max_buffered unsettled orders already
+    RATE_LIMITED = 6  # the storefront sent more than its rate and burst allow
+    OVER_SHARE = 7  # the buffer is near its bound and the storefront holds its share of it
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A storefront's rate limit as admission left it (the IETF RateLimit header fields):
+    ``quota`` orders at once (the burst), restored over ``window_s``; ``remaining`` of them
+    left now; ``reset_ms`` until the quota is whole again, or, for a refused order, until one
+    more is allowed."""
+
+    quota: int
+    window_s: int
+    remaining: int
+    reset_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +85,9 @@ class Admission:
     accepted_at_us: int = 0
     ahead: int = 0
     lane_seq: int = 0
+    limit: RateLimit | None = None  # None: the storefront has no rate limit
+    held: int = 0  # OVER_SHARE: the storefront's orders buffered, and its share
+    share: int = 0
 
 
 @dataclass(slots=True)
@@ -90,6 +109,11 @@ class AdmissionConfig:
     max_inflight_batches: int = 2
     lease_ms: int = 10000
     max_buffered: int = 0
+    # A storefront without a limit of its own (buffer.storefronts): orders/s and burst, 0 = none.
+    storefront_rate: float = 0.0
+    storefront_burst: int = 0
+    # Orders of max_buffered kept for storefronts below their share of the buffer (0 = none).
+    storefront_reserve: int = 0
 
 
 @dataclass(slots=True)
@@ -247,8 +271,24 @@ class Admitter:
             pipe.evalsha(self._scripts.confirm.sha, len(confirm_keys), *confirm_keys)
         shard_order = list(by_shard)
         if shard_order:
-            script_keys: list[str] = [self._keys.seq(), self._keys.drain()]
-            script_args: list[Any] = [lease, self._config.max_buffered, len(shard_order)]
+            keys, config = self._keys, self._config
+            script_keys: list[str] = [
+                keys.seq(),
+                keys.drain(),
+                keys.storefront_limits(),
+                keys.storefront_tat(),
+                keys.storefront_buffered(),
+                keys.storefront_admitted(),
+                keys.storefront_known(),
+            ]
+            script_args: list[Any] = [
+                lease,
+                config.max_buffered,
+                f"{config.storefront_rate:g}",
+                burst_of(config.storefront_rate, config.storefront_burst),
+                config.storefront_reserve,
+                len(shard_order),
+            ]
             order_keys: list[str] = []
             order_args: list[Any] = []
             for shard in shard_order:
@@ -446,13 +486,29 @@ def _aof_policy(reply: Any) -> tuple[str, str]:
     return config.get("appendonly", "?"), config.get("appendfsync", "?")
 
 
+def burst_of(rate: float, burst: int) -> int:
+    """A rate limit's burst: as configured, or one second of its rate when left at 0."""
+    return burst if burst > 0 else max(1, math.ceil(rate))
+
+
 def _decode(reply: list[Any]) -> Admission:
+    """One reply of admit.lua: {code, q, w, r, t, ...}."""
     outcome = Outcome(int(reply[0]))
-    if outcome is Outcome.FULL:
-        return Admission(outcome, "")
-    order_id = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+    quota = int(reply[1])
+    limit = RateLimit(quota, int(reply[2]), int(reply[3]), int(reply[4])) if quota else None
+    if outcome in (Outcome.FULL, Outcome.RATE_LIMITED):
+        return Admission(outcome, "", limit=limit)
+    if outcome is Outcome.OVER_SHARE:
+        return Admission(outcome, "", limit=limit, held=int(reply[5]), share=int(reply[6]))
+    order_id = reply[5].decode() if isinstance(reply[5], bytes) else str(reply[5])
     if outcome in (Outcome.ADMITTED, Outcome.DUPLICATE):
         return Admission(
-            outcome, order_id, int(reply[2]), int(reply[3]), int(reply[4]), int(reply[5])
+            outcome,
+            order_id,
+            int(reply[6]),
+            int(reply[7]),
+            int(reply[8]),
+            int(reply[9]),
+            limit,
         )
-    return Admission(outcome, order_id)
+    return Admission(outcome, order_id, limit=limit)

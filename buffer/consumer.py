@@ -225,6 +225,8 @@ class LaneConsumer:
             self.keys.deadletters(shard),
             self.keys.notify(),
             self.keys.deliveries(shard),
+            self.keys.storefront_buffered(),
+            self.keys.storefront_settled(),
             *plain_keys,
             *other_keys,
         ]

@@ -82,7 +82,14 @@ async def replay(redis: Any, keys: Keys, shards: int, letters: list[DeadLetter])
             else:
                 order_keys.append(stream)
         moved += await scripts.replay(
-            keys=[stream, keys.deadletters(shard), keys.seq(), keys.lane(shard), *order_keys],
+            keys=[
+                stream,
+                keys.deadletters(shard),
+                keys.seq(),
+                keys.lane(shard),
+                keys.storefront_buffered(),
+                *order_keys,
+            ],
             args=[int(time.time() * 1e6), *(d.id for d in group)],
         )
     return moved

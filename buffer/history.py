@@ -15,15 +15,20 @@ from typing import Any
 import msgspec
 
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.storefronts import read_counts
 
 KEEP = 900  # samples kept: 15 minutes at one a second
+TOP_STOREFRONTS = 20
 
 
-class Sample(msgspec.Struct, frozen=True):
+class Sample(msgspec.Struct, frozen=True, omit_defaults=True):
     t: float  # unix seconds
     issued: int  # queue numbers handed out so far
     settled: int  # orders committed, rejected or dead-lettered so far, over all lanes
     depth: list[int]  # per shard: entries in the stream, admitted and not yet settled
+    # The storefronts holding most of the buffer (at most TOP_STOREFRONTS): id -> [admitted so
+    # far, settled so far], for each one's rates.
+    sf: dict[str, list[int]] = {}
 
 
 _encoder = msgspec.json.Encoder()
@@ -37,7 +42,14 @@ async def take_sample(redis: Any, keys: Keys, shards: int) -> Sample:
     for shard in range(shards):
         pipe.xlen(keys.stream(shard))
     issued, settled, *depth = await pipe.execute()
-    return Sample(time.time(), int(issued or 0), int(settled or 0), [int(d) for d in depth])
+    counts = (await read_counts(redis, keys))[:TOP_STOREFRONTS]
+    return Sample(
+        time.time(),
+        int(issued or 0),
+        int(settled or 0),
+        [int(d) for d in depth],
+        {c.storefront_id: [c.admitted, c.settled] for c in counts},
+    )
 
 
 async def record(redis: Any, keys: Keys, shards: int) -> Sample:
@@ -69,3 +81,19 @@ def rates(samples: Sequence[Sample], window_s: float = 10) -> tuple[float | None
     if span <= 0:
         return None, None
     return (last.issued - first.issued) / span, (last.settled - first.settled) / span
+
+
+def storefront_rates(
+    samples: Sequence[Sample], storefront_id: str, window_s: float = 10
+) -> tuple[float | None, float | None]:
+    """(ingest, drain) of one storefront as ``rates`` (None while it was not among the
+    storefronts sampled at both ends of the window)."""
+    if len(samples) < 2:
+        return None, None
+    last = samples[-1]
+    first = next((s for s in samples if s.t >= last.t - window_s), samples[0])
+    span = last.t - first.t
+    a, b = first.sf.get(storefront_id), last.sf.get(storefront_id)
+    if span <= 0 or a is None or b is None:
+        return None, None
+    return (b[0] - a[0]) / span, (b[1] - a[1]) / span

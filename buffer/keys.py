@@ -126,6 +126,42 @@ class Keys:
         """JSON the leading notifier refreshes every second: its breakers and lanes."""
         return f"{self.prefix}:notify:state"
 
+    # Storefronts (buffer.storefronts): hashes keyed by storefront id, so each holds one field
+    # per storefront that ever had an API key, a limit or an order (bounded by the API keys).
+    def storefront_limits(self) -> str:
+        """Hash: storefront id -> its own limit, ``"<rate> <burst> <weight>"`` (no field: the
+        defaults of the settings)."""
+        return f"{self.prefix}:sf:limits"
+
+    def storefront_tat(self) -> str:
+        """Hash: storefront id -> its rate limit's theoretical arrival time (GCRA, unix us):
+        the bucket is full again once the clock passes it."""
+        return f"{self.prefix}:sf:tat"
+
+    def storefront_buffered(self) -> str:
+        """Hash: storefront id -> its orders in the buffer, admitted and not yet settled (a
+        field only while it has some: HLEN counts the storefronts holding the buffer)."""
+        return f"{self.prefix}:sf:buffered"
+
+    def storefront_admitted(self) -> str:
+        """Hash: storefront id -> its orders admitted so far (never goes back)."""
+        return f"{self.prefix}:sf:admitted"
+
+    def storefront_settled(self) -> str:
+        """Hash: storefront id -> its orders settled so far (committed, rejected or
+        dead-lettered; never goes back)."""
+        return f"{self.prefix}:sf:settled"
+
+    def storefront_known(self) -> str:
+        """Set: storefront ids with an API key (gateway.auth keeps it); with one alone, the
+        buffer keeps no reserve for others."""
+        return f"{self.prefix}:sf:known"
+
+    def storefront_refused(self) -> str:
+        """Hash: ``<storefront id>:<reason>`` -> orders refused with 429 (reason: rate, share,
+        full), added up by the gateways every second."""
+        return f"{self.prefix}:sf:refused"
+
     def members(self) -> str:
         """Sorted set: worker processes -> when their membership lapses (unix ms); the lanes
         are split among the live ones (buffer.lanes)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from ordergate.buffer import history
+from ordergate.buffer import history, storefronts
 from ordergate.buffer.control import DrainControl, from_hash
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.lanes import LaneState
@@ -68,6 +68,20 @@ class Notifications(msgspec.Struct, frozen=True):
     dead: int  # gave up after notify_give_up_s
 
 
+class Storefront(msgspec.Struct, frozen=True):
+    """One storefront's part of the buffer (``other``: those past the top, added up)."""
+
+    storefront_id: str
+    buffered: int  # admitted, not yet settled
+    share: float  # of the orders buffered
+    admitted: int  # so far
+    settled: int  # so far
+    refused: dict[str, int]  # 429s so far, by reason: rate, share, full
+    ingest_rate: float | None = None  # orders/s, last RATE_WINDOW_S (top storefronts only)
+    drain_rate: float | None = None
+    weight: int = 1  # its share of each lane's drain while it has a backlog
+
+
 class Overview(msgspec.Struct, frozen=True):
     at: float
     buffered: int  # admitted, not yet settled
@@ -83,6 +97,7 @@ class Overview(msgspec.Struct, frozen=True):
     eta_tail_s: int | None = None  # until the last order admitted is settled
     eta_tail_reason: str | None = None  # why there is no ETA, when there is none
     control: DrainControl = DrainControl()
+    storefronts: list[Storefront] = []  # the TOP_STOREFRONTS holding most, then 'other'
 
 
 async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.0) -> Overview:
@@ -124,7 +139,10 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
         )
         for sf, lane in state.get("lanes", {}).items()
     ]
-    ingest, drained = history.rates(await history.read(redis, keys, 2 * RATE_WINDOW_S))
+    samples = await history.read(redis, keys, 2 * RATE_WINDOW_S)
+    ingest, drained = history.rates(samples)
+    counts = storefronts.top(await storefronts.read_counts(redis, keys), history.TOP_STOREFRONTS)
+    held = sum(c.buffered for c in counts) or 1
     eta, eta_reason = tail_eta(drain, stale_s, now)
     return Overview(
         at=now,
@@ -151,6 +169,22 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
         eta_tail_s=eta,
         eta_tail_reason=eta_reason,
         control=from_hash(control),
+        storefronts=[_storefront(c, held, samples) for c in counts],
+    )
+
+
+def _storefront(c: storefronts.StorefrontCounts, held: int, samples: Any) -> Storefront:
+    ingest, drained = history.storefront_rates(samples, c.storefront_id, RATE_WINDOW_S)
+    return Storefront(
+        c.storefront_id,
+        c.buffered,
+        round(c.buffered / held, 4),
+        c.admitted,
+        c.settled,
+        {r: c.refused.get(r, 0) for r in storefronts.REASONS},
+        _round(ingest),
+        _round(drained),
+        c.limit.weight if c.limit else 1,
     )
 
 

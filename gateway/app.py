@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from ordergate.buffer.admission import Admitter
-from ordergate.buffer.connection import create_redis
+from ordergate.buffer.connection import cancel_and_wait, create_redis
 from ordergate.buffer.deployment import check_database_at
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import Keys
@@ -30,13 +30,30 @@ from ordergate.gateway import (
     queue,
     waiting,
 )
-from ordergate.gateway.auth import Authenticator
+from ordergate.gateway.auth import Authenticator, sync_known
 from ordergate.gateway.config import GatewayConfig
 from ordergate.gateway.errors import NotFound
 from ordergate.gateway.state import GatewayState
 from ordergate.gateway.tickets import Tickets
 
 log = logging.getLogger(__name__)
+
+
+async def _send_refusals(state: GatewayState, stop: asyncio.Event) -> None:
+    """Add this process's 429s per storefront to Redis once a second (``storefronts list``),
+    and once more when ``stop`` is set. Stopped by the event, not by a cancel, which a redis-py
+    command completing in the same loop turn can swallow (see ordergate.statusview)."""
+    while True:
+        stopping = stop.is_set()
+        if not stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+        try:
+            await state.refusals.flush(state.redis, state.keys)
+        except (RedisError, OSError) as exc:  # kept, and sent with the next second's
+            log.debug("cannot send the refusal counts yet: %r", exc)
+        if stopping:
+            return
 
 
 def create_app(config: GatewayConfig) -> GatewayApp:
@@ -59,6 +76,7 @@ def create_app(config: GatewayConfig) -> GatewayApp:
             try:
                 await ensure_streams(redis, keys, config.shards)
                 await state.tickets.secret()  # now, not on the first receipt (Redis may stall)
+                await sync_known(redis, keys)  # keys made before the set of storefronts
             except RedisError as exc:  # start anyway: admission answers 503 until Redis is back
                 log.error("Redis unreachable at startup (%r); answering 503 until it is", exc)
             await _check_database(config)
@@ -68,11 +86,17 @@ def create_app(config: GatewayConfig) -> GatewayApp:
         await admitter.start()
         state.drain_view.start()
         pg_task = asyncio.create_task(_connect_postgres(state))
+        stop_refusals = asyncio.Event()
+        refusals_task = asyncio.create_task(_send_refusals(state, stop_refusals))
         try:
             yield
         finally:
             pg_task.cancel()
-            await asyncio.gather(pg_task, return_exceptions=True)
+            stop_refusals.set()
+            done, _ = await asyncio.wait([refusals_task], timeout=5.0)
+            if not done:  # Redis stalls: the counts of the last second are lost, not the exit
+                await cancel_and_wait([refusals_task])
+            await asyncio.gather(pg_task, refusals_task, return_exceptions=True)
             await state.drain_view.close()
             await admitter.close()
             if state.pg is not None:

@@ -16,6 +16,8 @@ import secrets
 import time
 from typing import Any
 
+from redis.exceptions import WatchError
+
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import STOREFRONT_ID, Keys
 from ordergate.gateway.errors import AmbiguousRequest, Unauthorized
@@ -42,8 +44,29 @@ async def create_key(redis: Any, keys: Keys, storefront_id: str) -> str:
     if not STOREFRONT_ID.fullmatch(storefront_id):
         raise ValueError("storefront id: 1-64 chars of letters, digits, '_', '.', '-'")
     key = "og_" + secrets.token_urlsafe(32)
-    await redis.hset(keys.api_keys(), hash_key(key), storefront_id)
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(keys.api_keys(), hash_key(key), storefront_id)
+    pipe.sadd(keys.storefront_known(), storefront_id)
+    await pipe.execute()
     return key
+
+
+async def sync_known(redis: Any, keys: Keys) -> None:
+    """Make the set of storefronts with a key match the keys (after a revoke; at a gateway's
+    start, for keys made before the set existed)."""
+    async with redis.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(keys.api_keys())
+                ids = set(await pipe.hvals(keys.api_keys()))
+                pipe.multi()
+                pipe.delete(keys.storefront_known())
+                if ids:
+                    pipe.sadd(keys.storefront_known(), *ids)
+                await pipe.execute()
+                return
+            except WatchError:
+                continue
 
 
 async def list_keys(redis: Any, keys: Keys) -> list[tuple[str, str]]:
@@ -62,7 +85,11 @@ async def revoke_key(redis: Any, keys: Keys, key_or_hash_prefix: str) -> int:
         if h.decode() == full
         or (len(key_or_hash_prefix) >= 8 and h.decode().startswith(key_or_hash_prefix))
     ]
-    return await redis.hdel(keys.api_keys(), *victims) if victims else 0
+    if not victims:
+        return 0
+    removed = int(await redis.hdel(keys.api_keys(), *victims))
+    await sync_known(redis, keys)
+    return removed
 
 
 class Authenticator:

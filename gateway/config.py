@@ -27,6 +27,7 @@ class GatewayConfig:
     sse_streams: int = 1000
     sse_max_s: float = 3600.0
     metrics_dir: str | None = None
+    metrics_storefronts: int = 10  # storefronts named in metrics; the rest are "other"
     pg_pool_size: int = 4
 
     @property

@@ -70,7 +70,7 @@ async def dashboard_data(request: Request) -> Response:
     body = Dashboard(
         at=time.time(),
         overview=overview,
-        history=samples,
+        history=[msgspec.structs.replace(s, sf={}) for s in samples],  # the overview has them
         rates=Rates(_round(ingest), _round(drain)),
         admission_buckets=metrics.admission_buckets(state.config.metrics_dir),
     )

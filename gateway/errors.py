@@ -102,6 +102,23 @@ class BufferFull(Problem):
     status, type, title = 429, "buffer-full", "The order buffer is full"
 
 
+class RateLimited(Problem):
+    """The storefront sent more orders than its rate limit allows (``RateLimit-Policy``):
+    nothing was accepted. Retry after ``Retry-After`` seconds with the same
+    storefront_order_id."""
+
+    status, type, title = 429, "rate-limited", "The storefront's order rate limit is reached"
+
+
+class ShareExhausted(Problem):
+    """The buffer is near its bound and this storefront holds its share of it: nothing was
+    accepted, while storefronts holding less still are. Retry after ``Retry-After`` seconds
+    with the same storefront_order_id."""
+
+    status, type = 429, "storefront-share-full"
+    title = "The storefront's share of the buffer is full"
+
+
 class TooManyStreams(Problem):
     """More event streams than a ticket (or the gateway process) may hold open; poll instead."""
 
@@ -130,6 +147,8 @@ PROBLEM_TYPES: dict[str, type[Problem]] = {
         TicketNotFound,
         TooManyStreams,
         BufferFull,
+        RateLimited,
+        ShareExhausted,
         PayloadTooLarge,
         UnsupportedMediaType,
         ServiceUnavailable,

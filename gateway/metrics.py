@@ -23,7 +23,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -32,7 +32,15 @@ from starlette.responses import Response
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.overview import Overview, read_overview
-from ordergate.gateway.errors import PROBLEM_TYPES, BufferFull, Problem, ServiceUnavailable
+from ordergate.buffer.storefronts import OTHER, REASONS
+from ordergate.gateway.errors import (
+    PROBLEM_TYPES,
+    BufferFull,
+    Problem,
+    RateLimited,
+    ServiceUnavailable,
+    ShareExhausted,
+)
 from ordergate.gateway.ops import require_admin_if_set
 
 ACCEPTED = Counter(
@@ -49,7 +57,8 @@ REJECTED = Counter(
 )
 SHED = Counter(
     "ordergate_orders_shed",
-    "POSTs shed for load: 429 buffer full, 503 buffer unavailable (Redis down or near its "
+    "POSTs shed for load: 429 buffer full (or a storefront's rate limit or share of it; by"
+    " storefront in ordergate_storefront_refused), 503 buffer unavailable (Redis down or near its "
     "memory limit, durability barrier timed out).",
     ["status"],
 )
@@ -67,7 +76,15 @@ _SHED_503 = SHED.labels("503")
 _REJECTED = {
     name: REJECTED.labels(name)
     for name in PROBLEM_TYPES
-    if name not in ("buffer-full", "buffer-unavailable", "not-found", "ticket-not-found")
+    if name
+    not in (
+        "buffer-full",
+        "rate-limited",
+        "storefront-share-full",
+        "buffer-unavailable",
+        "not-found",
+        "ticket-not-found",
+    )
 }
 _REJECTED["internal-error"] = REJECTED.labels("internal-error")
 
@@ -77,7 +94,7 @@ SCRAPE_TIMEOUT_S = 2.0
 
 def count_refusal(exc: BaseException) -> None:
     """Count a POST /v1/orders that raised ``exc`` (answered as problem+json)."""
-    if isinstance(exc, BufferFull):
+    if isinstance(exc, BufferFull | RateLimited | ShareExhausted):
         _SHED_429.inc()
     elif isinstance(exc, BufferUnavailable | ServiceUnavailable | RedisError):
         _SHED_503.inc()
@@ -91,8 +108,9 @@ class BufferSnapshot:
     """The buffer's gauges from one read of the operators' overview (a prometheus_client
     collector, built per scrape); ``overview`` None: Redis could not be read."""
 
-    def __init__(self, overview: Overview | None) -> None:
+    def __init__(self, overview: Overview | None, storefronts: int = 10) -> None:
         self.overview = overview
+        self.storefronts = storefronts  # named in the storefront label; the rest are "other"
 
     def collect(self) -> list[Metric]:
         up = GaugeMetricFamily(
@@ -134,6 +152,7 @@ class BufferSnapshot:
             breaker.add_metric([b.name], BREAKER_STATES.get(b.state, 2))
         rate = o.drain.rate_per_s if o.drain.state == "draining" else None
         return [
+            *self._storefronts(o),
             up,
             depth,
             age,
@@ -173,16 +192,68 @@ class BufferSnapshot:
             ),
         ]
 
+    def _storefronts(self, o: Overview) -> list[Metric]:
+        """Per storefront, for the top ``storefronts`` of the overview (most buffered, then
+        most admitted) and ``other``: a bounded label set whatever the number of storefronts.
+        As a storefront moves in or out of the top, its counts move between its own series and
+        ``other``."""
+        named = [s for s in o.storefronts if s.storefront_id != OTHER][: self.storefronts]
+        rest = [s for s in o.storefronts if s not in named]
+        rows: list[tuple[str, int, int, int, dict[str, int]]] = [
+            (s.storefront_id, s.buffered, s.admitted, s.settled, s.refused) for s in named
+        ]
+        if rest:
+            refused = {r: sum(s.refused.get(r, 0) for s in rest) for r in REASONS}
+            rows.append(
+                (
+                    OTHER,
+                    sum(s.buffered for s in rest),
+                    sum(s.admitted for s in rest),
+                    sum(s.settled for s in rest),
+                    refused,
+                )
+            )
+        buffered = GaugeMetricFamily(
+            "ordergate_storefront_buffered",
+            "A storefront's orders in the buffer, admitted and not yet settled.",
+            labels=["storefront"],
+        )
+        admitted = CounterMetricFamily(
+            "ordergate_storefront_admitted",
+            "A storefront's orders admitted so far (over every gateway).",
+            labels=["storefront"],
+        )
+        settled = CounterMetricFamily(
+            "ordergate_storefront_settled",
+            "A storefront's orders settled so far: committed, rejected or dead-lettered.",
+            labels=["storefront"],
+        )
+        refused_family = CounterMetricFamily(
+            "ordergate_storefront_refused",
+            "A storefront's POSTs answered 429 so far, by reason: rate (its rate limit), share "
+            "(its share of the buffer), full (the buffer's bound); added up every second.",
+            labels=["storefront", "reason"],
+        )
+        for name, b, a, st, refused in rows:
+            buffered.add_metric([name], b)
+            admitted.add_metric([name], a)
+            settled.add_metric([name], st)
+            for reason in REASONS:
+                refused_family.add_metric([name, reason], refused.get(reason, 0))
+        return [buffered, admitted, settled, refused_family]
+
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-async def read_snapshot(redis: Any, keys: Keys, shards: int) -> BufferSnapshot:
+async def read_snapshot(
+    redis: Any, keys: Keys, shards: int, storefronts: int = 10
+) -> BufferSnapshot:
     """The buffer's gauges from Redis; a snapshot with ``ordergate_redis_up 0`` when it fails."""
     try:
         async with asyncio.timeout(SCRAPE_TIMEOUT_S):
-            return BufferSnapshot(await read_overview(redis, keys, shards))
+            return BufferSnapshot(await read_overview(redis, keys, shards), storefronts)
     except (RedisError, OSError, TimeoutError):
         return BufferSnapshot(None)
 
@@ -228,7 +299,10 @@ def admission_buckets(metrics_dir: str | None) -> list[tuple[float, int]]:
 async def metrics(request: Request) -> Response:
     """GET /metrics (behind ``admin_token`` when one is set, as /v1/ops/status)."""
     state = require_admin_if_set(request)
-    snapshot = await read_snapshot(state.redis, state.keys, state.config.shards)
+    config = state.config
+    snapshot = await read_snapshot(
+        state.redis, state.keys, config.shards, config.metrics_storefronts
+    )
     return Response(
         exposition(snapshot, state.config.metrics_dir),
         media_type=CONTENT_TYPE_LATEST,

@@ -44,6 +44,20 @@ def _problem(*types: str) -> dict[str, Any]:
     }
 
 
+# On every answer of admission to a storefront with a rate limit (gateway.limits).
+RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": {
+        "description": "the storefront's order rate limit, '\"storefront\";q=<burst>;w=<s>'"
+        " (draft-ietf-httpapi-ratelimit-headers); absent when it has none",
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": "'\"storefront\";r=<orders left now>;t=<s until the quota is whole>'",
+        "schema": {"type": "string"},
+    },
+}
+
+
 def _json(ref: str, description: str) -> dict[str, Any]:
     return {
         "description": description,
@@ -98,7 +112,7 @@ def document() -> dict[str, Any]:
                     "413": _problem("payload-too-large"),
                     "415": _problem("unsupported-media-type"),
                     "422": _problem("invalid-order", "malformed-json", "order-id-reused"),
-                    "429": _problem("buffer-full"),
+                    "429": _problem("rate-limited", "storefront-share-full", "buffer-full"),
                     "503": unavailable,
                 },
             }
@@ -147,6 +161,9 @@ def document() -> dict[str, Any]:
             }
         },
     }
+    limited = paths["/v1/orders"]["post"]["responses"]
+    for code in ("202", "200", "429"):
+        limited[code] = {**limited[code], "headers": RATE_LIMIT_HEADERS}
     return {
         "openapi": "3.1.0",
         "info": {

@@ -13,7 +13,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ordergate.buffer.admission import Outcome
+from ordergate.buffer.admission import Admission, Outcome, RateLimit
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.idempotency import FINGERPRINT_BYTES
 from ordergate.buffer.message import admission_args, row_summary
@@ -29,8 +29,11 @@ from ordergate.gateway.errors import (
     OrderIdReused,
     OrderInFlight,
     PayloadTooLarge,
+    RateLimited,
+    ShareExhausted,
     UnsupportedMediaType,
 )
+from ordergate.gateway.limits import header_fields, seconds
 from ordergate.gateway.state import GatewayState
 from ordergate.gateway.validation import parse_order
 from ordergate.sharding.ids import new_nonce, shard_of_order_id
@@ -111,13 +114,45 @@ _HOST = re.compile(
 )
 
 
-def _refuse_full(drain: DrainState | None, bound: int) -> NoReturn:
+def _refuse_full(
+    drain: DrainState | None, bound: int, headers: dict[str, str] | None = None
+) -> NoReturn:
     retry = seconds_until_room(drain, bound)
     raise BufferFull(
         f"the buffer holds {bound} orders not yet committed; nothing was accepted."
         f" Retry in {retry} s with the same storefront_order_id",
-        headers={"Retry-After": str(retry)},
+        headers={"Retry-After": str(retry), **(headers or {})},
     )
+
+
+def _refuse(
+    state: GatewayState, storefront: str, admission: Admission, drain: DrainState | None
+) -> NoReturn:
+    """The 429 of an order admission refused for its storefront's rate or share, or the bound."""
+    limit = admission.limit
+    fields = header_fields(limit) if limit is not None else {}
+    bound = state.config.max_buffered
+    if admission.outcome is Outcome.RATE_LIMITED:
+        state.refusals.count(storefront, "rate")
+        assert limit is not None
+        retry = max(1, seconds(limit.reset_ms))
+        raise RateLimited(
+            f"storefront {storefront!r} may send {limit.quota} orders at once, refilled over"
+            f" {limit.window_s} s; nothing was accepted. Retry in {retry} s with the same"
+            " storefront_order_id",
+            headers={"Retry-After": str(retry), **fields},
+        )
+    if admission.outcome is Outcome.OVER_SHARE:
+        state.refusals.count(storefront, "share")
+        retry = seconds_until_room(drain, bound)
+        raise ShareExhausted(
+            f"the buffer is near its bound of {bound} orders and storefront {storefront!r}"
+            f" holds {admission.held} of them, its share being {admission.share}; nothing was"
+            f" accepted. Retry in {retry} s with the same storefront_order_id",
+            headers={"Retry-After": str(retry), **fields},
+        )
+    state.refusals.count(storefront, "full")
+    _refuse_full(drain, bound, fields)
 
 
 async def _storefront(state: GatewayState, authorization: str | None, seconds: float) -> str:
@@ -133,6 +168,9 @@ async def _storefront(state: GatewayState, authorization: str | None, seconds: f
         raise BufferUnavailable("Redis did not answer the API key lookup in time") from None
 
 
+_REFUSALS = (Outcome.FULL, Outcome.RATE_LIMITED, Outcome.OVER_SHARE)
+
+
 class CreateOrderEndpoint:
     """POST /v1/orders as a bare ASGI endpoint, the hottest route: no Starlette middleware,
     routing, Request or Response object on the way (``GatewayApp`` dispatches here first). Errors
@@ -144,7 +182,7 @@ class CreateOrderEndpoint:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         try:
-            status, body, location = await create_order(scope, receive)
+            status, body, location, limit = await create_order(scope, receive)
         except ClientDisconnect:
             return  # nobody to answer; an order admitted meanwhile is found again by its retry
         except Exception as exc:
@@ -164,12 +202,15 @@ class CreateOrderEndpoint:
             (b"content-length", str(len(body)).encode()),
             (b"location", location.encode()),
         ]
+        if limit is not None:
+            headers += [(k.lower().encode(), v.encode()) for k, v in header_fields(limit).items()]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
-async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
-    """Admit one order: (202 new | 200 already admitted, the receipt, its status URL)."""
+async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str, RateLimit | None]:
+    """Admit one order: (202 new | 200 already admitted, the receipt, its status URL, the
+    storefront's rate limit as admission left it)."""
     state: GatewayState = scope["app"].state.gateway
     config = state.config
     headers: dict[bytes, bytes] = dict(scope["headers"])  # one pass; names arrive lower-case
@@ -197,6 +238,7 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
     bound = config.max_buffered
     followed = state.drain_view.current()
     if bound and followed is not None and followed.depth >= bound:
+        state.refusals.count(storefront, "full")
         _refuse_full(followed, bound)  # shed without a Redis round trip
     memory = state.drain_view.memory_ratio()
     if config.memory_guard and memory is not None and memory >= config.memory_guard:
@@ -219,18 +261,20 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
         ),
         timeout=deadline,
     )
+    rate_limit = admission.limit
+    if admission.outcome in _REFUSALS:
+        _refuse(state, storefront, admission, followed)
     if admission.outcome is Outcome.MISMATCH:
         raise OrderIdReused(
             f"storefront_order_id {sfo!r} was already used for order {admission.order_id} "
             "with a different body",
+            headers=header_fields(rate_limit) if rate_limit else None,
             order_id=admission.order_id,
         )
-    if admission.outcome is Outcome.FULL:
-        _refuse_full(followed, bound)
     if admission.outcome is Outcome.INFLIGHT:
         raise OrderInFlight(
             f"order {sfo!r} is being admitted by another request; retry shortly",
-            headers={"Retry-After": "1"},
+            headers={"Retry-After": "1", **(header_fields(rate_limit) if rate_limit else {})},
             order_id=admission.order_id,
         )
     order_id = admission.order_id
@@ -252,7 +296,7 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str]:
         wait_url=f"{base}/wait/{ticket}",
     )
     created = admission.outcome is Outcome.ADMITTED
-    return (202 if created else 200), _encoder.encode(receipt), receipt.status_url
+    return (202 if created else 200), _encoder.encode(receipt), receipt.status_url, rate_limit
 
 
 async def get_order(request: Request) -> Response:

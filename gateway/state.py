@@ -8,6 +8,7 @@ from typing import Any
 
 from ordergate.buffer.admission import Admitter
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.storefronts import RefusalCounts
 from ordergate.gateway.auth import Authenticator
 from ordergate.gateway.config import GatewayConfig
 from ordergate.gateway.tickets import Tickets
@@ -24,3 +25,4 @@ class GatewayState:
     drain_view: Any  # gateway.queue.DrainView
     pg: Any = None  # asyncpg pool for /readyz and old-status lookups; None until reachable
     streams: Counter[str] = field(default_factory=Counter)  # open event streams, by ticket
+    refusals: RefusalCounts = field(default_factory=RefusalCounts)  # 429s, sent each second

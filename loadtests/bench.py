@@ -64,13 +64,18 @@ from ordergate.runtime import resolved
 from ordergate.servers import EmbeddedValkey, free_port
 from ordergate.settings import Settings
 
-POST_KINDS = ("a", "b", "f", "c")
+POST_KINDS = ("a", "b", "f", "c", "g")
 LABELS = {
     "a": "plain Starlette + msgspec",
     "b": "naive INSERT per order",
     "f": "Starlette + arq enqueue_job",
     "c": "ordergate POST /v1/orders",
+    "g": "ordergate POST /v1/orders, storefront rate limit on",
 }
+# (g): (c) with every order through the storefront rate limit, set too high to refuse any (its
+# state read and written per batch, RateLimit header fields on every answer). The share rule
+# costs nothing until the buffer nears its bound.
+LIMITS_ON = {"ORDERGATE_STOREFRONT_RATE": "1000000", "ORDERGATE_STOREFRONT_BURST": "10000000"}
 
 
 class Bench:
@@ -120,16 +125,23 @@ class Bench:
         key, valkey_pid = run(prepare(s))
         pg_pid = _postgres_pid(s)
         self.env = clean_env(s.to_env())
-        ports = {k: free_port() for k in ("plain", "naive", "arq")}
+        ports = {k: free_port() for k in ("plain", "naive", "arq", "limited")}
         urls = {
             "c": f"http://{s.host}:{s.port}",
             "a": f"http://127.0.0.1:{ports['plain']}",
             "b": f"http://127.0.0.1:{ports['naive']}",
             "f": f"http://127.0.0.1:{ports['arq']}",
+            "g": f"http://{s.host}:{ports['limited']}",
         }
         n = str(args.processes)
         gateway = self.start("gateway", [sys.executable, "-m", "ordergate", "serve"], self.env)
         wait_http(urls["c"], gateway, self.tmp / "gateway.log")
+        limited = self.start(
+            "limited",
+            [sys.executable, "-m", "ordergate", "serve"],
+            self.env | LIMITS_ON | {"ORDERGATE_PORT": str(ports["limited"])},
+        )
+        wait_http(urls["g"], limited, self.tmp / "limited.log")
         self.report["processes"] = args.processes
         naive = self.start(
             "naive",
@@ -184,6 +196,7 @@ class Bench:
             "b": {"server": naive.pid, "postgres": pg_pid},
             "f": {"server": arq.pid, "valkey": arq_valkey_pid},
             "c": {"server": gateway.pid, "valkey": valkey_pid},
+            "g": {"server": limited.pid, "valkey": valkey_pid},
         }
 
         if "e" in args.only:

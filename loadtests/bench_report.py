@@ -21,6 +21,7 @@ LABELS = {
     "b": "(b) naive INSERT per order",
     "f": "(f) Starlette + arq enqueue_job",
     "c": "(c) ordergate POST /v1/orders",
+    "g": "(g) (c) with storefront limits on",
 }
 
 
@@ -34,6 +35,9 @@ def ratios(report: Mapping[str, Any]) -> dict[str, float]:
     if post:
         for other in ("a", "b", "f"):
             out[f"c/{other}"] = _div(post.get("c"), post.get(other))
+        if "g" in post:
+            out["g/c (limits on / off)"] = _div(post.get("g"), post.get("c"))
+            out["g/a"] = _div(post.get("g"), post.get("a"))
     drain = report.get("drain")
     if drain:
         out["d/COPY"] = _div(drain["drain"]["rate"], drain["copy"]["batched_rate"])
@@ -220,7 +224,13 @@ def chart(report: Mapping[str, Any], path: Path) -> None:
     names, values, colors = [], [], []
     for kind, rps in report.get("post", {}).get("median_rps", {}).items():
         names.append(
-            {"a": "(a) plain", "b": "(b) naive", "f": "(f) arq", "c": "(c) ordergate"}[kind]
+            {
+                "a": "(a) plain",
+                "b": "(b) naive",
+                "f": "(f) arq",
+                "c": "(c) ordergate",
+                "g": "(g) limits on",
+            }[kind]
         )
         values.append(rps)
         colors.append("tab:green" if kind == "c" else "tab:gray")

@@ -43,14 +43,19 @@ def _script_us(r: redis.Redis, orders: int) -> float:
     return float(stats["cmdstat_evalsha"]["usec"]) / orders
 
 
-def admit_now(r: redis.Redis, sha: str, groups: int, k: int, calls: int = 100) -> float:
-    """us of script time per order, this tree's admit.lua (one call per batch)."""
+def admit_now(
+    r: redis.Redis, sha: str, groups: int, k: int, calls: int = 100, rate: float = 0
+) -> float:
+    """us of script time per order, this tree's admit.lua (one call per batch); with ``rate``,
+    every order's storefront has that rate limit (and the buffer a bound and a reserve)."""
     _reset(r)
     pipe = r.pipeline(transaction=False)
     n = 0
+    limits = [1_000_000, f"{rate:g}", int(rate), 10_000] if rate else [0, 0, 0, 0]
     for c in range(calls):
-        keys: list[Any] = ["og:seq", "og:drain"]
-        args: list[Any] = [0, 0, groups]
+        keys: list[Any] = ["og:seq", "og:drain", "og:sf:limits", "og:sf:tat"]
+        keys += ["og:sf:buffered", "og:sf:admitted", "og:sf:known"]
+        args: list[Any] = [0, *limits, groups]
         order_keys: list[Any] = []
         order_args: list[Any] = []
         for g in range(groups):
@@ -162,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                     text=True,
                 ).stdout
                 before = r.script_load(text)
-            print("admit.lua, us of script time per order (INFO commandstats), best of 3")
+            print(
+                "admit.lua, us of script time per order (INFO commandstats), best of 3;"
+                " 'limited': a rate limit on the storefront, a bound and a reserve"
+            )
             for groups, k in SHAPES:
                 a = min(admit_now(r, now, groups, k) for _ in range(3))
+                lim = min(admit_now(r, now, groups, k, rate=1e6) for _ in range(3))
                 line = f"  {groups} shards x {k} orders per batch: {a:.1f} us"
+                line += f", limited {lim:.1f} us (ratio {lim / a:.2f})"
                 if before:
                     b = min(admit_before(r, before, groups, k) for _ in range(3))
                     line += f", {args.against}'s {b:.1f} us, ratio {a / b:.2f}"

@@ -1,8 +1,10 @@
 """Locust load test of the order API: storefronts POSTing orders, customers following their tickets.
 
 Each simulated storefront (``StorefrontUser``) takes one API key from ``ORDERGATE_API_KEY`` (a
-comma-separated list is allowed; one key is picked per user, so several keys mean several
-storefronts) and, by task weight:
+comma-separated list is allowed, so several keys mean several storefronts): any one, or, when
+``ORDERGATE_SURGE_STOREFRONTS`` is set (``ordergate surge --storefronts K --hot-share P``), the
+one that list names for it: the storefront (index into the keys) of each storefront user, in
+the order this process starts them. By task weight, each user:
 
 * ~97 %: POSTs a new valid order (unique ``storefront_order_id``, 1-5 items, correct
   ``total_minor``, EUR) and expects 202 with a receipt;
@@ -22,15 +24,16 @@ position never grows, and keeps its first answer's ETA against the wait it reall
 
 Anything else (503 ``buffer-unavailable`` included) is recorded as a failure. With
 ``--record-dir DIR`` each Locust process writes what its users were told, for
-``ordergate surge``'s audit: ``receipts-<pid>.txt`` (one ``order_id storefront_order_id`` line per
-accepted order) and ``ledger-<pid>.json`` (answers counted by kind, status and problem type; the
-orders left without a receipt; what customers saw, their ETAs included). See
-``loadtests/README.md``.
+``ordergate surge``'s audit: ``receipts-<pid>.txt`` (one ``order_id storefront_order_id storefront``
+line per accepted order) and ``ledger-<pid>.json`` (answers counted by kind, status and problem
+type, in all and per storefront; the orders left without a receipt; what customers saw, their
+ETAs and waits included). See ``loadtests/README.md``.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -57,8 +60,10 @@ RESUBMIT_MIN_AGE_S = 1.0
 RETRYABLE = (409, 429, 503)
 RETRY_MAX_S = 5.0
 FINAL = frozenset({"committed", "rejected", "dead_lettered"})
-# Tickets waiting for a customer: the newest are the interesting ones (a long way to go).
-TICKETS: deque[str] = deque(maxlen=1000)
+# Tickets waiting for a customer: the newest are the interesting ones (a long way to go). Each
+# is (queue path, storefront, when its receipt arrived).
+TICKETS: deque[tuple[str, int, float]] = deque(maxlen=1000)
+ORDER_ENV = "ORDERGATE_SURGE_STOREFRONTS"
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +85,53 @@ class Ledger:
         self.wrong_receipts = 0  # a duplicate answered with another order's id
         self.followed: Counter[str] = Counter()  # final status a customer saw
         self.position_increases = 0
-        # One [first_eta_s, wait_s, first_position, last_gap_s] per followed ticket that
-        # reached committed (see ``eta``).
+        # One [first_eta_s, wait_s, first_position, last_gap_s, storefront, since_receipt_s]
+        # per followed ticket that reached committed (see ``eta``).
         self.eta_samples: list[list[float | int | None]] = []
         self.eta_unfinished = 0  # followed tickets still waiting when their customer stopped
+        # Per storefront (index into the keys): its users' answers, and the most users it had
+        # at once in this process.
+        self.storefront_answers: dict[int, Counter[str]] = {}
+        self.storefront_users: Counter[int] = Counter()
+        self.storefront_peak: Counter[int] = Counter()
 
     def open(self, directory: str) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._receipts = open(self.directory / f"receipts-{os.getpid()}.txt", "a")
 
-    def answer(self, kind: str, resp: Any) -> str:
-        """Count an answer; returns its label, e.g. ``new 503 /problems/buffer-unavailable``."""
+    def answer(self, kind: str, resp: Any, storefront: int | None = None) -> str:
+        """Count an answer, also under its storefront when it was a storefront's; returns its
+        label, e.g. ``new 503 /problems/buffer-unavailable``."""
         problem = _json(resp).get("type", "") if resp.status_code >= 400 else ""
         label = f"{kind} {resp.status_code} {problem}".rstrip()
         self.answers[label] += 1
+        if storefront is not None:
+            self.storefront_answers.setdefault(storefront, Counter())[label] += 1
         return label
 
-    def receipt(self, order_id: str, storefront_order_id: str) -> None:
+    def receipt(self, order_id: str, storefront_order_id: str, storefront: int) -> None:
         self.unanswered.pop(storefront_order_id, None)
         if self._receipts is not None:
-            self._receipts.write(f"{order_id} {storefront_order_id}\n")
+            self._receipts.write(f"{order_id} {storefront_order_id} {storefront}\n")
+
+    def user_started(self, storefront: int) -> None:
+        self.storefront_users[storefront] += 1
+        self.storefront_peak[storefront] = max(
+            self.storefront_peak[storefront], self.storefront_users[storefront]
+        )
+
+    def user_stopped(self, storefront: int) -> None:
+        self.storefront_users[storefront] -= 1
 
     def eta(
-        self, first_eta: int | None, first_position: int | None, wait_s: float, gap_s: float
+        self,
+        first_eta: int | None,
+        first_position: int | None,
+        wait_s: float,
+        gap_s: float,
+        storefront: int,
+        since_receipt_s: float,
     ) -> None:
         """A followed ticket seen committed: what its first answer promised, what it got.
 
@@ -114,9 +142,19 @@ class Ledger:
         not final to the committed one), so the commit happened within ``gap_s`` before the
         end of ``wait_s``. Nothing is subtracted here; the audit
         (``ordergate/surge_audit.py``) takes the middle of that interval, ``wait_s - gap_s/2``,
-        as the real wait.
+        as the real wait. ``since_receipt_s`` runs to the same end from the receipt of the
+        ticket's order (the storefront's whole wait, per ``storefront``).
         """
-        self.eta_samples.append([first_eta, round(wait_s, 3), first_position, round(gap_s, 3)])
+        self.eta_samples.append(
+            [
+                first_eta,
+                round(wait_s, 3),
+                first_position,
+                round(gap_s, 3),
+                storefront,
+                round(since_receipt_s, 3),
+            ]
+        )
 
     def write(self) -> None:
         if self.directory is None or self._receipts is None:
@@ -130,6 +168,13 @@ class Ledger:
             "position_increases": self.position_increases,
             "eta_samples": self.eta_samples,
             "eta_unfinished": self.eta_unfinished,
+            "storefronts": {
+                str(k): {
+                    "answers": dict(self.storefront_answers.get(k, {})),
+                    "peak_users": self.storefront_peak[k],
+                }
+                for k in sorted({*self.storefront_answers, *self.storefront_peak})
+            },
         }
         tmp = self.directory / f"ledger-{os.getpid()}.json.tmp"
         tmp.write_text(json.dumps(doc))
@@ -142,6 +187,19 @@ LEDGER = Ledger()
 def api_keys() -> list[str]:
     """The API keys from ORDERGATE_API_KEY (comma-separated)."""
     return [k.strip() for k in os.environ.get("ORDERGATE_API_KEY", "").split(",") if k.strip()]
+
+
+def storefront_order() -> list[int]:
+    """ORDERGATE_SURGE_STOREFRONTS: the storefront of each storefront user, by start order."""
+    return [int(s) for s in os.environ.get(ORDER_ENV, "").split(",") if s.strip()]
+
+
+def storefront_of(user: int, keys: int) -> int:
+    """The storefront (index into the keys) of this process's ``user``-th storefront user: as
+    ``ordergate surge`` laid them out (see ``user_order`` in ``ordergate/surge_target.py``),
+    starting over past the list's end, else any."""
+    order = storefront_order()
+    return order[user % len(order)] if order else random.randrange(keys)
 
 
 def new_order() -> dict[str, Any]:
@@ -200,6 +258,9 @@ def require_api_key(environment: Environment, **_kwargs: Any) -> None:
     if not api_keys():
         log.error("set ORDERGATE_API_KEY, e.g. ORDERGATE_API_KEY=$(ordergate keys create loadtest)")
         raise SystemExit(1)
+    if any(not 0 <= k < len(api_keys()) for k in storefront_order()):
+        log.error("%s names a storefront beyond ORDERGATE_API_KEY's keys", ORDER_ENV)
+        raise SystemExit(1)
     record_dir = getattr(environment.parsed_options, "record_dir", "")
     if record_dir:
         LEDGER.open(record_dir)
@@ -216,16 +277,23 @@ class StorefrontUser(FastHttpUser):
 
     weight = 4
     wait_time = between(0.0, 0.1)
+    started = itertools.count()  # numbers this process's storefront users as they start
 
     def on_start(self) -> None:
+        keys = api_keys()
+        self.storefront = storefront_of(next(StorefrontUser.started), len(keys))
+        LEDGER.user_started(self.storefront)
         self.headers = {
-            "Authorization": f"Bearer {random.choice(api_keys())}",
+            "Authorization": f"Bearer {keys[self.storefront]}",
             "Content-Type": "application/json",
         }
         # (time acknowledged, body as sent, order_id) of this user's recent admitted orders
         self.admitted: deque[tuple[float, str, str]] = deque(maxlen=200)
         # (when due, storefront_order_id, body) of orders that got no receipt yet
         self.retries: list[tuple[float, str, str]] = []
+
+    def on_stop(self) -> None:
+        LEDGER.user_stopped(self.storefront)
 
     def _post(self, body: str, name: str) -> Any:
         return self.client.post(
@@ -245,7 +313,7 @@ class StorefrontUser(FastHttpUser):
 
     def _submit(self, sfo: str, body: str, kind: str, expected: tuple[int, ...]) -> None:
         with self._post(body, f"POST /v1/orders [{kind}]") as resp:
-            label = LEDGER.answer(kind, resp)
+            label = LEDGER.answer(kind, resp, self.storefront)
             if resp.status_code not in expected:
                 LEDGER.unanswered[sfo] = label
                 resp.failure(_unexpected(resp, expected[0]))
@@ -260,11 +328,12 @@ class StorefrontUser(FastHttpUser):
                 resp.failure(f"{resp.status_code} without an order_id")
                 return
             resp.success()
-            LEDGER.receipt(order_id, sfo)
-            self.admitted.append((time.monotonic(), body, order_id))
+            LEDGER.receipt(order_id, sfo, self.storefront)
+            now = time.monotonic()
+            self.admitted.append((now, body, order_id))
             queue_url = receipt.get("queue_url")
             if queue_url:
-                TICKETS.append(urlsplit(queue_url).path)
+                TICKETS.append((urlsplit(queue_url).path, self.storefront, now))
 
     @task(2)
     def resubmit_order(self) -> None:
@@ -275,7 +344,7 @@ class StorefrontUser(FastHttpUser):
             return
         _, body, order_id = random.choice(earlier)
         with self._post(body, "POST /v1/orders [resubmit]") as resp:
-            LEDGER.answer("resubmit", resp)
+            LEDGER.answer("resubmit", resp, self.storefront)
             if resp.status_code != 200:
                 resp.failure(_unexpected(resp, 200))
             elif _json(resp).get("order_id") != order_id:
@@ -290,7 +359,7 @@ class StorefrontUser(FastHttpUser):
     @task(1)
     def submit_invalid_order(self) -> None:
         with self._post(json.dumps(invalid_order()), "POST /v1/orders [invalid]") as resp:
-            LEDGER.answer("invalid", resp)
+            LEDGER.answer("invalid", resp, self.storefront)
             if resp.status_code != 422:
                 resp.failure(_unexpected(resp, 422))
             elif _json(resp).get("type") != "/problems/invalid-order":
@@ -307,6 +376,8 @@ class CustomerUser(FastHttpUser):
 
     def on_start(self) -> None:
         self.ticket: str | None = None
+        self.storefront = 0  # the ticket's storefront, and when its receipt arrived
+        self.receipted_at = 0.0
         self.etag = ""
         self.position: int | None = None
         self.pause = self.IDLE_S
@@ -326,7 +397,7 @@ class CustomerUser(FastHttpUser):
         if not TICKETS:
             self.pause = self.IDLE_S
             return False
-        self.ticket = TICKETS.pop()
+        self.ticket, self.storefront, self.receipted_at = TICKETS.pop()
         self.etag = ""
         self.position = None
         self.first = None
@@ -369,7 +440,14 @@ class CustomerUser(FastHttpUser):
                 LEDGER.followed[str(status)] += 1
                 if status == "committed":
                     at, eta, first_position = self.first
-                    LEDGER.eta(eta, first_position, now - at, now - self.last_pending)
+                    LEDGER.eta(
+                        eta,
+                        first_position,
+                        now - at,
+                        now - self.last_pending,
+                        self.storefront,
+                        now - self.receipted_at,
+                    )
                 self.ticket = None
                 self.pause = 0.0
             else:

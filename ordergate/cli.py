@@ -111,7 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--all", action="store_true", help="replay every dead letter")
     data_dir_opt(dr)
 
-    sf = add("storefronts", "Manage storefronts' webhooks (signed order notifications).")
+    sf = add(
+        "storefronts",
+        "Storefronts: their rate limits and drain weights, their share of the buffer, their"
+        " webhooks (signed order notifications).",
+    )
     ssub = sf.add_subparsers(dest="storefronts_command", required=True, metavar="ACTION")
     sw = ssub.add_parser(
         "set-webhook",
@@ -130,9 +134,32 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("storefront_id")
     data_dir_opt(su)
     sl = ssub.add_parser(
-        "list", help="list webhooks (without secrets)", description="List webhooks."
+        "list",
+        help="each storefront's buffered orders, share, drain rate, 429s, limit; the webhooks",
+        description="Each storefront the buffer knows: its orders buffered and share of the"
+        " buffer, its drain rate (measured over --interval), its 429s by reason, its limit and"
+        " weight; then the webhooks (without secrets).",
+    )
+    sl.add_argument("--json", action="store_true", help="print JSON")
+    sl.add_argument(
+        "--interval", type=float, default=1.0, help="seconds to measure drain rates (default 1)"
     )
     data_dir_opt(sl)
+    sp = ssub.add_parser(
+        "set-limit",
+        help="give a storefront its own rate limit and drain weight (or --clear it)",
+        description="Give STOREFRONT_ID its own order rate limit (--rate orders/s, 0 = none;"
+        " --burst orders at once, 0 = one second of the rate) and drain weight (--weight, its"
+        " share of each lane's drain while it has a backlog). Every gateway applies it to its"
+        " next batch. --clear puts it back on the defaults (storefront_rate, storefront_burst,"
+        " weight 1).",
+    )
+    sp.add_argument("storefront_id")
+    sp.add_argument("--rate", type=float, help="orders per second (0 = no limit)")
+    sp.add_argument("--burst", type=int, help="orders at once (default: one second of the rate)")
+    sp.add_argument("--weight", type=int, help="drain weight, 1-1000 (default 1)")
+    sp.add_argument("--clear", action="store_true", help="back to the defaults")
+    data_dir_opt(sp)
 
     nt = add("notifications", "Show and re-queue notifications that gave up.")
     nsub = nt.add_subparsers(dest="notifications_command", required=True, metavar="ACTION")
@@ -158,6 +185,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", action="store_true", help="keep the screen live until Ctrl-C")
     st.add_argument(
         "--interval", type=float, default=1.0, help="seconds between refreshes (default 1)"
+    )
+    st.add_argument(
+        "--storefront",
+        metavar="ID",
+        help="one storefront: its orders buffered, share, rates over --interval, 429s, limit",
     )
     data_dir_opt(st)
 
@@ -217,6 +249,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     sg.add_argument(
         "--drain-timeout", type=float, default=600.0, help="seconds to wait for the drain"
+    )
+    sg.add_argument(
+        "--storefronts",
+        type=int,
+        metavar="K",
+        help="storefronts sending orders (default 4, or as many keys as ORDERGATE_API_KEY "
+        "holds for --host)",
+    )
+    sg.add_argument(
+        "--hot-share",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="the share of the users, in [0, 1), of the first storefront (a flash sale among "
+        "the others, which split the rest); default 0: spread evenly",
     )
     data_dir_opt(sg)
     return p
@@ -517,12 +564,57 @@ def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
         ):
             raise CommandError(f"storefront {args.storefront_id!r} has no webhook")
         print(f"removed the webhook of {args.storefront_id!r}")
+    elif args.storefronts_command == "set-limit":
+        return _set_limit(args, settings)
     else:
+        from ordergate.storefrontsview import measure, render_counts
+
+        listing = _with_redis(settings, lambda r, k, s: measure(r, k, args.interval))
+        if args.json:
+            print(msgspec.json.encode(listing).decode())
+            return 0
+        print(render_counts(listing, settings))
         hooks = _with_redis(settings, lambda r, k, s: webhooks.list_webhooks(r, k))
         for hook in hooks:
-            print(f"{hook.storefront_id}  {webhooks.redacted(hook.url)}")
+            print(f"webhook {hook.storefront_id}  {webhooks.redacted(hook.url)}")
         if not hooks:
             print("no webhooks")
+    return 0
+
+
+def _set_limit(args: argparse.Namespace, settings: Settings) -> int:
+    from ordergate.buffer import storefronts
+
+    sf = args.storefront_id
+    if args.clear:
+        if any(v is not None for v in (args.rate, args.burst, args.weight)):
+            raise CommandError("--clear takes no --rate, --burst or --weight")
+        if not _with_redis(settings, lambda r, k, s: storefronts.clear_limit(r, k, sf)):
+            raise CommandError(f"storefront {sf!r} has no limit of its own")
+        print(f"{sf!r} is back on the defaults")
+        return 0
+    if all(v is None for v in (args.rate, args.burst, args.weight)):
+        raise CommandError("give --rate, --burst and/or --weight, or --clear")
+
+    async def change(redis: Any, keys: Any, s: Settings) -> Any:
+        old = (await storefronts.limits(redis, keys)).get(sf)
+        rate = args.rate if args.rate is not None else (old.rate if old else s.storefront_rate)
+        burst = (
+            args.burst
+            if args.burst is not None
+            else (old.burst if old and args.rate is None else 0)
+        )
+        weight = args.weight if args.weight is not None else (old.weight if old else 1)
+        limit = storefronts.check_limit(sf, rate, burst, weight)
+        await storefronts.set_limit(redis, keys, sf, limit)
+        return limit
+
+    try:
+        limit = _with_redis(settings, change)
+    except storefronts.InvalidLimit as exc:
+        raise CommandError(str(exc)) from None
+    rate = f"{limit.rate:g} orders/s, burst {limit.burst}" if limit.rate else "no rate limit"
+    print(f"{sf!r}: {rate}, weight {limit.weight}")
     return 0
 
 
@@ -561,6 +653,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     def read(r: Any, k: Any, s: Settings) -> Awaitable[Any]:
         return read_overview(r, k, s.shards, s.drain_stale_s)
 
+    if args.storefront:
+        return _storefront_status(args, settings)
     if args.watch:
         if not args.interval > 0:
             raise CommandError("--interval must be a positive number of seconds")
@@ -580,6 +674,22 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(msgspec.json.encode(overview).decode())
     else:
         render(overview)
+    return 0
+
+
+def _storefront_status(args: argparse.Namespace, settings: Settings) -> int:
+    from ordergate.storefrontsview import StorefrontListing, measure, render_counts
+
+    if args.watch:
+        raise CommandError("--storefront shows one reading; leave out --watch")
+    listing = _with_redis(settings, lambda r, k, s: measure(r, k, max(0.0, args.interval)))
+    rows = [row for row in listing.storefronts if row.storefront_id == args.storefront]
+    if not rows:
+        raise CommandError(f"the buffer knows no storefront {args.storefront!r}")
+    if args.json:
+        print(msgspec.json.encode(rows[0]).decode())
+    else:
+        print(render_counts(StorefrontListing(listing.interval_s, rows), settings))
     return 0
 
 
@@ -635,6 +745,8 @@ def cmd_surge(args: argparse.Namespace, settings: Settings) -> int:
         drain_timeout=args.drain_timeout,
         max_p95_ms=args.max_p95_ms,
         max_error_share=args.max_error_share,
+        storefronts=args.storefronts,
+        hot_share=args.hot_share,
     )
     return run_surge(options, settings)
 

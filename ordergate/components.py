@@ -34,6 +34,9 @@ def gateway_config(s: Settings) -> GatewayConfig:
         max_inflight_batches=s.admission_max_inflight_batches,
         lease_ms=s.inflight_lease_ms,
         max_buffered=s.max_buffered,
+        storefront_rate=s.storefront_rate,
+        storefront_burst=s.storefront_burst,
+        storefront_reserve=round(s.max_buffered * s.storefront_reserve),
     )
     return _from_settings(GatewayConfig, s, admission=admission)
 

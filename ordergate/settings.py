@@ -42,6 +42,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     max_buffered: int = 1_000_000
     memory_guard: float = 0.9
     key_prefix: str = "og"
+    # Storefronts (README Fairness): a storefront without a limit of its own may send
+    # storefront_rate orders/s with storefront_burst at once (0: no limit; a burst of 0 is one
+    # second of the rate). Past max_buffered * (1 - storefront_reserve), a storefront holding
+    # its share of the buffer (max_buffered / storefronts with orders buffered) gets 429.
+    storefront_rate: float = 0.0
+    storefront_burst: int = 0
+    storefront_reserve: float = 0.1
+    metrics_storefronts: int = 10  # storefronts named in metrics (<= 20); the rest are "other"
 
     # Gateway
     host: str = "127.0.0.1"
@@ -123,6 +131,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             raise ConfigError("ticket_ttl_s and drain_stale_s must be positive")
         if self.max_deliveries < 1:
             raise ConfigError("max_deliveries must be at least 1")
+        if not (0 <= self.storefront_rate <= 1_000_000 and self.storefront_burst >= 0):
+            raise ConfigError("storefront_rate must be in [0, 1e6] and storefront_burst >= 0")
+        if not 0 <= self.storefront_reserve < 1 or not 0 <= self.metrics_storefronts <= 20:
+            raise ConfigError("storefront_reserve must be in [0, 1), metrics_storefronts 0-20")
         if self.drain_rate < 0:
             raise ConfigError("drain_rate must be >= 0 (0 = unlimited)")
         if not (0 < self.breaker_failure_rate <= 1 and 0 < self.breaker_slow_rate <= 1):

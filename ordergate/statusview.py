@@ -154,7 +154,37 @@ async def watch(
 
 def screen(o: Overview) -> RenderableType:
     """The overview as one screen: drain and controls, rates, shards, breakers."""
-    return Group(_header(o), Text(), _summary(o), Text(), _shards(o), Text(), _breakers(o))
+    return Group(
+        _header(o),
+        Text(),
+        _summary(o),
+        Text(),
+        _shards(o),
+        Text(),
+        _storefronts(o),
+        Text(),
+        _breakers(o),
+    )
+
+
+def _storefronts(o: Overview) -> RenderableType:
+    if not o.storefronts:
+        return Text("storefronts: none has sent orders yet")
+    table = Table(title="top storefronts", title_justify="left")
+    table.add_column("storefront", no_wrap=True)
+    for column in ("buffered", "share", "ingest", "drain", "429 rate/share/full", "weight"):
+        table.add_column(column, justify="right")
+    for s in o.storefronts:
+        table.add_row(
+            s.storefront_id,
+            f"{s.buffered:,}",
+            f"{s.share:.0%}",
+            _rate(s.ingest_rate),
+            _rate(s.drain_rate),
+            "/".join(str(s.refused.get(r, 0)) for r in ("rate", "share", "full")),
+            str(s.weight),
+        )
+    return table
 
 
 def _rate(rate: float | None) -> str:

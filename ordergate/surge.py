@@ -5,6 +5,9 @@ Runs ``python -m locust`` headless on ``loadtests/locustfile.py`` and ``loadtest
 an ``ordergate up`` of its own, shows progress while it runs, waits for the drain, and audits
 (``ordergate/surge_audit.py``). Locust's CSV and HTML reports, its log, the ledgers of what its
 users were told and ``audit.json`` stay in the results folder.
+
+With ``--storefronts K --hot-share P`` the load comes from K storefronts, the first (hot) one
+with P of the users: one storefront's flash sale among others, audited per storefront.
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ from ordergate.surge_audit import Drain, audit, check_committed
 from ordergate.surge_progress import OpsProbe, ProgressLine, read_history
 from ordergate.surge_report import render
 from ordergate.surge_results import CSV_PREFIX, read_knee, read_latencies, read_ledger
-from ordergate.surge_target import Target, api_keys, own_gateway, running_gateway
+from ordergate.surge_target import (
+    ORDER_ENV,
+    Target,
+    api_keys,
+    own_gateway,
+    running_gateway,
+    storefront_count,
+    user_order,
+    user_shares,
+)
 
 SHAPES = ("spike", "ramp", "soak")
 DEFAULT_USERS = {"spike": 300, "ramp": 500, "soak": 100}
@@ -53,11 +65,17 @@ class SurgeOptions:
     drain_timeout: float = 600.0
     max_p95_ms: float = 500.0  # ramp: a step whose p95 passes this ends the ramp
     max_error_share: float = 0.01  # ramp: likewise for its share of failed requests
+    storefronts: int | None = None  # K; None: the keys given for --host, else STOREFRONTS
+    hot_share: float = 0.0  # of the users, for the first storefront; 0: spread evenly
 
 
 def run_surge(options: SurgeOptions, settings: Settings) -> int:
     """Run the surge and print the audit; 0 PASS, 1 FAIL, 3 INCOMPLETE (not everything could
     be checked, e.g. no access to Postgres)."""
+    users = options.users or DEFAULT_USERS[options.shape]
+    shares = user_shares(
+        users, storefront_count(options.storefronts, options.host), options.hot_share
+    )
     locustfiles = _locustfiles()
     if options.drain_rate is not None and options.drain_rate < 0:
         raise SurgeError("--drain-rate must be >= 0 (0 = no cap)")
@@ -72,14 +90,14 @@ def run_surge(options: SurgeOptions, settings: Settings) -> int:
     if list(results.glob("ledger-*.json")):
         raise SurgeError(f"{results} holds an earlier surge's results; name another folder")
     results.mkdir(parents=True, exist_ok=True)
-    users = options.users or DEFAULT_USERS[options.shape]
     with _target(options, settings, results) as target:
-        keys, storefronts = api_keys(target, settings, run_id.replace("-", ""))
+        keys, storefronts = api_keys(target, settings, run_id.replace("-", ""), len(shares))
+        names = storefronts or [f"key {i}" for i in range(1, len(keys) + 1)]
         print(
             f"ordergate surge: {options.shape}, {users} users at most, against {target.url}"
             + (f"\n  on {target.started}" if target.started else "")
             + (f"\n  drain capped at {options.drain_rate:g} orders/s" if options.drain_rate else "")
-            + (f"\n  storefronts {', '.join(storefronts)}" if storefronts else "")
+            + f"\n  storefronts {_split(names, shares, options.hot_share)}"
             + f"\n  results in {results}",
             flush=True,
         )
@@ -94,6 +112,7 @@ def run_surge(options: SurgeOptions, settings: Settings) -> int:
         argv += ["--record-dir", str(results), "--exit-code-on-error", "0"]
         argv += ["--stop-timeout", str(USER_STOP_S)]  # a stopping user finishes its request
         env = {**os.environ, "ORDERGATE_API_KEY": ",".join(keys)}
+        env[ORDER_ENV] = ",".join(map(str, user_order(shares)))
         probe = OpsProbe(target.url, target.admin_token or settings.admin_token)
         try:
             before = probe.read()
@@ -112,10 +131,23 @@ def run_surge(options: SurgeOptions, settings: Settings) -> int:
         committed,
         read_knee(results),
         exit_code,
+        names,
+        options.hot_share,
     )
     (results / "audit.json").write_text(json.dumps(report.to_json(), indent=1))
     print(render(report), flush=True)
     return EXIT_CODES[report.verdict]
+
+
+def _split(names: list[str], shares: list[int], hot_share: float) -> str:
+    """``a (hot) 18, b 6, c 6 of 30 users``: the split asked for. Locust's customers (one user
+    in five) have no storefront; ``user_order`` gives each storefront about its share of the
+    others, and the audit shows how many each had."""
+    parts = [
+        f"{name}{' (hot)' if hot_share > 0 and i == 0 else ''} {n}"
+        for i, (name, n) in enumerate(zip(names, shares, strict=True))
+    ]
+    return f"{', '.join(parts)} of {sum(shares)} users"
 
 
 def _locustfiles() -> tuple[Path, Path]:

@@ -6,11 +6,17 @@ stopped mid-request) may be committed too; such rows are counted, not faulted. T
 must have drained, nothing may be dead-lettered, duplicates must have been answered with the
 original order, customers' positions must never have grown, and no answer may be outside the
 API's table (a 500, a 401, no answer at all). 429 and 503 are the gateway's designed answers to
-overload: they are reported, and their orders retried by the load test, but not faulted.
+overload (429 ``buffer-full``, and per storefront ``rate-limited`` and ``storefront-share-full``):
+they are reported, and their orders retried by the load test, but not faulted.
 
 Customers' ETAs are measured too (``eta_error``): each followed ticket's first ``eta_seconds``
 against the wait it really had. That check is judged only after a real backlog; after a run
 whose drain kept up there is nothing to predict, and it is reported as not judged.
+
+Per storefront (``storefront_figures``) the audit reports what each one sent and was told and
+how long its followed tickets waited: with ``--hot-share``, how one storefront's flash sale
+fared among the others. Fairness has no single right answer (it depends on the limits
+configured), so these figures are reported, not judged.
 """
 
 from __future__ import annotations
@@ -18,13 +24,19 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ordergate.surge_results import EtaSample, Latency, Ledger
 
+# 429's problem types: the buffer's bound, and the per-storefront fairness limits.
+TOO_MANY = ("rate-limited", "storefront-share-full", "buffer-full")
 # (kind, status, problem type) the API may answer each kind of request with under load.
-_OVERLOAD = {("429", "/problems/buffer-full"), ("503", "/problems/buffer-unavailable")}
+_OVERLOAD = {
+    *(("429", f"/problems/{problem}") for problem in TOO_MANY),
+    ("503", "/problems/buffer-unavailable"),
+}
 _IN_FLIGHT = ("409", "/problems/order-in-flight")
 EXPECTED: dict[str, set[tuple[str, str]]] = {
     "new": {("202", ""), *_OVERLOAD},
@@ -176,6 +188,70 @@ def eta_error(samples: list[EtaSample], unfinished: int = 0) -> EtaError:
     )
 
 
+@dataclass(frozen=True)
+class StorefrontFigures:
+    """One storefront's part in the run: what its users sent and were told, and how long the
+    tickets customers followed waited, from the order's receipt to its commit (the middle of
+    the last poll interval, as for the ETAs). Waits exist only for followed tickets: customers
+    take the newest tickets of all storefronts, so each storefront's sample is the share of
+    its tickets they happened to follow."""
+
+    storefront: str  # its id, or "key N" for the N-th key given
+    hot: bool  # the flash sale's storefront (--hot-share)
+    users: int  # the most storefront users it had at once
+    orders: int  # new orders sent (each once, however often it was retried)
+    receipts: int  # distinct orders with a receipt (202, or 200 to a retry)
+    too_many: dict[str, int]  # 429s to its requests by problem type (TOO_MANY first)
+    waits: int  # its followed tickets that reached committed
+    wait_p50_s: float | None
+    wait_p99_s: float | None
+
+
+def storefront_figures(
+    ledger: Ledger, storefronts: Sequence[str] = (), hot_share: float = 0.0
+) -> list[StorefrontFigures]:
+    """A row per storefront, in key order: those named (the run's) and any other the ledger
+    holds (a key given without a name)."""
+    seen = {*ledger.storefront_answers, *ledger.storefront_users, *ledger.storefront_receipts}
+    count = max(len(storefronts), max(seen, default=-1) + 1)
+    waits: dict[int, list[float]] = {}
+    for sample in ledger.eta_samples:
+        if sample.storefront is not None and sample.receipt_wait_s is not None:
+            waits.setdefault(sample.storefront, []).append(sample.receipt_wait_s)
+    return [
+        _storefront(
+            storefronts[k] if k < len(storefronts) else f"key {k + 1}",
+            hot_share > 0 and k == 0,
+            ledger.storefront_answers.get(k, Counter()),
+            ledger.storefront_users[k],
+            ledger.storefront_receipts[k],
+            waits.get(k, []),
+        )
+        for k in range(count)
+    ]
+
+
+def _storefront(
+    name: str, hot: bool, answers: Counter[str], users: int, receipts: int, waits: list[float]
+) -> StorefrontFigures:
+    too_many: Counter[str] = Counter(dict.fromkeys(TOO_MANY, 0))
+    for label, n in answers.items():
+        _, status, problem = (label.split(" ", 2) + [""])[:3]
+        if status == "429":
+            too_many[problem.removeprefix("/problems/") or "?"] += n
+    return StorefrontFigures(
+        storefront=name,
+        hot=hot,
+        users=users,
+        orders=sum(n for label, n in answers.items() if label.split(" ")[0] == "new"),
+        receipts=receipts,
+        too_many=dict(too_many),
+        waits=len(waits),
+        wait_p50_s=_round(quantile(waits, 0.5), 2),
+        wait_p99_s=_round(quantile(waits, 0.99), 2),
+    )
+
+
 def quantile(values: list[float], q: float) -> float | None:
     """Nearest-rank quantile: the smallest value with at least ``q`` of them at or below it."""
     if not values:
@@ -207,6 +283,7 @@ class Audit:
     invalid_sent: int
     rejected: dict[str, int]
     too_many: int  # 429
+    too_many_by_problem: dict[str, int]  # 429s by problem type (rate-limited, ...)
     unavailable: int  # 503
     unexpected: dict[str, int]
     no_receipt: dict[str, int]
@@ -217,6 +294,8 @@ class Audit:
     knee: dict[str, Any] | None
     locust_exit: int
     eta: EtaError = field(default_factory=EtaError)
+    hot_share: float = 0.0  # of the users, for the first storefront (0: spread evenly)
+    storefronts: list[StorefrontFigures] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -241,11 +320,18 @@ def audit(
     committed: Committed,
     knee: dict[str, Any] | None,
     locust_exit: int,
+    storefronts: Sequence[str] = (),
+    hot_share: float = 0.0,
 ) -> Audit:
+    """The audit of a run; ``storefronts`` names the run's storefronts in key order, the first
+    one hot when ``hot_share`` > 0."""
     rejected: Counter[str] = Counter()
     unexpected: Counter[str] = Counter()
+    too_many: Counter[str] = Counter()
     for label, n in ledger.answers.items():
         kind, status, problem = (label.split(" ", 2) + [""])[:3]
+        if status == "429":
+            too_many[problem.removeprefix("/problems/") or "?"] += n
         if (status, problem) not in EXPECTED.get(kind, set()):
             unexpected[label] += n
         elif status.startswith("4") and status != "429":
@@ -260,6 +346,7 @@ def audit(
         invalid_sent=ledger.count("invalid"),
         rejected=dict(rejected),
         too_many=ledger.count(status="429"),
+        too_many_by_problem=dict(too_many),
         unavailable=ledger.count(status="503"),
         unexpected=dict(unexpected),
         no_receipt=dict(Counter(ledger.unanswered.values())),
@@ -270,6 +357,8 @@ def audit(
         knee=knee,
         locust_exit=locust_exit,
         eta=eta_error(ledger.eta_samples, ledger.eta_unfinished),
+        hot_share=hot_share,
+        storefronts=storefront_figures(ledger, storefronts, hot_share),
     )
     a.checks = _checks(a, ledger)
     return a

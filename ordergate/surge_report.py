@@ -1,12 +1,26 @@
-"""The surge audit as text: the figures first, then each check and the verdict."""
+"""The surge audit as text: the figures first, then the storefronts' table, then each check and
+the verdict."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ordergate.surge_audit import ETA_MIN_WAIT_S, Audit, EtaError, percent
+from ordergate.surge_audit import (
+    ETA_MIN_WAIT_S,
+    TOO_MANY,
+    Audit,
+    EtaError,
+    StorefrontFigures,
+    percent,
+)
 
 NEW_ORDERS = "POST /v1/orders [new]"
+# The storefronts' table's heads for the 429 problem types (TOO_MANY), explained under it.
+TOO_MANY_HEADS = {
+    "rate-limited": "429 rate",
+    "storefront-share-full": "429 share",
+    "buffer-full": "429 full",
+}
 POLLS = "GET /v1/queue/{ticket}"
 
 
@@ -25,7 +39,7 @@ def render(a: Audit) -> str:
             "200 with the original order id",
         ),
         _row("rejected", f"{sum(a.rejected.values()):,}", _counts(a.rejected)),
-        _row("429 buffer-full", f"{a.too_many:,}", ""),
+        _row("429 too many", f"{a.too_many:,}", _counts(a.too_many_by_problem)),
         _row("503 unavailable", f"{a.unavailable:,}", ""),
         _row("other answers", f"{sum(a.unexpected.values()):,}", _counts(a.unexpected)),
         _row("no receipt", f"{sum(a.no_receipt.values()):,}", _counts(a.no_receipt)),
@@ -55,6 +69,8 @@ def render(a: Audit) -> str:
     ]
     if a.knee is not None:
         lines.append(_row("ramp knee", *_knee(a.knee)))
+    if a.storefronts:
+        lines += ["", *_storefronts(a.storefronts, a.hot_share)]
     lines.append("")
     for check in a.checks:
         mark = {True: "ok  ", False: "FAIL", None: "??  "}[check.ok] if check.judged else "--  "
@@ -107,6 +123,38 @@ def _eta(e: EtaError) -> list[str]:
             f"{e.without_eta:,} without a first ETA, {e.unfinished:,} still waiting at the end",
         ),
     ]
+
+
+def _storefronts(rows: list[StorefrontFigures], hot_share: float) -> list[str]:
+    """A row per storefront, the hot one marked ``*``; 429s by problem type, in TOO_MANY's
+    order (a 429 of another type would show in "other answers" too)."""
+    width = max(len("storefront"), *(len(r.storefront) for r in rows))
+    heads = ["users", "orders", "receipts", *(TOO_MANY_HEADS[p] for p in TOO_MANY)]
+    heads += ["wait p50", "wait p99", "waits"]
+    widths = [max(8, len(h)) for h in heads]
+    lines = ["  " + f"{'storefront':<{width}}" + _cells(heads, widths)]
+    for r in rows:
+        cells = [f"{r.users:,}", f"{r.orders:,}", f"{r.receipts:,}"]
+        cells += [f"{r.too_many.get(p, 0):,}" for p in TOO_MANY]
+        cells += [_seconds(r.wait_p50_s), _seconds(r.wait_p99_s), f"{r.waits:,}"]
+        lines.append(("* " if r.hot else "  ") + f"{r.storefront:<{width}}" + _cells(cells, widths))
+    hot = (
+        f"* hot, asked for {percent(hot_share)} of the users; " if any(r.hot for r in rows) else ""
+    )
+    return [
+        *lines,
+        f"  ({hot}users: the most it had at once; waits: from receipt to commit, of the "
+        "tickets customers followed;",
+        "   429 rate: rate-limited, share: storefront-share-full, full: buffer-full)",
+    ]
+
+
+def _cells(cells: list[str], widths: list[int]) -> str:
+    return "".join(f"  {c:>{w}}" for c, w in zip(cells, widths, strict=True))
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
 
 
 def _knee(report: dict[str, Any]) -> tuple[str, str]:

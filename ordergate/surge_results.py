@@ -1,7 +1,8 @@
 """What a surge's Locust processes left in the results folder, read back for the audit.
 
 * ``ledger-<pid>.json`` and ``receipts-<pid>.txt`` (``loadtests/locustfile.py``, one pair per
-  Locust process): every answer counted by kind, status and problem type; every receipt.
+  Locust process): every answer counted by kind, status and problem type, in all and per
+  storefront; every receipt, with its storefront.
 * ``locust_stats.csv``: Locust's latency percentiles per request name.
 * ``knee.json``: the ramp's steps and knee (``loadtests/shapes.py``, ramp only).
 """
@@ -27,16 +28,27 @@ class EtaSample:
     ``wait_s`` runs from the first answer to the first answer saying ``committed`` and
     overshoots the commit by up to ``gap_s``, the last poll interval (the customer polls every
     ``poll_after_seconds``); ``real_wait_s`` takes the middle of that interval.
+    ``since_receipt_s`` runs to the same end from the order's receipt, and
+    ``receipt_wait_s`` likewise takes the middle: the storefront's whole wait.
     """
 
     first_eta_s: int | None  # eta_seconds of the first answer (None: it had none)
     wait_s: float
     first_position: int | None
     gap_s: float  # from the last answer that was not final to the committed one
+    storefront: int | None = None  # index into the run's keys (None: a ledger from before)
+    since_receipt_s: float | None = None
 
     @property
     def real_wait_s(self) -> float:
         return max(0.0, self.wait_s - self.gap_s / 2)
+
+    @property
+    def receipt_wait_s(self) -> float | None:
+        """From the receipt to the commit (the middle of the last poll interval)."""
+        if self.since_receipt_s is None:
+            return None
+        return max(0.0, self.since_receipt_s - self.gap_s / 2)
 
 
 @dataclass
@@ -52,6 +64,11 @@ class Ledger:
     position_increases: int = 0
     eta_samples: list[EtaSample] = field(default_factory=list)
     eta_unfinished: int = 0  # followed tickets still waiting when their customer stopped
+    # Per storefront (index into the run's keys): answers to its users, its distinct receipts,
+    # the most users it had at once (summed over Locust processes).
+    storefront_answers: dict[int, Counter[str]] = field(default_factory=dict)
+    storefront_receipts: Counter[int] = field(default_factory=Counter)
+    storefront_users: Counter[int] = field(default_factory=Counter)
 
     def count(self, kind: str | None = None, status: str | None = None) -> int:
         """Answers of ``kind`` (e.g. ``new``) and/or ``status`` (e.g. ``503``)."""
@@ -78,16 +95,31 @@ def read_ledger(results: Path) -> Ledger:
         merged.position_increases += doc["position_increases"]
         merged.eta_samples += [EtaSample(*row) for row in doc.get("eta_samples", [])]
         merged.eta_unfinished += doc.get("eta_unfinished", 0)
+        for key, figures in doc.get("storefronts", {}).items():
+            merged.storefront_answers.setdefault(int(key), Counter()).update(figures["answers"])
+            merged.storefront_users[int(key)] += figures["peak_users"]
     for path in sorted(results.glob("receipts-*.txt")):
         with open(path) as f:
             for line in f:
-                order_id, _, sfo = line.rstrip("\n").partition(" ")
-                earlier = merged.receipts.setdefault(sfo, order_id)
-                if earlier != order_id:
+                order_id, sfo, storefront = _receipt(line)
+                earlier = merged.receipts.get(sfo)
+                if earlier is None:  # each storefront order counts once, like ``receipts``
+                    merged.receipts[sfo] = order_id
+                    if storefront is not None:
+                        merged.storefront_receipts[storefront] += 1
+                elif earlier != order_id:
                     merged.conflicting_receipts += 1
     for sfo in merged.receipts:  # receipted by a later attempt in another process: no longer
         merged.unanswered.pop(sfo, None)
     return merged
+
+
+def _receipt(line: str) -> tuple[str, str, int | None]:
+    """``order_id storefront_order_id [storefront]``: the storefront is missing in receipts
+    from before storefronts were recorded."""
+    order_id, _, rest = line.rstrip("\n").partition(" ")
+    sfo, _, storefront = rest.partition(" ")
+    return order_id, sfo, int(storefront) if storefront else None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """The gateway a surge test hits: a running one (``--host``), or an ``ordergate up`` of its own.
 
-Either way the surge needs the gateway's URL, API keys for a few storefronts and, for the audit,
+Either way the surge needs the gateway's URL, API keys for its storefronts and, for the audit,
 the Postgres URL. Its own ``up`` runs as a child process on a free port and a temporary data
 directory (or ``--data-dir``), exactly as a user would start it, and is stopped with SIGINT.
+Which storefront each Locust storefront user sends for (``user_shares``, ``user_order``) is
+decided here too, so that one storefront can have a flash sale's share of the users.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,6 +34,9 @@ from ordergate.settings import Settings
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 90.0
 STOREFRONTS = 4
+# The storefront (index into ORDERGATE_API_KEY) of each storefront user, in the order Locust
+# starts them (loadtests/locustfile.py).
+ORDER_ENV = "ORDERGATE_SURGE_STOREFRONTS"
 
 
 @dataclass(frozen=True)
@@ -134,18 +140,86 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def api_keys(target: Target, settings: Settings, run_id: str) -> tuple[list[str], list[str]]:
-    """(keys, storefront ids): from ``ORDERGATE_API_KEY`` when set for a running gateway, else
-    new keys for ``STOREFRONTS`` storefronts of this run, made in the target's Redis."""
-    given = [k.strip() for k in os.environ.get("ORDERGATE_API_KEY", "").split(",") if k.strip()]
+def given_keys() -> list[str]:
+    """The keys in ``ORDERGATE_API_KEY`` (comma-separated), for a running gateway."""
+    return [k.strip() for k in os.environ.get("ORDERGATE_API_KEY", "").split(",") if k.strip()]
+
+
+def storefront_count(requested: int | None, host: str | None) -> int:
+    """K: ``--storefronts``, else the keys given for a running gateway, else ``STOREFRONTS``
+    (what the surge always did)."""
+    if requested is not None:
+        if requested < 1:
+            raise SurgeError("--storefronts must be at least 1")
+        return requested
+    given = given_keys() if host else []
+    return len(given) or STOREFRONTS
+
+
+def user_shares(users: int, storefronts: int, hot_share: float) -> list[int]:
+    """Users per storefront: the first (hot) one gets ``hot_share`` of them, at least one when
+    the share is above 0; the others split the rest evenly, at least one each, the first ones
+    taking the remainder. ``hot_share`` 0 splits all of them evenly."""
+    if not 0 <= hot_share < 1:
+        raise SurgeError(f"--hot-share must be in [0, 1), not {hot_share:g}")
+    if storefronts < 1:
+        raise SurgeError("--storefronts must be at least 1")
+    if users < storefronts:
+        raise SurgeError(
+            f"{users} users cannot serve {storefronts} storefronts: each needs one at least; "
+            "raise --users or lower --storefronts"
+        )
+    if hot_share == 0:
+        return _even(users, storefronts)
+    if storefronts == 1:
+        raise SurgeError("--hot-share needs 2 storefronts at least: the hot one and the others")
+    hot = min(max(1, math.floor(hot_share * users + 0.5)), users - (storefronts - 1))
+    return [hot, *_even(users - hot, storefronts - 1)]
+
+
+def _even(users: int, storefronts: int) -> list[int]:
+    base, extra = divmod(users, storefronts)
+    return [base + int(i < extra) for i in range(storefronts)]
+
+
+def user_order(counts: list[int]) -> list[int]:
+    """The storefront of each user, in the order Locust starts them: one user for each
+    storefront first (the hot one leading), then the rest interleaved by smooth weighted
+    round-robin. Every prefix then holds each storefront's share to within a user or two: a
+    spike's baseline, a ramp's early steps and the storefront users among Locust's users (its
+    customers take one user in five and no storefront) all see the split in small."""
+    order = [k for k, n in enumerate(counts) if n > 0]
+    left = [max(0, n - 1) for n in counts]
+    total = sum(left)
+    credit = [0] * len(counts)
+    for _ in range(total):
+        credit = [c + n for c, n in zip(credit, left, strict=True)]
+        pick = max(range(len(counts)), key=lambda k: (credit[k], -k))
+        credit[pick] -= total
+        order.append(pick)
+    return order
+
+
+def api_keys(
+    target: Target, settings: Settings, run_id: str, count: int = STOREFRONTS
+) -> tuple[list[str], list[str]]:
+    """(keys, storefront ids): the first ``count`` keys of ``ORDERGATE_API_KEY`` when it is set
+    for a running gateway (their storefronts are not known), else new keys for ``count``
+    storefronts of this run, made in the target's Redis."""
+    given = given_keys()
     if given and not target.started:
-        return given, []
+        if len(given) < count:
+            raise SurgeError(
+                f"ORDERGATE_API_KEY holds {len(given)} keys, fewer than the {count} storefronts "
+                "asked for: give more keys or lower --storefronts"
+            )
+        return given[:count], []
     if target.redis_url is None:
         raise SurgeError(
             "no API keys: set ORDERGATE_API_KEY (comma-separated keys of the gateway's "
             "storefronts), or ORDERGATE_REDIS_URL so the surge can make its own"
         )
-    storefronts = [f"surge-{run_id}-{i}" for i in range(1, STOREFRONTS + 1)]
+    storefronts = [f"surge-{run_id}-{i}" for i in range(1, count + 1)]
     return asyncio.run(_create_keys(target.redis_url, settings, storefronts)), storefronts
 
 

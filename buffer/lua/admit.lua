@@ -2,19 +2,30 @@
 -- Admit a batch of orders, grouped by shard, atomically per order: one call per gateway batch,
 -- so the counters are read and written once per batch, not per order or per shard.
 -- KEYS[1] the global admission counter, KEYS[2] the drain hash (its 's': orders settled so
--- far, over all lanes), then 2 per shard group: its stream and its lane hash, then per order
--- (in group order): its idempotency key.
+-- far, over all lanes), KEYS[3..7] the storefronts' limits, rate-limit state (GCRA), buffered
+-- and admitted counts, and the set of those with an API key (buffer/storefronts.py), then 2
+-- per shard group: its stream and its lane
+-- hash, then per order (in group order): its idempotency key.
 -- ARGV[1] pending lease in ms (0 = durable on reply, no pending state), ARGV[2] the most orders
--- the buffer may hold unsettled (0 = no bound), ARGV[3] the number of groups G, then 2 per
+-- the buffer may hold unsettled (0 = no bound), ARGV[3] the default rate (orders/s, 0 = none)
+-- and ARGV[4] burst of a storefront without a limit of its own, ARGV[5] the reserve: once
+-- the buffer holds bound - reserve, a storefront holding its share ((bound - reserve) /
+-- storefronts with orders buffered) or more is refused, ARGV[6] the number of groups G, then 2 per
 -- group: the shard and its number of orders, then 7 args per order:
 --   nonce, storefront_id, storefront_order_id, accepted_at_us, fingerprint (8 bytes), the
 --   row's columns (the entry's 'r', buffer/message.py), body.
--- Returns one reply per order, in the order given:
---   {1, order_id, seq, accepted_at_us, ahead, ls}  admitted
---   {2, order_id, seq, accepted_at_us, ahead, ls}  duplicate of an earlier order with the same body
---   {3, order_id}                                 same storefront_order_id, different body
---   {4, order_id}                                 its twin is still in flight (not yet durable)
---   {5, depth}                                    refused: the buffer holds its bound already
+-- Returns one reply per order, in the order given, each {code, q, w, r, t, ...}: q/w the
+-- storefront's rate-limit policy (burst, its window in s; q = 0: not limited), r the orders it
+-- may still send at once, t the ms until it may send q again (or, refused for its rate, until
+-- it may send one), then by code:
+--   1, order_id, seq, accepted_at_us, ahead, ls   admitted
+--   2, order_id, seq, accepted_at_us, ahead, ls   duplicate of an earlier order with the same body
+--   3, order_id                                   same storefront_order_id, different body
+--   4, order_id                                   its twin is still in flight (not yet durable)
+--   5, depth                                      refused: the buffer holds its bound already
+--   6                                             refused: the storefront's rate limit
+--   7, held, share                                refused: the storefront holds its share
+-- A replayed order (2, 3, 4) costs no token and is never refused: only new orders count.
 -- The shebang line makes Redis refuse the whole call up front when it is out of memory
 -- (noeviction), so a batch is never half written.
 -- Per order Redis keeps two things: the stream entry and the idempotency record (_idem.lua).
@@ -24,10 +35,10 @@
 -- queue numbers grow in the order entries enter the streams. ls is its number inside its lane.
 -- ahead = orders admitted earlier and not yet settled, for the customer's progress bar: exact
 -- while nothing drains, a lower bound while lanes drain in parallel (buffer.position).
-local groups = tonumber(ARGV[3])
+local groups = tonumber(ARGV[6])
 for g = 1, groups do
-  if redis.call('EXISTS', KEYS[1 + g * 2]) == 0 then
-    return redis.error_reply('NOSTREAM buffer stream ' .. KEYS[1 + g * 2] .. ' is missing')
+  if redis.call('EXISTS', KEYS[6 + g * 2]) == 0 then
+    return redis.error_reply('NOSTREAM buffer stream ' .. KEYS[6 + g * 2] .. ' is missing')
   end
 end
 local CROCKFORD = {string.byte('0123456789abcdefghjkmnpqrstvwxyz', 1, 32)}
@@ -54,22 +65,84 @@ local function number(text)
   return value
 end
 local lease, bound = tonumber(ARGV[1]), tonumber(ARGV[2])
+local default_rate, default_burst = tonumber(ARGV[3]), tonumber(ARGV[4])
+local reserve = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local settled = tonumber(redis.call('HGET', KEYS[2], 's') or '0')
 local issued0 = tonumber(redis.call('GET', KEYS[1]) or '0')
 local issued = issued0
+-- Each storefront of the batch, read once: its limit, its rate limit's state and its buffered
+-- orders. The rate limit is GCRA, a token bucket kept as one time: 'tat', when the bucket is
+-- full again; an order costs T = 1/rate, and passes while tat + T - now <= burst * T.
+local storefronts, touched = {}, {}
+local active = nil  -- storefronts with orders buffered, read when the share rule needs it
+local function storefront(sf)
+  local s = storefronts[sf]
+  if s then
+    return s
+  end
+  local rate, burst = default_rate, default_burst
+  local own = redis.call('HGET', KEYS[3], sf)
+  if own then
+    local r, b = string.match(own, '^(%S+) (%S+)')
+    rate, burst = tonumber(r) or 0, tonumber(b) or 1
+  end
+  s = {held = tonumber(redis.call('HGET', KEYS[5], sf) or '0'), admitted = 0, rate = rate}
+  if rate > 0 then
+    s.T = 1000000 / rate
+    s.tau = math.max(1, burst) * s.T
+    s.q = math.max(1, burst)
+    s.w = math.max(1, math.ceil(s.q / rate))
+    s.tat = math.max(tonumber(redis.call('HGET', KEYS[4], sf) or '0'), now_us)
+  end
+  storefronts[sf] = s
+  touched[#touched + 1] = sf
+  return s
+end
+-- The share rule: past bound - reserve, a storefront may hold at most (bound - reserve) / n
+-- orders, n the storefronts with orders buffered (itself included), so the reserve stays for
+-- the storefronts below their share, one that had nothing buffered included. It applies only
+-- where more than one storefront has an API key: a single storefront may fill the bound.
+local joined = 0  -- storefronts of this batch that had nothing buffered before it
+local function over_share(sf)
+  if bound <= 0 or reserve <= 0 or issued - settled < bound - reserve then
+    return nil
+  end
+  if not active then
+    active = redis.call('HLEN', KEYS[5])
+    if redis.call('SCARD', KEYS[7]) <= 1 then
+      reserve = 0
+    end
+  end
+  if reserve <= 0 then
+    return nil
+  end
+  local share = math.floor((bound - reserve) / (active + joined + (sf.held == 0 and 1 or 0)))
+  if sf.held >= share then
+    return share
+  end
+  return nil
+end
+local function limit_of(s)  -- q, w, r, t of the storefront's state now
+  if not s.T then
+    return 0, 0, 0, 0
+  end
+  local used = s.tat - now_us
+  return s.q, s.w, math.floor((s.tau - used) / s.T + 1e-6), math.ceil(used / 1000)
+end
 local out = {}
 -- Every idempotency record of the batch in one read and the new ones in one write, not a
 -- command per order; 'written' answers a twin inside this same batch.
-local first_key = 3 + groups * 2
+local first_key = 8 + groups * 2
 local priors = #KEYS >= first_key and redis.call('MGET', unpack(KEYS, first_key)) or {}
 local written, writes = {}, {}
-local a = 4 + groups * 2  -- the next order's first arg
-local k = 2 + groups * 2  -- the next order's idem key, minus one
+local a = 7 + groups * 2  -- the next order's first arg
+local k = 7 + groups * 2  -- the next order's idem key, minus one
 for g = 1, groups do
-  local shard, count = ARGV[2 + g * 2], tonumber(ARGV[3 + g * 2])
-  local stream, lane_key = KEYS[1 + g * 2], KEYS[2 + g * 2]
+  local shard, count = ARGV[5 + g * 2], tonumber(ARGV[6 + g * 2])
+  local stream, lane_key = KEYS[6 + g * 2], KEYS[7 + g * 2]
   -- Entry ids must grow: never below the stream's newest (a clock that stepped back, an entry
   -- written by hand), and past it when that one has the same millisecond and a higher number.
   local ms = now_ms
@@ -91,21 +164,36 @@ for g = 1, groups do
     local idem_key = KEYS[k]
     local fp = string.sub(ARGV[a + 4], 1, 8)
     local prior = written[idem_key] or priors[k - first_key + 1]
+    local sf = storefront(ARGV[a + 1])
+    local q, w, r, ms_full = limit_of(sf)
     if prior then
       local pfp, tail, pat, pahead, pls = struct.unpack(IDEM, prior)
       local oid = head .. tail
       local until_ms = idem_tag(prior, 'p')
       if pfp ~= fp then
-        out[#out + 1] = {3, oid}
+        out[#out + 1] = {3, q, w, r, ms_full, oid}
       elseif until_ms and until_ms > now_ms then
-        out[#out + 1] = {4, oid}
+        out[#out + 1] = {4, q, w, r, ms_full, oid}
       else
         local pseq = idem_tag(prior, 'q') or number(string.sub(tail, 11, 21))
-        out[#out + 1] = {2, oid, pseq, string.format('%d', pat), pahead, pls}
+        out[#out + 1] = {2, q, w, r, ms_full, oid, pseq, string.format('%d', pat), pahead, pls}
       end
     elseif bound > 0 and issued - settled >= bound then
-      out[#out + 1] = {5, issued - settled}
+      out[#out + 1] = {5, q, w, r, ms_full, issued - settled}
+    elseif over_share(sf) then
+      out[#out + 1] = {7, q, w, r, ms_full, sf.held, over_share(sf)}
+    elseif sf.T and sf.tat + sf.T - now_us > sf.tau + 0.001 then
+      out[#out + 1] = {6, q, w, 0, math.ceil((sf.tat + sf.T - sf.tau - now_us) / 1000)}
     else
+      if sf.T then
+        sf.tat = sf.tat + sf.T
+        q, w, r, ms_full = limit_of(sf)
+      end
+      if sf.held == 0 then
+        joined = joined + 1
+      end
+      sf.held = sf.held + 1
+      sf.admitted = sf.admitted + 1
       issued = issued + 1
       lane_n = lane_n + 1
       local seq, ls = issued, lane_n
@@ -123,7 +211,7 @@ for g = 1, groups do
       written[idem_key] = record
       writes[#writes + 1] = idem_key
       writes[#writes + 1] = record
-      out[#out + 1] = {1, oid, seq, ARGV[a + 3], ahead, ls}
+      out[#out + 1] = {1, q, w, r, ms_full, oid, seq, ARGV[a + 3], ahead, ls}
     end
     a = a + 7
   end
@@ -133,5 +221,15 @@ for g = 1, groups do
 end
 if issued > issued0 then
   redis.call('MSET', KEYS[1], issued, unpack(writes))
+  for _, id in ipairs(touched) do
+    local sf = storefronts[id]
+    if sf.admitted > 0 then
+      redis.call('HINCRBY', KEYS[5], id, sf.admitted)
+      redis.call('HINCRBY', KEYS[6], id, sf.admitted)
+      if sf.T then
+        redis.call('HSET', KEYS[4], id, string.format('%.17g', sf.tat))
+      end
+    end
+  end
 end
 return out

@@ -2,7 +2,8 @@
 -- Re-queue dead letters of ONE shard: back into the stream with their original fields and a
 -- new queue number (at the back of the line, like any new order).
 -- KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] admission counter, KEYS[4] the lane
--- hash, then per entry i: its status key and idem key (KEYS[1] when the entry names no order).
+-- hash, KEYS[5] the storefronts' buffered counts, then per entry i: its status key and idem
+-- key (KEYS[1] when the entry names no order).
 -- A replayed entry is a new admission of its lane: a new queue number and lane number.
 -- ARGV[1] now_us, then the dead-letter entry ids. Returns the number re-queued.
 local moved = 0
@@ -31,8 +32,12 @@ for i = 2, #ARGV do
       return redis.error_reply('NOSTREAM buffer stream ' .. KEYS[1] .. ' is missing')
     end
     redis.call('HSET', KEYS[4], 'last', seq)
+    local sf = field(f, 'sf')
+    if sf and sf ~= '' then
+      redis.call('HINCRBY', KEYS[5], sf, 1)
+    end
     redis.call('XDEL', KEYS[2], ARGV[i])
-    local status_key, idem_key = KEYS[2 * i + 1], KEYS[2 * i + 2]
+    local status_key, idem_key = KEYS[2 * i + 2], KEYS[2 * i + 3]
     if status_key ~= KEYS[1] then
       redis.call('HSET', status_key, 'status', 'queued', 'eid', eid, 'seq', seq, 'ls', ls)
       redis.call('HDEL', status_key, 'reason', 'rejected_at')

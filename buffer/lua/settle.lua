@@ -9,7 +9,8 @@
 -- cannot count a batch twice.
 -- KEYS[1] lane hash, KEYS[2] drain hash, KEYS[3] stream, KEYS[4] dead-letter stream,
 -- KEYS[5] notification stream, KEYS[6] the lane's deliveries hash (claim.lua; it exists only
--- after a takeover), then one per plain commit: its idem key; then two per
+-- after a takeover), KEYS[7] and KEYS[8] the storefronts' buffered and settled counts
+-- (buffer/storefronts.py), then one per plain commit: its idem key; then two per
 -- exception: its status key, its idem key (KEYS[1] when the entry names no order of this lane,
 -- or, as a status key, when the order gets no record).
 -- ARGV[1] unused, ARGV[2] the status records' ttl s, ARGV[3] epoch, ARGV[4] now_us, ARGV[5]
@@ -51,6 +52,16 @@ local function notify_of(sf, sfo, oid, outcome, at)
   end
 end
 local done, lettered, settled = {}, {}, 0
+local by_sf, sfs = {}, {}  -- orders leaving the buffer, per storefront
+local function leaves(sf)
+  if sf ~= '' then
+    if not by_sf[sf] then
+      by_sf[sf] = 0
+      sfs[#sfs + 1] = sf
+    end
+    by_sf[sf] = by_sf[sf] + 1
+  end
+end
 local idem_ttl, retention = tonumber(ARGV[8]), tonumber(ARGV[9])
 local taken = ARGV[11]
 local p, committed_at = tonumber(ARGV[12]), ARGV[13]
@@ -78,7 +89,8 @@ for i = 1, p do
   local eid, oid, sf, sfo = string.match(ARGV[13 + i], PLAIN)
   notify_of(sf, sfo, oid, 'committed', committed_at)
   done[#done + 1] = eid
-  local idem_key = KEYS[6 + i]
+  leaves(sf)
+  local idem_key = KEYS[8 + i]
   if idem_key ~= lane then
     redis.call('EXPIRE', idem_key, idem_ttl)
   end
@@ -86,7 +98,7 @@ end
 for i = 0, n - 1 do
   local a = 14 + p + i * 13
   local eid, outcome, at, reason = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local status_key, idem_key = KEYS[7 + p + i * 2], KEYS[8 + p + i * 2]
+  local status_key, idem_key = KEYS[9 + p + i * 2], KEYS[10 + p + i * 2]
   local plain = outcome == 'committed' and ARGV[a + 8] ~= '1'
   if outcome == 'dead_lettered' then
     local entry = redis.call('XRANGE', stream, eid, eid)
@@ -105,6 +117,7 @@ for i = 0, n - 1 do
       end
       settled = settled + redis.call('XDEL', stream, eid)
       lettered[#lettered + 1] = eid
+      leaves(field(entry[1][2], 'sf') or '')
       if status_key ~= lane then
         record(status_key, a, 'dead_lettered', at, reason)
       end
@@ -112,6 +125,7 @@ for i = 0, n - 1 do
   else
     notify_of(ARGV[a + 6], ARGV[a + 7], ARGV[a + 5], outcome, at)
     done[#done + 1] = eid
+    leaves(ARGV[a + 6])
     if not plain and status_key ~= lane then
       record(status_key, a, outcome, at, reason)
     end
@@ -148,6 +162,16 @@ if w > old then
   redis.call('HSET', lane, 'w', w)
 else
   w = old
+end
+-- Each storefront's share of the buffer shrinks by its orders that left (a field goes at 0, so
+-- the hash's length counts the storefronts holding orders). Entries deleted by hand before
+-- their settle would be counted here again: the count stops at 0.
+for _, sf in ipairs(sfs) do
+  local left = redis.call('HINCRBY', KEYS[7], sf, -by_sf[sf])
+  if left <= 0 then
+    redis.call('HDEL', KEYS[7], sf)
+  end
+  redis.call('HINCRBY', KEYS[8], sf, by_sf[sf])
 end
 if settled > 0 then
   redis.call('HINCRBY', lane, 's', settled)

@@ -35,9 +35,14 @@ def _surge(tmp_path: Path, *extra: str, timeout: float) -> subprocess.CompletedP
 
 
 def test_a_short_spike_is_audited_end_to_end(tmp_path: Path) -> None:
-    """Baseline 1 user -> 30 users -> 1 user, 6 s each, against an `up` the surge starts."""
+    """Baseline 1 user -> 30 users -> 1 user, 6 s each, against an `up` the surge starts; three
+    storefronts, the first with 60 % of the users (a flash sale), audited per storefront."""
     results = tmp_path / "results"
-    out = _surge(tmp_path, "--duration", "18", "--drain-timeout", "60", timeout=150)
+    out = _surge(
+        tmp_path,
+        *("--duration", "18", "--drain-timeout", "60", "--storefronts", "3", "--hot-share", "0.6"),
+        timeout=150,
+    )
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert out.stdout.rstrip().endswith("PASS")
 
@@ -58,6 +63,22 @@ def test_a_short_spike_is_audited_end_to_end(tmp_path: Path) -> None:
     assert audit["latency"]["POST /v1/orders [new]"]["p99"] is not None
     for report in ("report.html", "locust_stats.csv", "locust_stats_history.csv", "locust.log"):
         assert (results / report).is_file(), report
+
+    # per storefront: 18, 6 and 6 of the 30 users asked for; the 24 storefront users among
+    # them (Locust's other 6 are customers) split about alike, the hot one in the baseline too
+    assert re.search(r"storefronts surge-\S+-1 \(hot\) 18, surge-\S+-2 6, \S+ 6 of 30", out.stdout)
+    storefronts = audit["storefronts"]
+    assert [s["hot"] for s in storefronts] == [True, False, False] and audit["hot_share"] == 0.6
+    assert sum(s["receipts"] for s in storefronts) == audit["accepted"]
+    hot, *others = storefronts
+    assert all(0 < s["users"] < hot["users"] for s in others), storefronts
+    assert all(0 < s["orders"] < hot["orders"] for s in others), storefronts
+    assert all(s["receipts"] > 0 for s in storefronts)
+    assert sum(s["waits"] for s in storefronts) == audit["eta"]["followed"]
+    assert hot["waits"] > 0 and hot["wait_p50_s"] <= hot["wait_p99_s"]
+    assert re.search(
+        rf"^\* {hot['storefront']} +{hot['users']} +{hot['orders']:,} ", out.stdout, re.M
+    )
 
     # its own `up` was stopped, and its temporary data dir removed
     match = re.search(r"`ordergate up` \(pid (\d+), data in (\S+),", out.stdout)
@@ -111,6 +132,22 @@ def test_surge_has_help() -> None:
     )
     assert out.returncode == 0 and "--shape {spike,ramp,soak}" in out.stdout
     assert "--drain-rate N" in out.stdout
+    assert "--storefronts K" in out.stdout and "--hot-share P" in out.stdout
+
+
+def test_surge_refuses_fewer_users_than_storefronts() -> None:
+    """Refused before anything starts: each storefront needs a user."""
+    out = subprocess.run(
+        [sys.executable, "-m", "ordergate", "surge", "--shape", "spike", "--users", "3"]
+        + ["--storefronts", "4", "--hot-share", "0.5"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "3 users cannot serve 4 storefronts" in out.stderr
+    assert "ordergate up" not in out.stdout
 
 
 def test_surge_caps_only_the_drain_of_its_own_up() -> None:

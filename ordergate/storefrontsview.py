@@ -1,0 +1,102 @@
+"""``ordergate storefronts list`` and ``status --storefront``: each storefront's share of the
+buffer, its drain rate and its 429s, as a table or JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from ordergate.buffer.keys import Keys
+from ordergate.buffer.storefronts import REASONS, StorefrontCounts, read_counts
+from ordergate.settings import Settings
+
+
+class StorefrontRow(msgspec.Struct, frozen=True):
+    storefront_id: str
+    buffered: int
+    share: float  # of the orders buffered now
+    admitted: int
+    settled: int
+    drain_rate: float | None  # orders/s settled over the measured interval
+    ingest_rate: float | None
+    refused: dict[str, int]  # 429s by reason: rate, share, full
+    rate_limit: float | None  # its own limit; None: the settings' defaults
+    burst: int | None
+    weight: int
+
+
+class StorefrontListing(msgspec.Struct, frozen=True):
+    interval_s: float
+    storefronts: list[StorefrontRow]
+
+
+async def measure(redis: Any, keys: Keys, interval_s: float) -> StorefrontListing:
+    """Two reads of the counts ``interval_s`` apart; the rates are their differences."""
+    first = {c.storefront_id: c for c in await read_counts(redis, keys)}
+    started = time.monotonic()
+    if interval_s > 0:
+        await asyncio.sleep(interval_s)
+    counts = await read_counts(redis, keys)
+    span = time.monotonic() - started
+    total = sum(c.buffered for c in counts) or 1
+    return StorefrontListing(
+        round(span, 3), [_row(c, first.get(c.storefront_id), span, total) for c in counts]
+    )
+
+
+def _row(c: StorefrontCounts, before: StorefrontCounts | None, span: float, total: int) -> Any:
+    def rate(now: int, then: int | None) -> float | None:
+        if then is None or span <= 0:
+            return None
+        return round((now - then) / span, 1)
+
+    return StorefrontRow(
+        c.storefront_id,
+        c.buffered,
+        round(c.buffered / total, 4),
+        c.admitted,
+        c.settled,
+        rate(c.settled, before.settled if before else None),
+        rate(c.admitted, before.admitted if before else None),
+        {r: c.refused.get(r, 0) for r in REASONS},
+        c.limit.rate if c.limit else None,
+        c.limit.burst if c.limit else None,
+        c.limit.weight if c.limit else 1,
+    )
+
+
+def render_counts(listing: StorefrontListing, settings: Settings) -> Any:
+    if not listing.storefronts:
+        return "no storefront has sent orders yet"
+    table = Table(title=f"storefronts (rates over {listing.interval_s:g} s)")
+    for name in ("storefront", "buffered", "share", "in/s", "drain/s", "429 rate/share/full"):
+        table.add_column(name, justify="left" if name == "storefront" else "right")
+    table.add_column("limit")
+    table.add_column("weight", justify="right")
+    default = f"{settings.storefront_rate:g}/s (default)" if settings.storefront_rate else "none"
+    for row in listing.storefronts:
+        if row.rate_limit is None:
+            limit = default
+        elif row.rate_limit:
+            limit = f"{row.rate_limit:g}/s burst {row.burst}"
+        else:
+            limit = "none (own)"
+        table.add_row(
+            row.storefront_id,
+            f"{row.buffered:,}",
+            f"{row.share:.0%}",
+            "-" if row.ingest_rate is None else f"{row.ingest_rate:,.1f}",
+            "-" if row.drain_rate is None else f"{row.drain_rate:,.1f}",
+            "/".join(str(row.refused[r]) for r in REASONS),
+            limit,
+            str(row.weight),
+        )
+    out = io.StringIO()
+    Console(width=200, file=out).print(table)
+    return out.getvalue().rstrip()
