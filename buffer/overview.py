@@ -77,9 +77,11 @@ class Storefront(msgspec.Struct, frozen=True):
     admitted: int  # so far
     settled: int  # so far
     refused: dict[str, int]  # 429s so far, by reason: rate, share, full
-    ingest_rate: float | None = None  # orders/s, last RATE_WINDOW_S (top storefronts only)
+    ingest_rate: float | None = None  # orders/s (status: last RATE_WINDOW_S, top ones only)
     drain_rate: float | None = None
     weight: int = 1  # its share of each lane's drain while it has a backlog
+    rate_limit: float | None = None  # its own rate limit (0: none); None: the defaults
+    burst: int | None = None
 
 
 class Overview(msgspec.Struct, frozen=True):
@@ -175,16 +177,25 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
 
 def _storefront(c: storefronts.StorefrontCounts, held: int, samples: Any) -> Storefront:
     ingest, drained = history.storefront_rates(samples, c.storefront_id, RATE_WINDOW_S)
+    return storefront_figures(c, held, ingest, drained)
+
+
+def storefront_figures(
+    c: storefronts.StorefrontCounts, held: int, ingest: float | None, drained: float | None
+) -> Storefront:
+    """One storefront's figures; ``held``: the orders buffered over all storefronts."""
     return Storefront(
         c.storefront_id,
         c.buffered,
-        round(c.buffered / held, 4),
+        round(c.buffered / (held or 1), 4),
         c.admitted,
         c.settled,
         {r: c.refused.get(r, 0) for r in storefronts.REASONS},
         _round(ingest),
         _round(drained),
         c.limit.weight if c.limit else 1,
+        c.limit.rate if c.limit else None,
+        c.limit.burst if c.limit else None,
     )
 
 

@@ -13,27 +13,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.overview import Storefront, storefront_figures
 from ordergate.buffer.storefronts import REASONS, StorefrontCounts, read_counts
 from ordergate.settings import Settings
 
 
-class StorefrontRow(msgspec.Struct, frozen=True):
-    storefront_id: str
-    buffered: int
-    share: float  # of the orders buffered now
-    admitted: int
-    settled: int
-    drain_rate: float | None  # orders/s settled over the measured interval
-    ingest_rate: float | None
-    refused: dict[str, int]  # 429s by reason: rate, share, full
-    rate_limit: float | None  # its own limit; None: the settings' defaults
-    burst: int | None
-    weight: int
-
-
 class StorefrontListing(msgspec.Struct, frozen=True):
     interval_s: float
-    storefronts: list[StorefrontRow]
+    storefronts: list[Storefront]
 
 
 async def measure(redis: Any, keys: Keys, interval_s: float) -> StorefrontListing:
@@ -52,22 +39,13 @@ async def measure(redis: Any, keys: Keys, interval_s: float) -> StorefrontListin
 
 def _row(c: StorefrontCounts, before: StorefrontCounts | None, span: float, total: int) -> Any:
     def rate(now: int, then: int | None) -> float | None:
-        if then is None or span <= 0:
-            return None
-        return round((now - then) / span, 1)
+        return None if then is None or span <= 0 else (now - then) / span
 
-    return StorefrontRow(
-        c.storefront_id,
-        c.buffered,
-        round(c.buffered / total, 4),
-        c.admitted,
-        c.settled,
-        rate(c.settled, before.settled if before else None),
+    return storefront_figures(
+        c,
+        total,
         rate(c.admitted, before.admitted if before else None),
-        {r: c.refused.get(r, 0) for r in REASONS},
-        c.limit.rate if c.limit else None,
-        c.limit.burst if c.limit else None,
-        c.limit.weight if c.limit else 1,
+        rate(c.settled, before.settled if before else None),
     )
 
 

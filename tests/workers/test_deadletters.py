@@ -126,8 +126,11 @@ async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(
         assert [m.order_id for m in owed.messages] == [oid]
         assert list(owed.deliveries.values()) == [n]
 
+    assert await redis.hget(KEYS.storefront_buffered(), "shop-a") == b"1"
     report = await drain(settings)
     assert report.dead_lettered == 1 and report.committed == 0
+    # A dead letter has left the buffer: its storefront's share of it with it.
+    assert await redis.hget(KEYS.storefront_buffered(), "shop-a") is None
     status = (await client.get(f"/v1/orders/{oid}", headers=auth(api_key))).json()
     assert status["status"] == "dead_lettered" and "delivered 3 times" in status["reason"]
 
@@ -142,6 +145,7 @@ async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(
     replayed = cli(settings, "dlq", "replay", f"{shard}/{letter['id']}")
     assert replayed.returncode == 0 and "re-queued 1" in replayed.stdout
     assert await redis.xlen(KEYS.deadletters(shard)) == 0
+    assert await redis.hget(KEYS.storefront_buffered(), "shop-a") == b"1"  # back in the buffer
     assert (await client.get(f"/v1/orders/{oid}", headers=auth(api_key))).json()[
         "status"
     ] == "queued"
@@ -154,6 +158,8 @@ async def test_entry_delivered_k_times_is_dead_lettered_then_replayed(
 
     report = await drain(settings)
     assert report.committed == 1
+    assert await redis.hget(KEYS.storefront_buffered(), "shop-a") is None
+    assert await redis.hget(KEYS.storefront_settled(), "shop-a") == b"2"  # lettered, committed
     assert await pg.fetchval("SELECT count(*) FROM orders WHERE order_id = $1", oid) == 1
     final = (await client.get(f"/v1/orders/{oid}", headers=auth(api_key))).json()
     assert final["status"] == "committed" and "reason" not in final
