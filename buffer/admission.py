@@ -278,7 +278,6 @@ class Admitter:
                 keys.storefront_limits(),
                 keys.storefront_tat(),
                 keys.storefront_buffered(),
-                keys.storefront_admitted(),
                 keys.storefront_known(),
             ]
             script_args: list[Any] = [

@@ -143,13 +143,10 @@ class Keys:
         field only while it has some: HLEN counts the storefronts holding the buffer)."""
         return f"{self.prefix}:sf:buffered"
 
-    def storefront_admitted(self) -> str:
-        """Hash: storefront id -> its orders admitted so far (never goes back)."""
-        return f"{self.prefix}:sf:admitted"
-
     def storefront_settled(self) -> str:
         """Hash: storefront id -> its orders settled so far (committed, rejected or
-        dead-lettered; never goes back)."""
+        dead-lettered; never goes back). Settled plus buffered: its orders admitted so far (a
+        replayed dead letter counting again)."""
         return f"{self.prefix}:sf:settled"
 
     def storefront_known(self) -> str:

@@ -1,8 +1,8 @@
 """Storefronts' limits and their share of the buffer: the ``og:sf:*`` hashes.
 
 Each hash has one field per storefront (their number is bounded by the API keys, not by the
-traffic). ``admit.lua`` reads a storefront's limit and rate-limit state and counts its admitted
-and buffered orders; ``settle.lua`` counts them out and ``replay.lua`` back in; the gateways add
+traffic). ``admit.lua`` reads a storefront's limit and rate-limit state and counts its buffered
+orders; ``settle.lua`` counts them out and ``replay.lua`` back in; the gateways add
 up their 429s here every second (``RefusalCounts``). So every number below is the same from
 every gateway and worker, and exact across hosts.
 
@@ -87,7 +87,7 @@ class StorefrontCounts:
 
     storefront_id: str
     buffered: int  # admitted, not yet settled
-    admitted: int  # so far
+    admitted: int  # so far: settled + buffered (a replayed dead letter counts again)
     settled: int  # so far
     refused: dict[str, int]  # 429s so far, by reason (REASONS)
     limit: Limit | None  # its own limit; None: the defaults
@@ -101,21 +101,20 @@ async def read_counts(redis: Any, keys: Keys) -> list[StorefrontCounts]:
     """Every storefront the buffer knows of, the most buffered first (then most admitted)."""
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(keys.storefront_buffered())
-    pipe.hgetall(keys.storefront_admitted())
     pipe.hgetall(keys.storefront_settled())
     pipe.hgetall(keys.storefront_refused())
     pipe.hgetall(keys.storefront_limits())
-    buffered, admitted, settled, refused, own = await pipe.execute()
+    buffered, settled, refused, own = await pipe.execute()
     refusals: dict[str, dict[str, int]] = {}
     for field, n in refused.items():
         sf, _, reason = _s(field).rpartition(":")
         refusals.setdefault(sf, {})[reason] = int(n)
-    ids = {_s(k) for k in (*buffered, *admitted, *settled, *own)} | set(refusals)
+    ids = {_s(k) for k in (*buffered, *settled, *own)} | set(refusals)
     out = [
         StorefrontCounts(
             sf,
             int(buffered.get(sf.encode(), 0)),
-            int(admitted.get(sf.encode(), 0)),
+            int(buffered.get(sf.encode(), 0)) + int(settled.get(sf.encode(), 0)),
             int(settled.get(sf.encode(), 0)),
             refusals.get(sf, {}),
             Limit.decode(own[sf.encode()]) if sf.encode() in own else None,

@@ -54,7 +54,7 @@ def admit_now(
     limits = [1_000_000, f"{rate:g}", int(rate), 10_000] if rate else [0, 0, 0, 0]
     for c in range(calls):
         keys: list[Any] = ["og:seq", "og:drain", "og:sf:limits", "og:sf:tat"]
-        keys += ["og:sf:buffered", "og:sf:admitted", "og:sf:known"]
+        keys += ["og:sf:buffered", "og:sf:known"]
         args: list[Any] = [0, *limits, groups]
         order_keys: list[Any] = []
         order_args: list[Any] = []

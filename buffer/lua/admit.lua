@@ -2,9 +2,9 @@
 -- Admit a batch of orders, grouped by shard, atomically per order: one call per gateway batch,
 -- so the counters are read and written once per batch, not per order or per shard.
 -- KEYS[1] the global admission counter, KEYS[2] the drain hash (its 's': orders settled so
--- far, over all lanes), KEYS[3..7] the storefronts' limits, rate-limit state (GCRA), buffered
--- and admitted counts, and the set of those with an API key (buffer/storefronts.py), then 2
--- per shard group: its stream and its lane
+-- far, over all lanes), KEYS[3..6] the storefronts' limits, rate-limit state (GCRA) and
+-- buffered counts, and the set of those with an API key (buffer/storefronts.py), then 2 per
+-- shard group: its stream and its lane
 -- hash, then per order (in group order): its idempotency key.
 -- ARGV[1] pending lease in ms (0 = durable on reply, no pending state), ARGV[2] the most orders
 -- the buffer may hold unsettled (0 = no bound), ARGV[3] the default rate (orders/s, 0 = none)
@@ -37,8 +37,8 @@
 -- while nothing drains, a lower bound while lanes drain in parallel (buffer.position).
 local groups = tonumber(ARGV[6])
 for g = 1, groups do
-  if redis.call('EXISTS', KEYS[6 + g * 2]) == 0 then
-    return redis.error_reply('NOSTREAM buffer stream ' .. KEYS[6 + g * 2] .. ' is missing')
+  if redis.call('EXISTS', KEYS[5 + g * 2]) == 0 then
+    return redis.error_reply('NOSTREAM buffer stream ' .. KEYS[5 + g * 2] .. ' is missing')
   end
 end
 local CROCKFORD = {string.byte('0123456789abcdefghjkmnpqrstvwxyz', 1, 32)}
@@ -73,8 +73,8 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local settled = tonumber(redis.call('HGET', KEYS[2], 's') or '0')
 local issued0 = tonumber(redis.call('GET', KEYS[1]) or '0')
 local issued = issued0
--- Each storefront of the batch, read once: its limit, its rate limit's state and its buffered
--- orders. The rate limit is GCRA, a token bucket kept as one time: 'tat', when the bucket is
+-- Each storefront of the batch, read once: its limit and its rate limit's state (its buffered
+-- orders only when the share rule needs them). The rate limit is GCRA, a token bucket kept as one time: 'tat', when the bucket is
 -- full again; an order costs T = 1/rate, and passes while tat + T - now <= burst * T.
 local storefronts, touched = {}, {}
 local active = nil  -- storefronts with orders buffered, read when the share rule needs it
@@ -89,7 +89,7 @@ local function storefront(sf)
     local r, b = string.match(own, '^(%S+) (%S+)')
     rate, burst = tonumber(r) or 0, tonumber(b) or 1
   end
-  s = {held = tonumber(redis.call('HGET', KEYS[5], sf) or '0'), admitted = 0, rate = rate}
+  s = {id = sf, admitted = 0, rate = rate}
   if rate > 0 then
     s.T = 1000000 / rate
     s.tau = math.max(1, burst) * s.T
@@ -105,22 +105,36 @@ end
 -- orders, n the storefronts with orders buffered (itself included), so the reserve stays for
 -- the storefronts below their share, one that had nothing buffered included. It applies only
 -- where more than one storefront has an API key: a single storefront may fill the bound.
-local joined = 0  -- storefronts of this batch that had nothing buffered before it
+local function held(s)  -- the storefront's orders buffered, this batch's included
+  if not s.held0 then
+    s.held0 = tonumber(redis.call('HGET', KEYS[5], s.id) or '0')
+  end
+  return s.held0 + s.admitted
+end
 local function over_share(sf)
   if bound <= 0 or reserve <= 0 or issued - settled < bound - reserve then
     return nil
   end
   if not active then
     active = redis.call('HLEN', KEYS[5])
-    if redis.call('SCARD', KEYS[7]) <= 1 then
+    if redis.call('SCARD', KEYS[6]) <= 1 then
       reserve = 0
     end
   end
   if reserve <= 0 then
     return nil
   end
-  local share = math.floor((bound - reserve) / (active + joined + (sf.held == 0 and 1 or 0)))
-  if sf.held >= share then
+  local n = 0  -- storefronts holding orders: those of before, this batch's newcomers, itself
+  for _, id in ipairs(touched) do
+    local s = storefronts[id]
+    if s.admitted > 0 and held(s) == s.admitted then
+      n = n + 1
+    end
+  end
+  local mine = held(sf)
+  n = active + n + ((mine == 0) and 1 or 0)
+  local share = math.floor((bound - reserve) / n)
+  if mine >= share then
     return share
   end
   return nil
@@ -135,14 +149,14 @@ end
 local out = {}
 -- Every idempotency record of the batch in one read and the new ones in one write, not a
 -- command per order; 'written' answers a twin inside this same batch.
-local first_key = 8 + groups * 2
+local first_key = 7 + groups * 2
 local priors = #KEYS >= first_key and redis.call('MGET', unpack(KEYS, first_key)) or {}
 local written, writes = {}, {}
 local a = 7 + groups * 2  -- the next order's first arg
-local k = 7 + groups * 2  -- the next order's idem key, minus one
+local k = 6 + groups * 2  -- the next order's idem key, minus one
 for g = 1, groups do
   local shard, count = ARGV[5 + g * 2], tonumber(ARGV[6 + g * 2])
-  local stream, lane_key = KEYS[6 + g * 2], KEYS[7 + g * 2]
+  local stream, lane_key = KEYS[5 + g * 2], KEYS[6 + g * 2]
   -- Entry ids must grow: never below the stream's newest (a clock that stepped back, an entry
   -- written by hand), and past it when that one has the same millisecond and a higher number.
   local ms = now_ms
@@ -181,7 +195,7 @@ for g = 1, groups do
     elseif bound > 0 and issued - settled >= bound then
       out[#out + 1] = {5, q, w, r, ms_full, issued - settled}
     elseif over_share(sf) then
-      out[#out + 1] = {7, q, w, r, ms_full, sf.held, over_share(sf)}
+      out[#out + 1] = {7, q, w, r, ms_full, held(sf), over_share(sf)}
     elseif sf.T and sf.tat + sf.T - now_us > sf.tau + 0.001 then
       out[#out + 1] = {6, q, w, 0, math.ceil((sf.tat + sf.T - sf.tau - now_us) / 1000)}
     else
@@ -189,10 +203,6 @@ for g = 1, groups do
         sf.tat = sf.tat + sf.T
         q, w, r, ms_full = limit_of(sf)
       end
-      if sf.held == 0 then
-        joined = joined + 1
-      end
-      sf.held = sf.held + 1
       sf.admitted = sf.admitted + 1
       issued = issued + 1
       lane_n = lane_n + 1
@@ -225,7 +235,6 @@ if issued > issued0 then
     local sf = storefronts[id]
     if sf.admitted > 0 then
       redis.call('HINCRBY', KEYS[5], id, sf.admitted)
-      redis.call('HINCRBY', KEYS[6], id, sf.admitted)
       if sf.T then
         redis.call('HSET', KEYS[4], id, string.format('%.17g', sf.tat))
       end
