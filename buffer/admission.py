@@ -93,7 +93,7 @@ class Admission:
 @dataclass(slots=True)
 class _Request:
     shard: int
-    keys: tuple[str]
+    keys: tuple[str, str]  # its idempotency key, its storefront's sub-lane
     args: tuple[Any, ...]
     future: asyncio.Future[Admission]
     abandoned: bool = False
@@ -186,7 +186,10 @@ class Admitter:
         loop = asyncio.get_running_loop()
         req = _Request(
             shard=shard,
-            keys=(self._keys.idem(shard, storefront_id, storefront_order_id),),
+            keys=(
+                self._keys.idem(shard, storefront_id, storefront_order_id),
+                self._keys.sublane(shard, storefront_id),
+            ),
             args=args,
             future=loop.create_future(),
         )

@@ -12,6 +12,7 @@ atomically (``settle.lua``).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,9 +21,12 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from ordergate.buffer.errors import LaneFenced, MalformedMessage
+from ordergate.buffer.fairness import allocate
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.lanes import SubLane, sublanes_of
 from ordergate.buffer.message import OrderMessage, decode_entry
 from ordergate.buffer.scripts import scripts_for
+from ordergate.buffer.storefronts import Limit
 from ordergate.sharding.ids import shard_of_order_id
 
 # Joins a plain commit's fields into one argument of settle.lua: a control byte, which no entry
@@ -39,6 +43,7 @@ class Poison:
     order_id: str | None
     error: str
     deliveries: int = 1
+    sublane: str = ""  # the sub-lane it was read from ('' the lane's base stream)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,7 @@ class Settlement:
     seq: int = 0
     lane_seq: int = 0
     ahead: int = 0
+    sublane: str = ""  # the sub-lane it leaves ('' the lane's base stream)
 
     @classmethod
     def of(
@@ -79,6 +85,7 @@ class Settlement:
             m.seq,
             m.lane_seq,
             m.ahead,
+            m.sublane,
         )
 
     @classmethod
@@ -91,6 +98,7 @@ class Settlement:
             p.order_id,
             reason=p.error,
             deliveries=p.deliveries,
+            sublane=p.sublane,
         )
 
 
@@ -110,9 +118,16 @@ class Batch:
 class LaneConsumer:
     """Takes and settles one lane's entries for its owner, under the epoch it was given.
 
+    The lane is its storefronts' sub-lanes (``Keys.sublane``) and its base stream (entries that
+    name no storefront). ``take`` goes round the sub-lanes with untaken orders by weight
+    (buffer.fairness), each one first in, first out, with a cursor of its own (lane hash
+    ``c:<sf>``; the base stream's is ``c``).
+
     Every call is fenced: ``take``, ``claim`` and ``settle`` fail with ``LaneFenced`` once
     another worker has taken the lane (buffer.lanes).
     """
+
+    WEIGHTS_S = 1.0  # how long the storefronts' weights are kept before they are read again
 
     def __init__(
         self, redis: Any, keys: Keys, shards: int, shard: int, consumer: str, epoch: int
@@ -126,58 +141,107 @@ class LaneConsumer:
         self.stream = keys.stream(shard)
         self.scripts = scripts_for(redis)
         self._lane_keys = [keys.lane(shard), self.stream, keys.deliveries(shard)]
-        self.cursor: str = "0-0"  # the newest entry this owner has taken
+        self.cursor: str = "0-0"  # the newest entry of the base stream this owner has taken
+        self.cursors: dict[str, str] = {}  # the same per sub-lane (storefront)
+        self._weights: dict[str, int] = {}
+        self._weights_at = -math.inf
+        self._turn = 0  # which storefront a batch's round starts with
+        self._known: set[str] = set()  # sub-lanes with orders, at the last read of the lane
+        self._last: int | None = None  # the lane's 'last' at that read
 
     async def take(self, n: int) -> Batch:
-        """The lane's next ``n`` entries after the cursor, in admission order; the lane's
-        cursor moves past them before they are handed out (a successor takes them over)."""
+        """The lane's next ``n`` entries: the base stream's first, then each sub-lane's share
+        (buffer.fairness), each after its cursor; the cursors move past them before they are
+        handed out (a successor takes them over)."""
         taken_at = _now_us()
-        entries = await self.redis.xrange(self.stream, min=f"({self.cursor}", count=n)
+        subs = await self._sublanes()
+        backlog = {sf: u.admitted - u.taken for sf, u in subs.items() if u.admitted > u.taken}
+        share = allocate(backlog, self._weights, n, self._turn)
+        self._turn += 1
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrange(self.stream, min=f"({self.cursor}", count=n)
+        for sf, k in share.items():
+            after = self.cursors.get(sf) or subs[sf].cursor or "0-0"
+            pipe.xrange(self.keys.sublane(self.shard, sf), min=f"({after}", count=k)
+        base, *rest = await pipe.execute()
         batch = Batch(taken_at_us=taken_at)
-        if not entries:
+        left = n - len(base)
+        picked: list[tuple[str, list[Any]]] = [("", base)] if base else []
+        for sf, entries in zip(share, rest, strict=True):
+            entries = entries[: max(0, left)]
+            left -= len(entries)
+            if entries:
+                picked.append((sf, entries))
+        if not picked:
             return batch
-        newest = _s(entries[-1][0])
-        seq = ls = ""
-        for _, fields in reversed(entries):  # the newest with a queue number (a malformed one
-            if b"seq" in fields:  # may lack it)
-                seq, ls = fields[b"seq"], fields.get(b"ls", b"")
-                break
-        await self._fenced(
-            self.scripts.taken(
-                keys=self._lane_keys[:1],
-                args=[self.epoch, newest, seq, ls, self.keys.drain_changes()],
-            )
-        )
-        self.cursor = newest
-        self._decode(batch, self.shard, entries)
+        args: list[Any] = [self.epoch, self.keys.drain_changes()]
+        for sf, entries in picked:
+            newest = _s(entries[-1][0])
+            seq = ls = ""
+            for _, fields in reversed(entries):  # the newest with a queue number (a malformed
+                if b"seq" in fields:  # one may lack it)
+                    seq, ls = fields[b"seq"], fields.get(b"ls", b"")
+                    break
+            args += [sf, newest, seq, ls]
+        await self._fenced(self.scripts.taken(keys=self._lane_keys[:1], args=args))
+        for sf, entries in picked:
+            if sf:
+                self.cursors[sf] = _s(entries[-1][0])
+            else:
+                self.cursor = _s(entries[-1][0])
+            self._decode(batch, self.shard, entries, sf)
         _sort(batch)
         return batch
 
+    async def _sublanes(self) -> dict[str, SubLane]:
+        """The lane's sub-lanes as its hash says, and the storefronts' weights (kept for
+        WEIGHTS_S)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.lane(self.shard))
+        now = time.monotonic()
+        fresh = now - self._weights_at > self.WEIGHTS_S
+        if fresh:
+            pipe.hgetall(self.keys.storefront_limits())
+        replies = await pipe.execute()
+        if fresh:
+            self._weights = {_s(k): Limit.decode(v).weight for k, v in replies[1].items()}
+            self._weights_at = now
+        subs = sublanes_of(replies[0])
+        self._known = {sf for sf, u in subs.items() if u.backlog}
+        self._last = int(replies[0].get(b"last", 0) or 0)
+        return subs
+
     async def claim(self, max_entries: int = 100_000) -> Batch:
-        """Every entry earlier owners took and did not settle, now ours, with its count of
-        deliveries lost; the cursor starts after them."""
+        """Every entry earlier owners took and did not settle, in every sub-lane, now ours,
+        with its count of deliveries lost; the cursors start after them."""
         taken_at = _now_us()
-        entries, prior = await self._fenced(
+        subs = {sf: u for sf, u in (await self._sublanes()).items() if u.cursor}
+        keys = [*self._lane_keys, *(self.keys.sublane(self.shard, sf) for sf in subs)]
+        found, prior = await self._fenced(
             self.scripts.claim(
-                keys=self._lane_keys,
-                args=[self.consumer, max_entries, self.epoch],
+                keys=keys,
+                args=[self.consumer, max_entries, self.epoch, *subs],
             )
         )
         batch = Batch(taken_at_us=taken_at)
-        for (entry_id, _), n in zip(entries, prior, strict=True):
-            batch.deliveries[_s(entry_id)] = int(n)
-        if entries:
-            self.cursor = _s(entries[-1][0])
-        else:
-            cursor = await self.redis.hget(self.keys.lane(self.shard), "c")
-            self.cursor = _s(cursor) if cursor else "0-0"
-        self._decode(batch, self.shard, [(eid, _fields(flat)) for eid, flat in entries])
+        cursor = await self.redis.hget(self.keys.lane(self.shard), "c")
+        self.cursor = _s(cursor) if cursor else "0-0"
+        self.cursors = {sf: u.cursor for sf, u in subs.items()}
+        for (sf, entries), counts in zip(zip(["", *subs], found, strict=True), prior, strict=True):
+            sf = _s(sf)
+            for (entry_id, _), k in zip(entries, counts, strict=True):
+                batch.deliveries[_s(entry_id)] = int(k)
+            self._decode(batch, self.shard, [(eid, _fields(flat)) for eid, flat in entries], sf)
         _sort(batch)
         return batch
 
     async def wait_for_entries(self, block_ms: int) -> None:
-        """Block until the lane has an entry after the cursor (or time's up)."""
-        await self.redis.xread({self.stream: self.cursor}, 1, block_ms)
+        """Block until the base stream or a sub-lane this owner knows has an entry after its
+        cursor (or time's up; a storefront new to the lane is seen at the next take)."""
+        streams = {self.stream: self.cursor}
+        for sf, cursor in self.cursors.items():
+            streams[self.keys.sublane(self.shard, sf)] = cursor
+        await self.redis.xread(streams, 1, block_ms)
 
     async def settle(
         self,
@@ -198,6 +262,7 @@ class LaneConsumer:
         shard, lane = self.shard, self.keys.lane(self.shard)
         at = _batch_at(items)
         idem = self.keys.idem
+        subs = sorted({it.sublane for it in items if it.sublane} | self._known)
         plain_keys: list[str] = []
         plain_args: list[str] = []
         other_keys: list[str] = []
@@ -211,9 +276,12 @@ class LaneConsumer:
                 and it.order_id
                 and sf is not None
                 and sfo is not None
+                and it.sublane == sf
+                and sf
             ):
                 # Its idem key is named for this lane, so it is ours whatever the order id says
-                # (no shard_of_order_id per order): admit.lua wrote it beside the entry.
+                # (no shard_of_order_id per order): admit.lua wrote it beside the entry, in its
+                # storefront's sub-lane.
                 plain_keys.append(idem(shard, sf, sfo))
                 plain_args.append(f"{it.entry_id}{SEP}{it.order_id}{SEP}{sf}{SEP}{sfo}")
             else:
@@ -227,11 +295,12 @@ class LaneConsumer:
             self.keys.deliveries(shard),
             self.keys.storefront_buffered(),
             self.keys.storefront_settled(),
+            *(self.keys.sublane(shard, sf) for sf in subs),
             *plain_keys,
             *other_keys,
         ]
         args = [
-            "",
+            "" if self._last is None else self._last,
             ttl_s,
             self.epoch,
             _now_us(),
@@ -244,6 +313,8 @@ class LaneConsumer:
             taken_at_us or _now_us(),
             len(plain_args),
             at,
+            len(subs),
+            *subs,
             *plain_args,
             *other_args,
         ]
@@ -252,7 +323,7 @@ class LaneConsumer:
 
     def _detail(self, it: Settlement, lane: str, keys: list[str], args: list[Any]) -> None:
         """An exception in full: its status and idem keys (the lane's key where the entry names
-        no order of this lane: a record there is not ours to write) and 13 arguments."""
+        no order of this lane: a record there is not ours to write) and 14 arguments."""
         shard, oid = self.shard, it.order_id or ""
         owned = shard_of_order_id(oid, self.shards) == shard
         record = it.outcome != "committed" or it.keep  # a committed order's row tells its status
@@ -276,6 +347,7 @@ class LaneConsumer:
                 it.seq,
                 it.lane_seq,
                 it.ahead,
+                it.sublane,
             )
         )
 
@@ -287,10 +359,10 @@ class LaneConsumer:
                 raise LaneFenced(f"lane {self.shard}: {exc}") from None
             raise
 
-    def _decode(self, batch: Batch, shard: int, entries: list[Any]) -> None:
+    def _decode(self, batch: Batch, shard: int, entries: list[Any], sublane: str) -> None:
         for entry_id, fields in entries:
             try:
-                batch.messages.append(decode_entry(shard, entry_id, fields))
+                batch.messages.append(decode_entry(shard, entry_id, fields, sublane))
             except MalformedMessage as exc:
                 oid = fields.get(b"oid", b"").decode(errors="replace")
                 if shard_of_order_id(oid, self.shards) != shard:
@@ -303,16 +375,31 @@ class LaneConsumer:
                         oid or None,
                         f"malformed message: {exc}",
                         batch.deliveries.get(eid, 0) + 1,
+                        sublane,
                     )
                 )
 
 
 async def outstanding(redis: Any, keys: Keys, shards: list[int]) -> int:
-    """Entries in these lanes' streams (taken or not): 0 once all is settled."""
+    """Entries in these lanes' streams, base and sub-lanes (taken or not): 0 once all is
+    settled."""
+    return sum((await stream_lengths(redis, keys, shards)).values())
+
+
+async def stream_lengths(redis: Any, keys: Keys, shards: list[int]) -> dict[int, int]:
+    """Per lane: the entries of its base stream and of every sub-lane its hash names."""
+    pipe = redis.pipeline(transaction=False)
+    for shard in shards:
+        pipe.hgetall(keys.lane(shard))
+    replies = await pipe.execute()
+    subs = {shard: list(sublanes_of(raw)) for shard, raw in zip(shards, replies, strict=True)}
     pipe = redis.pipeline(transaction=False)
     for shard in shards:
         pipe.xlen(keys.stream(shard))
-    return sum(int(r) for r in await pipe.execute())
+        for sf in subs[shard]:
+            pipe.xlen(keys.sublane(shard, sf))
+    lengths = iter(await pipe.execute())
+    return {shard: sum(int(next(lengths)) for _ in range(1 + len(subs[shard]))) for shard in shards}
 
 
 def _batch_at(items: list[Settlement]) -> int:

@@ -63,14 +63,15 @@ async def list_dead_letters(
 
 
 async def replay(redis: Any, keys: Keys, shards: int, letters: list[DeadLetter]) -> int:
-    """Put dead letters back into their shard's stream; returns how many were re-queued."""
+    """Put dead letters back into their storefront's sub-lane (the lane's base stream for those
+    that name none); returns how many were re-queued."""
     scripts = Scripts(redis)
-    by_shard: dict[int, list[DeadLetter]] = {}
+    groups: dict[tuple[int, str], list[DeadLetter]] = {}
     for letter in letters:
-        by_shard.setdefault(letter.shard, []).append(letter)
+        groups.setdefault((letter.shard, letter.storefront_id or ""), []).append(letter)
     moved = 0
-    for shard, group in by_shard.items():
-        stream = keys.stream(shard)
+    for (shard, sf), group in groups.items():
+        stream = keys.sublane(shard, sf)
         order_keys: list[str] = []
         for d in group:
             if d.order_id and shard_of_order_id(d.order_id, shards) == shard:
@@ -90,6 +91,6 @@ async def replay(redis: Any, keys: Keys, shards: int, letters: list[DeadLetter])
                 keys.storefront_buffered(),
                 *order_keys,
             ],
-            args=[int(time.time() * 1e6), *(d.id for d in group)],
+            args=[int(time.time() * 1e6), sf, *(d.id for d in group)],
         )
     return moved

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from ordergate.buffer.consumer import stream_lengths
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.storefronts import read_counts
 
@@ -39,9 +40,9 @@ async def take_sample(redis: Any, keys: Keys, shards: int) -> Sample:
     pipe = redis.pipeline(transaction=False)
     pipe.get(keys.seq())
     pipe.hget(keys.drain(), "s")
-    for shard in range(shards):
-        pipe.xlen(keys.stream(shard))
-    issued, settled, *depth = await pipe.execute()
+    issued, settled = await pipe.execute()
+    lengths = await stream_lengths(redis, keys, list(range(shards)))
+    depth = [lengths[shard] for shard in range(shards)]
     counts = (await read_counts(redis, keys))[:TOP_STOREFRONTS]
     return Sample(
         time.time(),

@@ -34,6 +34,14 @@ class Keys:
         """The shard's buffer stream: orders accepted and not yet committed."""
         return f"{self.tag(shard)}:stream"
 
+    def sublane(self, shard: int, storefront_id: str) -> str:
+        """One storefront's orders in the lane, first in first out (a stream, made by its first
+        order); the lane's owner drains its sub-lanes by weight (buffer.fairness). The lane's
+        base stream (``stream``) is the sub-lane of entries that name no storefront."""
+        if not storefront_id:
+            return self.stream(shard)
+        return f"{self.tag(shard)}:stream:{storefront_id}"
+
     def idem(self, shard: int, storefront_id: str, storefront_order_id: str) -> str:
         """Idempotency record (buffer.idempotency) of (storefront, storefront_order_id): named by
         a 96-bit hash of the two, so its length does not grow with theirs."""

@@ -27,6 +27,42 @@ LEASE_S = 2.0  # a worker silent this long has left: its lanes go to the others
 BEAT_S = 0.5  # how often a worker renews its membership
 
 
+class SubLane(msgspec.Struct, frozen=True):
+    """One storefront's part of a lane, as the lane hash says (fields ``<name>:<storefront>``)."""
+
+    admitted: int = 0  # n: its orders admitted into the lane so far (numbers 1..n)
+    settled: int = 0  # s: of those, settled
+    taken: int = 0  # t: the number of the newest its owners have taken
+    watermark: int = 0  # w: every one of its orders numbered <= w is settled
+    cursor: str = ""  # c: the entry id of the newest taken ('' none yet)
+    weight: int = 1  # not in the hash: its storefront's weight, where known
+
+    @property
+    def backlog(self) -> int:
+        return max(0, self.admitted - self.settled)
+
+    @property
+    def in_flight(self) -> int:
+        return max(0, min(self.admitted, self.taken) - self.settled)
+
+
+_SUB_FIELDS = {b"n": "admitted", b"s": "settled", b"t": "taken", b"w": "watermark", b"c": "cursor"}
+
+
+def sublanes_of(raw: dict[bytes, bytes]) -> dict[str, SubLane]:
+    """The sub-lanes of a lane hash: its ``n:<sf>``, ``s:<sf>``, ``t:<sf>``, ``w:<sf>`` and
+    ``c:<sf>`` fields."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, value in raw.items():
+        head, colon, sf = name.partition(b":")
+        attr = _SUB_FIELDS.get(head)
+        if colon and attr and sf:
+            found.setdefault(sf.decode(), {})[attr] = (
+                value.decode() if attr == "cursor" else int(value or 0)
+            )
+    return {sf: SubLane(**fields) for sf, fields in found.items()}
+
+
 class LaneState(msgspec.Struct, frozen=True):
     """One lane as its hash says."""
 
@@ -45,6 +81,7 @@ class LaneState(msgspec.Struct, frozen=True):
     heard_at_us: int = 0  # the owner's last report
     rate: float | None = None  # orders per second the lane drains while busy
     cap: float | None = None  # the drain's total rate limit in force, as the owner applies it
+    subs: dict[str, SubLane] = {}  # its storefronts' sub-lanes
 
     @property
     def depth(self) -> int:
@@ -52,12 +89,20 @@ class LaneState(msgspec.Struct, frozen=True):
 
     @property
     def in_flight(self) -> int:
-        """Orders taken into batches and not yet settled (the lane is drained in order)."""
-        return max(0, min(self.admitted, self.taken_lane) - self.settled)
+        """Orders taken into batches and not yet settled: each sub-lane is drained in order,
+        and so is the base stream (whose entries carry the lane's own numbers)."""
+        subs = sum(u.in_flight for u in self.subs.values())
+        base_admitted = self.admitted - sum(u.admitted for u in self.subs.values())
+        base_settled = self.settled - sum(u.settled for u in self.subs.values())
+        return subs + max(0, min(base_admitted, self.taken_lane) - base_settled)
 
-    def processing(self, seq: int) -> bool:
-        """Whether the order numbered ``seq`` (waiting in this lane) was taken into a batch:
-        no per-order write says so, the lane's ``d`` does."""
+    def processing(self, seq: int, storefront: str = "", lane_seq: int = 0) -> bool:
+        """Whether the order (``seq``; ``lane_seq`` in its storefront's sub-lane) waiting in
+        this lane was taken into a batch: no per-order write says so, the sub-lane's ``t``
+        does (the lane's ``d`` for an order of the base stream)."""
+        sub = self.subs.get(storefront) if storefront else None
+        if sub is not None and lane_seq:
+            return lane_seq <= sub.taken
         return seq <= self.taken
 
 
@@ -85,6 +130,7 @@ def lane_of(shard: int, raw: dict[bytes, bytes]) -> LaneState:
         heard_at_us=num(b"at"),
         rate=opt(b"rate"),
         cap=opt(b"cap"),
+        subs=sublanes_of(raw),
     )
 
 

@@ -51,6 +51,7 @@ class OrderMessage(msgspec.Struct, frozen=True):
     lane_seq: int = 0
     ahead: int = 0
     row: bytes = b""  # the ``r`` field
+    sublane: str = ""  # the sub-lane it was read from: its storefront ('' the base stream)
 
     def columns(self) -> tuple[str, str | None, str, int, int]:
         """(customer id, email, currency, total_minor, item count): from ``r``, or from the
@@ -101,8 +102,11 @@ def admission_args(
     return (nonce, storefront_id, storefront_order_id, accepted_at_us, fingerprint, row, body)
 
 
-def decode_entry(shard: int, entry_id: bytes | str, fields: dict[bytes, bytes]) -> OrderMessage:
-    """Decode one stream entry; raises MalformedMessage for anything off-contract."""
+def decode_entry(
+    shard: int, entry_id: bytes | str, fields: dict[bytes, bytes], sublane: str = ""
+) -> OrderMessage:
+    """Decode one stream entry of the sub-lane ``sublane`` (its storefront; '' the lane's base
+    stream); raises MalformedMessage for anything off-contract."""
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     try:
         if fields.get(b"v") != VERSION:
@@ -120,6 +124,7 @@ def decode_entry(shard: int, entry_id: bytes | str, fields: dict[bytes, bytes]) 
             lane_seq=int(fields.get(b"ls", 0)),
             ahead=int(fields.get(b"a0", 0)),
             row=fields.get(b"r", b""),
+            sublane=sublane,
         )
     except KeyError as exc:
         raise MalformedMessage(f"entry {eid}: missing field {exc.args[0]!r}") from None

@@ -124,6 +124,21 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
     replies = replies[taken:]
     dlq, (raw_state, control) = replies[:shards], replies[shards : shards + 2]
     streams = replies[shards + 2 :]
+    # Each sub-lane's oldest entry, for the lanes' ages (outside the transaction: an age needs
+    # no instant shared with the counts).
+    pipe = redis.pipeline(transaction=False)
+    pending_subs = [
+        (shard, sf)
+        for shard in range(shards)
+        for sf, u in drain.lane(shard).subs.items()
+        if u.backlog
+    ]
+    for shard, sf in pending_subs:
+        pipe.xrange(keys.sublane(shard, sf), count=1)
+    firsts: dict[int, list[Any]] = {}
+    for (shard, _), first in zip(pending_subs, await pipe.execute(), strict=True):
+        if first:
+            firsts.setdefault(shard, []).append(first[0])
     waiting, deferred, dead = await NotificationStreams(redis, keys, shards).counts()
     state: dict[str, Any] = json.loads(raw_state) if raw_state else {}
     breakers = [
@@ -163,7 +178,13 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
         notifications=Notifications(state.get("leader"), waiting, deferred, dead),
         breakers=breakers,
         shards=[
-            _shard(shard, streams[2 * shard : 2 * shard + 2], drain.lane(shard), now)
+            _shard(
+                shard,
+                streams[2 * shard : 2 * shard + 2],
+                drain.lane(shard),
+                now,
+                firsts.get(shard, []),
+            )
             for shard in range(shards)
         ],
         ingest_rate=_round(ingest),
@@ -199,17 +220,21 @@ def storefront_figures(
     )
 
 
-def _shard(shard: int, replies: list[Any], lane: LaneState, now: float) -> Shard:
-    depth, first = replies
+def _shard(shard: int, replies: list[Any], lane: LaneState, now: float, firsts: list[Any]) -> Shard:
+    """One lane: its base stream's entries (``replies``: its length and first entry) and its
+    sub-lanes' (their backlogs, ``firsts`` their oldest entries)."""
+    base_depth, base_first = replies
+    depth = int(base_depth) + sum(u.backlog for u in lane.subs.values())
     oldest = None
-    if first:  # the oldest entry; its id starts with the unix ms of its admission
-        ms = int(first[0][0].split(b"-", 1)[0])
-        oldest = round(max(0.0, now - ms / 1000), 3)
-    count = min(int(depth), lane.in_flight)
+    for entry in [*(base_first or [])[:1], *firsts]:  # ids start with the unix ms of admission
+        ms = int(entry[0].split(b"-", 1)[0])
+        age = round(max(0.0, now - ms / 1000), 3)
+        oldest = age if oldest is None else max(oldest, age)
+    count = min(depth, lane.in_flight)
     heard = round(now - lane.heard_at_us / 1e6, 2) if lane.heard_at_us else None
     return Shard(
         shard,
-        int(depth),
+        depth,
         int(count),
         oldest,
         owner=lane.owner,

@@ -24,8 +24,10 @@ from typing import Any
 
 import msgspec
 
+from ordergate.buffer.fairness import orders_before
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.lanes import LaneState, lane_of
+from ordergate.buffer.storefronts import Limit
 
 _ORDER = {"paused": 0, "stalled": 1, "draining": 2, "stopped": 3}
 
@@ -94,18 +96,29 @@ def queue_drain_state(pipe: Any, keys: Keys, shards: int) -> int:
     transaction); returns how many replies they take, for ``drain_state_of``."""
     pipe.get(keys.seq())
     pipe.hget(keys.drain(), "s")
+    pipe.hgetall(keys.storefront_limits())  # the drain weights
     for shard in range(shards):
         pipe.hgetall(keys.lane(shard))
-    return 2 + shards
+    return 3 + shards
 
 
 def drain_state_of(replies: list[Any], shards: int) -> DrainState:
-    issued, settled, *lanes = replies[: 2 + shards]
+    issued, settled, limits, *lanes = replies[: 3 + shards]
+    weights = {k.decode(): Limit.decode(v).weight for k, v in (limits or {}).items()}
     return DrainState(
         issued=int(issued or 0),
         settled=int(settled or 0),
-        lanes=tuple(lane_of(shard, raw) for shard, raw in enumerate(lanes)),
+        lanes=tuple(_weighted(lane_of(shard, raw), weights) for shard, raw in enumerate(lanes)),
     )
+
+
+def _weighted(lane: LaneState, weights: dict[str, int]) -> LaneState:
+    if not weights or not lane.subs:
+        return lane
+    subs = {
+        sf: msgspec.structs.replace(u, weight=weights.get(sf, 1)) for sf, u in lane.subs.items()
+    }
+    return msgspec.structs.replace(lane, subs=subs)
 
 
 def seconds_until_room(drain: DrainState | None, bound: int) -> int:
@@ -134,10 +147,27 @@ def place_in_line(
     drain: DrainState,
     stale_s: float,
     now: float | None = None,
+    storefront: str = "",
 ) -> Place:
-    """Position, status and ETA of the order numbered ``seq`` (``lane_seq`` in lane ``shard``;
-    0 when unknown), not yet settled."""
+    """Position, status and ETA of the order numbered ``seq`` (``lane_seq`` in its
+    storefront's sub-lane of lane ``shard``; 0 when unknown), not yet settled.
+
+    With its storefront's sub-lane known (a ticket since sub-lanes), the orders before it are
+    its storefront's ahead of it in that sub-lane, and of every other storefront's backlog in
+    the lane the share its weight gets in the rounds until this order's turn
+    (buffer.fairness): so the ETA over the lane's rate follows the order the lane really
+    drains in. Without it (a ticket from before), the lane's own numbers as before."""
     lane = drain.lane(shard)
+    sub = lane.subs.get(storefront) if storefront else None
+    if sub is not None and lane_seq:
+        own = max(0, lane_seq - 1 - sub.settled)
+        others = [
+            (u.backlog, u.weight) for sf, u in lane.subs.items() if sf != storefront and u.backlog
+        ]
+        position = orders_before(own, sub.weight, others)
+        status = "processing" if lane.processing(seq, storefront, lane_seq) else "queued"
+        eta, reason = lane_eta(position, lane, stale_s, time.time() if now is None else now)
+        return Place(status, position, eta, reason)
     in_lane = max(0, lane_seq - 1 - lane.settled) if lane_seq else None
     position = max(0, seq - 1 - drain.settled, in_lane or 0)
     status = "processing" if lane.processing(seq) else "queued"

@@ -81,20 +81,26 @@ def _time(us: bytes | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(int(us) / 1e6, tz=dt.UTC) if us else None
 
 
-async def read_status(redis: Any, keys: Keys, shard: int, order_id: str) -> StatusRecord | None:
+async def read_status(
+    redis: Any, keys: Keys, shard: int, order_id: str, storefront: str = ""
+) -> StatusRecord | None:
     """The order's status from Redis, or None if Redis has neither its record nor its entry
-    (unknown, expired, or committed: then Postgres has it)."""
+    (unknown, expired, or committed: then Postgres has it). Its entry is in its storefront's
+    sub-lane (or, admitted before sub-lanes, in the lane's base stream)."""
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(keys.status(shard, order_id))
     entry_id = entry_id_of(order_id)
     pipe.xrange(keys.stream(shard), entry_id, entry_id)
-    raw, entries = await pipe.execute()
+    if storefront:
+        pipe.xrange(keys.sublane(shard, storefront), entry_id, entry_id)
+    raw, *found = await pipe.execute()
     if raw and b"status" in raw:
         return _from_record(order_id, raw)
-    if entries:
-        fields = entries[0][1]
-        if fields.get(b"oid", b"").decode() == order_id:
-            return _from_entry(order_id, fields)
+    for entries in found:
+        if entries:
+            fields = entries[0][1]
+            if fields.get(b"oid", b"").decode() == order_id:
+                return _from_entry(order_id, fields)
     return None
 
 

@@ -279,7 +279,12 @@ async def create_order(scope: Any, receive: Any) -> tuple[int, bytes, str, RateL
         )
     order_id = admission.order_id
     ticket = await state.tickets.issue(
-        order_id, admission.seq, admission.ahead, admission.accepted_at_us, admission.lane_seq
+        order_id,
+        admission.seq,
+        admission.ahead,
+        admission.accepted_at_us,
+        admission.lane_seq,
+        storefront,
     )
     host = headers.get(b"host")
     base = _base_url(scope, state, host.decode("latin-1") if host else None)
@@ -306,15 +311,21 @@ async def get_order(request: Request) -> Response:
     shard = shard_of_order_id(order_id, state.config.shards)
     if shard is None:
         raise NotFound(f"no order {order_id!r}")
-    record = await read_status(state.redis, state.keys, shard, order_id)
+    record = await read_status(state.redis, state.keys, shard, order_id, storefront)
     if record is not None:
         if record.storefront_id != storefront:
             raise NotFound(f"no order {order_id!r}")  # never reveal another storefront's orders
         ticket = await state.tickets.issue(
-            order_id, record.seq, record.ahead, record.accepted_at_us, record.lane_seq
+            order_id,
+            record.seq,
+            record.ahead,
+            record.accepted_at_us,
+            record.lane_seq,
+            storefront,
         )
         code = record.status
-        if code == "queued" and (await state.drain_view.get()).lane(shard).processing(record.seq):
+        lane = (await state.drain_view.get()).lane(shard)
+        if code == "queued" and lane.processing(record.seq, storefront, record.lane_seq):
             code = "processing"
         status = OrderStatus(
             order_id=order_id,

@@ -191,7 +191,7 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
     drain = await state.drain_view.get()
     seq, config = ticket.seq, state.config
     shard = shard_of_order_id(ticket.order_id, config.shards)
-    if shard is not None and seq > drain.lane(shard).watermark:
+    if shard is not None and _unsettled(drain, shard, ticket.storefront, seq, ticket.lane_seq):
         return _waiting(
             ticket.order_id,
             seq,
@@ -200,9 +200,10 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
             ticket.accepted_at_ms * 1000,
             drain,
             config,
+            ticket.storefront,
         )
     record = (
-        await read_status(state.redis, state.keys, shard, ticket.order_id)
+        await read_status(state.redis, state.keys, shard, ticket.order_id, ticket.storefront)
         if shard is not None
         else None
     )
@@ -236,12 +237,23 @@ async def answer(state: GatewayState, raw_ticket: str) -> QueueStatus:
             record.accepted_at_us,
             drain,
             config,
+            record.storefront_id,
         )
     settled_at = record.settled_at or record.accepted_at
     age = dt.datetime.now(dt.UTC) - settled_at
     if age.total_seconds() > config.ticket_ttl_s:
         raise TicketNotFound("this queue ticket has expired")
     return _settled(record.status, settled_at, record.seq, record.ahead, record.order_id)
+
+
+def _unsettled(drain: DrainState, shard: int, storefront: str, seq: int, lane_seq: int) -> bool:
+    """Whether the order is still waiting, by its sub-lane's watermark (every order of it
+    numbered up to ``w:<sf>`` is settled), or the lane's for a ticket from before sub-lanes."""
+    lane = drain.lane(shard)
+    sub = lane.subs.get(storefront) if storefront else None
+    if storefront and lane_seq:
+        return sub is None or lane_seq > sub.watermark
+    return seq > lane.watermark
 
 
 def _settled(status: str, at: dt.datetime, seq: int, ahead: int, order_id: str) -> QueueStatus:
@@ -267,9 +279,10 @@ def _waiting(
     accepted_us: int,
     drain: DrainState,
     config: GatewayConfig,
+    storefront: str = "",
 ) -> QueueStatus:
     shard = shard_of_order_id(order_id, config.shards) or 0
-    place = place_in_line(seq, lane_seq, shard, drain, config.drain_stale_s)
+    place = place_in_line(seq, lane_seq, shard, drain, config.drain_stale_s, storefront=storefront)
     changed = max(accepted_us, drain.settled_at_us)  # the position last moved then
     return QueueStatus(
         status=place.status,

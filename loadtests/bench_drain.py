@@ -27,6 +27,7 @@ from typing import Any
 
 from ordergate.buffer.connection import create_redis
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.lanes import sublanes_of
 from ordergate.buffer.message import OrderMessage, decode_entry
 from ordergate.settings import Settings
 
@@ -38,9 +39,11 @@ async def buffered_messages(s: Settings) -> list[OrderMessage]:
     out: list[OrderMessage] = []
     try:
         for shard in range(s.shards):
-            entries: list[Any] = await redis.xrange(keys.stream(shard)) or []
-            for eid, fields in entries:
-                out.append(decode_entry(shard, eid, fields))
+            subs = sublanes_of(await redis.hgetall(keys.lane(shard)))
+            for sf in ["", *subs]:
+                entries: list[Any] = await redis.xrange(keys.sublane(shard, sf)) or []
+                for eid, fields in entries:
+                    out.append(decode_entry(shard, eid, fields, sf))
     finally:
         await redis.aclose()
     out.sort(key=lambda m: m.seq)

@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 
 from ordergate.buffer.connection import create_redis
+from ordergate.buffer.consumer import stream_lengths
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.lanes import sublanes_of
 from ordergate.gateway.auth import create_key
 from ordergate.servers import EmbeddedValkey
 from ordergate.sharding.ids import shard_of_order_id
@@ -174,16 +176,34 @@ async def audit(
         assert status is None, (receipt["order_id"], status)
     for shard in range(shards):
         assert await in_flight(redis, keys, shard) == 0, f"shard {shard} has entries in flight"
-        assert await redis.xlen(keys.stream(shard)) == 0, f"shard {shard} still buffers entries"
+        assert await buffered(redis, keys, shard) == 0, f"shard {shard} still buffers entries"
         assert await redis.xlen(keys.deadletters(shard)) == 0, f"shard {shard} dead-lettered"
 
 
 async def in_flight(redis: Any, keys: Keys, shard: int) -> int:
-    """Entries of the lane its owners have taken and not settled: those up to its cursor."""
-    cursor = await redis.hget(keys.lane(shard), "c")
-    if cursor is None:
-        return 0
-    return len(await redis.xrange(keys.stream(shard), max=cursor.decode()))
+    """Entries of the lane its owners have taken and not settled: those up to its cursors (the
+    base stream's and each sub-lane's)."""
+    raw = await redis.hgetall(keys.lane(shard))
+    cursors = {"": raw.get(b"c")} | {sf: u.cursor.encode() for sf, u in sublanes_of(raw).items()}
+    total = 0
+    for sf, cursor in cursors.items():
+        if cursor:
+            total += len(await redis.xrange(keys.sublane(shard, sf), max=cursor.decode()))
+    return total
+
+
+async def buffered(redis: Any, keys: Keys, shard: int) -> int:
+    """Entries in the lane: its base stream and its sub-lanes."""
+    return (await stream_lengths(redis, keys, [shard]))[shard]
+
+
+async def lane_entries(redis: Any, keys: Keys, shard: int) -> list[Any]:
+    """Every entry of the lane (base stream, then each sub-lane), as XRANGE gives them."""
+    subs = sublanes_of(await redis.hgetall(keys.lane(shard)))
+    out: list[Any] = []
+    for sf in ["", *sorted(subs)]:
+        out += await redis.xrange(keys.sublane(shard, sf))
+    return out
 
 
 HANG_S = 30.0  # a request unanswered this long has hung

@@ -4,8 +4,9 @@
 -- KEYS[1] the global admission counter, KEYS[2] the drain hash (its 's': orders settled so
 -- far, over all lanes), KEYS[3..6] the storefronts' limits, rate-limit state (GCRA) and
 -- buffered counts, and the set of those with an API key (buffer/storefronts.py), then 2 per
--- shard group: its stream and its lane
--- hash, then per order (in group order): its idempotency key.
+-- shard group: its base stream (which must exist: a lost one means Redis lost its data) and
+-- its lane hash, then 2 per order (in group order): its idempotency key and its storefront's
+-- sub-lane in its lane (Keys.sublane: a stream, made by its first order).
 -- ARGV[1] pending lease in ms (0 = durable on reply, no pending state), ARGV[2] the most orders
 -- the buffer may hold unsettled (0 = no bound), ARGV[3] the default rate (orders/s, 0 = none)
 -- and ARGV[4] burst of a storefront without a limit of its own, ARGV[5] the reserve: once
@@ -30,11 +31,11 @@
 -- (noeviction), so a batch is never half written.
 -- Per order Redis keeps two things: the stream entry and the idempotency record (_idem.lua).
 -- The order id is minted here, ord_<shard>_<ms><seq><nonce> (sharding/ids.py), and the entry's
--- id is <ms>-<seq>: from the order id alone a gateway finds an order in flight.
+-- id is <ms>-<seq>: from the order id and its storefront a gateway finds an order in flight.
 -- seq is the order's queue number, global across lanes: Redis runs scripts one at a time, so
--- queue numbers grow in the order entries enter the streams. ls is its number inside its lane.
--- ahead = orders admitted earlier and not yet settled, for the customer's progress bar: exact
--- while nothing drains, a lower bound while lanes drain in parallel (buffer.position).
+-- queue numbers grow in the order entries enter the streams. Each lane holds one sub-lane per
+-- storefront, drained by weight (buffer.fairness); ls is the order's number in its sub-lane
+-- (lane hash 'n:<sf>'), and ahead the orders of that sub-lane before it, not yet settled.
 local groups = tonumber(ARGV[6])
 for g = 1, groups do
   if redis.call('EXISTS', KEYS[5 + g * 2]) == 0 then
@@ -150,34 +151,49 @@ local out = {}
 -- Every idempotency record of the batch in one read and the new ones in one write, not a
 -- command per order; 'written' answers a twin inside this same batch.
 local first_key = 7 + groups * 2
-local priors = #KEYS >= first_key and redis.call('MGET', unpack(KEYS, first_key)) or {}
-local written, writes = {}, {}
-local a = 7 + groups * 2  -- the next order's first arg
-local k = 6 + groups * 2  -- the next order's idem key, minus one
-for g = 1, groups do
-  local shard, count = ARGV[5 + g * 2], tonumber(ARGV[6 + g * 2])
-  local stream, lane_key = KEYS[5 + g * 2], KEYS[6 + g * 2]
-  -- Entry ids must grow: never below the stream's newest (a clock that stepped back, an entry
-  -- written by hand), and past it when that one has the same millisecond and a higher number.
-  local ms = now_ms
-  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
-  if newest then
-    local top_ms, top_seq = string.match(newest[1], '^(%d+)-(%d+)$')
-    top_ms, top_seq = tonumber(top_ms), tonumber(top_seq)
-    if top_ms > ms or (top_ms == ms and top_seq > issued) then
-      ms = top_ms + (top_seq > issued and 1 or 0)
+local idem_keys = {}
+for i = first_key, #KEYS, 2 do
+  idem_keys[#idem_keys + 1] = KEYS[i]
+end
+local priors = {}  -- idem key -> its record, for those that have one
+if #idem_keys > 0 then
+  for i, raw in ipairs(redis.call('MGET', unpack(idem_keys))) do
+    if raw then
+      priors[idem_keys[i]] = raw
     end
   end
-  local lane = redis.call('HMGET', lane_key, 'n', 's')
+end
+local written, writes = {}, {}
+local a = 7 + groups * 2  -- the next order's first arg
+local k = 5 + groups * 2  -- the next order's keys (idem, sub-lane), minus two
+for g = 1, groups do
+  local shard, count = ARGV[5 + g * 2], tonumber(ARGV[6 + g * 2])
+  local lane_key = KEYS[6 + g * 2]
+  -- Entry ids are <ms>-<seq>, seq growing: ms never goes below the lane's last one (a clock
+  -- that stepped back), so every sub-lane's ids grow.
+  local lane = redis.call('HMGET', lane_key, 'n', 'ms')
   local lane_n0 = tonumber(lane[1] or '0')
-  local lane_n, lane_settled = lane_n0, tonumber(lane[2] or '0')
+  local lane_n = lane_n0
+  local ms = math.max(now_ms, tonumber(lane[2] or '0'))
   local head = 'ord_' .. shard .. '_'
   local ms_digits = digits(ms, 10)
+  local subs, sub_order = {}, {}  -- storefront -> {n, s} of its sub-lane in this lane
+  local function sub(id)
+    local u = subs[id]
+    if not u then
+      local raw = redis.call('HMGET', lane_key, 'n:' .. id, 's:' .. id)
+      u = {n0 = tonumber(raw[1] or '0'), s = tonumber(raw[2] or '0')}
+      u.n = u.n0
+      subs[id] = u
+      sub_order[#sub_order + 1] = id
+    end
+    return u
+  end
   for _ = 1, count do
-    k = k + 1
-    local idem_key = KEYS[k]
+    k = k + 2
+    local idem_key, sub_key = KEYS[k], KEYS[k + 1]
     local fp = string.sub(ARGV[a + 4], 1, 8)
-    local prior = written[idem_key] or priors[k - first_key + 1]
+    local prior = written[idem_key] or priors[idem_key]
     local sf = storefront(ARGV[a + 1])
     local q, w, r, ms_full = limit_of(sf)
     if prior then
@@ -206,11 +222,14 @@ for g = 1, groups do
       sf.admitted = sf.admitted + 1
       issued = issued + 1
       lane_n = lane_n + 1
-      local seq, ls = issued, lane_n
-      local ahead = math.max(seq - 1 - settled, ls - 1 - lane_settled)
+      local u = sub(ARGV[a + 1])
+      u.n = u.n + 1
+      -- ls: its number in its storefront's sub-lane; ahead: that sub-lane's orders before it
+      local seq, ls = issued, u.n
+      local ahead = ls - 1 - u.s
       local tail = ms_digits .. digits(seq, 11) .. ARGV[a]
       local oid = head .. tail
-      redis.call('XADD', stream, 'NOMKSTREAM', string.format('%d-%d', ms, seq),
+      redis.call('XADD', sub_key, string.format('%d-%d', ms, seq),
         'v', '1', 'oid', oid, 'sf', ARGV[a + 1], 'sfo', ARGV[a + 2],
         'seq', seq, 'ls', ls, 'at', ARGV[a + 3], 'a0', ahead, 'r', ARGV[a + 5],
         'body', ARGV[a + 6])
@@ -226,7 +245,15 @@ for g = 1, groups do
     a = a + 7
   end
   if lane_n > lane_n0 then
-    redis.call('HSET', lane_key, 'n', lane_n, 'last', issued)
+    local fields = {'n', lane_n, 'last', issued, 'ms', ms}
+    for _, id in ipairs(sub_order) do
+      local u = subs[id]
+      if u.n > u.n0 then
+        fields[#fields + 1] = 'n:' .. id
+        fields[#fields + 1] = u.n
+      end
+    end
+    redis.call('HSET', lane_key, unpack(fields))
   end
 end
 if issued > issued0 then

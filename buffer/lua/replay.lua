@@ -1,17 +1,24 @@
 #!lua
--- Re-queue dead letters of ONE shard: back into the stream with their original fields and a
--- new queue number (at the back of the line, like any new order).
--- KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3] admission counter, KEYS[4] the lane
--- hash, KEYS[5] the storefronts' buffered counts, then per entry i: its status key and idem
--- key (KEYS[1] when the entry names no order).
--- A replayed entry is a new admission of its lane: a new queue number and lane number.
--- ARGV[1] now_us, then the dead-letter entry ids. Returns the number re-queued.
+-- Re-queue dead letters of ONE shard and ONE storefront: back into its sub-lane with their
+-- original fields and a new queue number (at the back of the line, like any new order).
+-- KEYS[1] the sub-lane (the base stream for entries that name no storefront), KEYS[2]
+-- dead-letter stream, KEYS[3] admission counter, KEYS[4] the lane hash, KEYS[5] the
+-- storefronts' buffered counts, then per entry i: its status key and idem key (KEYS[1] when
+-- the entry names no order).
+-- A replayed entry is a new admission of its lane: a new queue number and a new number in its
+-- sub-lane.
+-- ARGV[1] now_us, ARGV[2] the storefront ('' none), then the dead-letter entry ids. Returns the
+-- number re-queued.
 local moved = 0
-for i = 2, #ARGV do
+local sub = ARGV[2]
+for i = 3, #ARGV do
   local entry = redis.call('XRANGE', KEYS[2], ARGV[i], ARGV[i])
   if entry[1] then
     local seq = redis.call('INCR', KEYS[3])
     local ls = redis.call('HINCRBY', KEYS[4], 'n', 1)
+    if sub ~= '' then
+      ls = redis.call('HINCRBY', KEYS[4], 'n:' .. sub, 1)
+    end
     local f, orig = entry[1][2], {}
     for j = 1, #f, 2 do
       local k = f[j]
@@ -27,7 +34,12 @@ for i = 2, #ARGV do
     orig[#orig + 1] = ls
     orig[#orig + 1] = 'rq'  -- its status record keeps the history once it commits
     orig[#orig + 1] = '1'
-    local eid = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', unpack(orig))
+    local eid
+    if sub ~= '' then
+      eid = redis.call('XADD', KEYS[1], '*', unpack(orig))
+    else
+      eid = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', unpack(orig))
+    end
     if not eid then
       return redis.error_reply('NOSTREAM buffer stream ' .. KEYS[1] .. ' is missing')
     end
@@ -37,7 +49,7 @@ for i = 2, #ARGV do
       redis.call('HINCRBY', KEYS[5], sf, 1)
     end
     redis.call('XDEL', KEYS[2], ARGV[i])
-    local status_key, idem_key = KEYS[2 * i + 2], KEYS[2 * i + 3]
+    local status_key, idem_key = KEYS[2 * i], KEYS[2 * i + 1]
     if status_key ~= KEYS[1] then
       redis.call('HSET', status_key, 'status', 'queued', 'eid', eid, 'seq', seq, 'ls', ls)
       redis.call('HDEL', status_key, 'reason', 'rejected_at')

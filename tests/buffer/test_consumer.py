@@ -12,7 +12,7 @@ from ordergate.buffer.lanes import claim_lane
 from ordergate.buffer.position import read_drain_state
 from ordergate.buffer.webhooks import set_webhook
 from tests.conftest import admit
-from tests.faults import in_flight
+from tests.faults import buffered, in_flight
 
 KEYS = Keys()
 IDEM_TTL = 7777
@@ -54,8 +54,7 @@ async def test_a_batch_mixing_every_outcome_settles_each_as_it_should(
     )
 
     assert settled == len(items) and watermark == lane.last
-    stream = KEYS.stream(shard)
-    assert await redis.xlen(stream) == 0
+    assert await buffered(redis, KEYS, shard) == 0
     assert await in_flight(redis, KEYS, shard) == 0
     after = next(x for x in (await read_drain_state(redis, KEYS, 8)).lanes if x.shard == shard)
     assert after.settled == len(items) and after.watermark == lane.last

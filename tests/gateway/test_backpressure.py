@@ -18,7 +18,7 @@ from ordergate.runtime import resolved
 from ordergate.servers import MIB, free_port
 from ordergate.settings import Settings
 from tests.conftest import admit, auth, drain, eventually, make_settings, order_body
-from tests.faults import audit
+from tests.faults import audit, buffered
 
 
 async def test_full_buffer_is_429_with_retry_after_then_recovers(
@@ -133,7 +133,7 @@ async def test_the_drain_runs_past_maxmemory_and_frees_it(
         assert r.status_code == 503, r.text
         report = await drain(make_settings(servers))
         assert report.committed == 200
-        assert sum([await redis.xlen(Keys().stream(s)) for s in range(8)]) == 0
+        assert sum([await buffered(redis, Keys(), s) for s in range(8)]) == 0
     finally:
         await redis.config_set("maxmemory", "0")
     await audit(pg, redis, receipts)

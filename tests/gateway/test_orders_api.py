@@ -58,7 +58,7 @@ async def test_receipt_only_after_the_entry_is_in_the_stream(client, api_key, re
     assert r.headers["location"] == r.json()["status_url"]
     order_id = r.json()["order_id"]
     shard = int(order_id.split("_")[1])
-    entries = await redis.xrange(Keys().stream(shard))
+    entries = await redis.xrange(Keys().sublane(shard, "shop-a"))
     assert [e[1][b"oid"].decode() for e in entries] == [order_id]
     fields = entries[0][1]
     assert fields[b"sf"] == b"shop-a" and fields[b"sfo"] == b"A-1" and fields[b"seq"] == b"1"

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.lanes import sublanes_of
 from ordergate.buffer.position import DrainState, read_drain_state
 from ordergate.servers import EmbeddedPostgres
 from ordergate.workers.backoff import backoff
@@ -74,15 +75,20 @@ class _Storefront:
 async def _buffer(redis: Any) -> tuple[int, int, int, int]:
     """(queue numbers issued, orders settled, entries in the streams, dead letters), read
     atomically."""
+    streams = [KEYS.stream(shard) for shard in range(8)]
+    for shard in range(8):  # the sub-lanes: named by the lane hashes
+        subs = sublanes_of(await redis.hgetall(KEYS.lane(shard)))
+        streams += [KEYS.sublane(shard, sf) for sf in subs]
     pipe = redis.pipeline(transaction=True)
     pipe.get(KEYS.seq())
     pipe.hget(KEYS.drain(), "s")
-    for shard in range(8):
-        pipe.xlen(KEYS.stream(shard))
+    for stream in streams:
+        pipe.xlen(stream)
     for shard in range(8):
         pipe.xlen(KEYS.deadletters(shard))
     r = await pipe.execute()
-    return int(r[0] or 0), int(r[1] or 0), sum(r[2:10]), sum(r[10:18])
+    k = len(streams)
+    return int(r[0] or 0), int(r[1] or 0), sum(r[2 : 2 + k]), sum(r[2 + k :])
 
 
 async def _drain(redis: Any) -> DrainState:
