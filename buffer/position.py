@@ -26,7 +26,7 @@ import msgspec
 
 from ordergate.buffer.fairness import orders_before
 from ordergate.buffer.keys import Keys
-from ordergate.buffer.lanes import LaneState, lane_of
+from ordergate.buffer.lanes import LaneState, SubLane, lane_of
 from ordergate.buffer.storefronts import Limit
 
 _ORDER = {"paused": 0, "stalled": 1, "draining": 2, "stopped": 3}
@@ -158,15 +158,20 @@ def place_in_line(
     (buffer.fairness): so the ETA over the lane's rate follows the order the lane really
     drains in. Without it (a ticket from before), the lane's own numbers as before."""
     lane = drain.lane(shard)
-    sub = lane.subs.get(storefront) if storefront else None
-    if sub is not None and lane_seq:
+    if storefront and lane_seq:
+        # A sub-lane the followed state does not show yet is new: none of it settled.
+        sub = lane.subs.get(storefront) or SubLane(admitted=lane_seq)
         own = max(0, lane_seq - 1 - sub.settled)
         others = [
             (u.backlog, u.weight) for sf, u in lane.subs.items() if sf != storefront and u.backlog
         ]
-        position = orders_before(own, sub.weight, others)
+        if others:  # its lane's turns: its storefront's orders ahead, the others' share
+            position = orders_before(own, sub.weight, others)
+        else:  # alone in its lane: everyone admitted earlier, as before the fair drain
+            position = max(seq - 1 - drain.settled, own)
         status = "processing" if lane.processing(seq, storefront, lane_seq) else "queued"
-        eta, reason = lane_eta(position, lane, stale_s, time.time() if now is None else now)
+        in_lane = orders_before(own, sub.weight, others)
+        eta, reason = lane_eta(in_lane, lane, stale_s, time.time() if now is None else now)
         return Place(status, position, eta, reason)
     in_lane = max(0, lane_seq - 1 - lane.settled) if lane_seq else None
     position = max(0, seq - 1 - drain.settled, in_lane or 0)

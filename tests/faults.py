@@ -305,12 +305,15 @@ async def retry_until_receipts(
 
 
 async def assert_fifo_per_lane(pg: Any, what: str = "") -> None:
-    """Inside each lane, no order committed before one admitted earlier (lanes drain in
-    parallel, so across lanes commit times interleave)."""
-    rows = await pg.fetch("SELECT shard, committed_at FROM orders ORDER BY seq")
-    for lane in {r["shard"] for r in rows}:
-        times = [r["committed_at"] for r in rows if r["shard"] == lane]
-        assert times == sorted(times), f"lane {lane}: {what or 'orders committed out of order'}"
+    """Inside each lane, no order committed before one of its storefront admitted earlier
+    (lanes drain in parallel, and a lane's storefronts by turns, so across them commit times
+    interleave)."""
+    rows = await pg.fetch("SELECT shard, storefront_id, committed_at FROM orders ORDER BY seq")
+    for lane, sf in {(r["shard"], r["storefront_id"]) for r in rows}:
+        times = [r["committed_at"] for r in rows if (r["shard"], r["storefront_id"]) == (lane, sf)]
+        assert times == sorted(times), (
+            f"lane {lane}, {sf}: {what or 'orders committed out of order'}"
+        )
 
 
 async def committed(pg: Any, n: int) -> bool:
