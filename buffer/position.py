@@ -170,8 +170,8 @@ def place_in_line(
         else:  # alone in its lane: everyone admitted earlier, as before the fair drain
             position = max(seq - 1 - drain.settled, own)
         status = "processing" if lane.processing(seq, storefront, lane_seq) else "queued"
-        in_lane = orders_before(own, sub.weight, others)
-        eta, reason = lane_eta(in_lane, lane, stale_s, time.time() if now is None else now)
+        turns = orders_before(own, sub.weight, others)
+        eta, reason = lane_eta(turns, lane, stale_s, time.time() if now is None else now)
         return Place(status, position, eta, reason)
     in_lane = max(0, lane_seq - 1 - lane.settled) if lane_seq else None
     position = max(0, seq - 1 - drain.settled, in_lane or 0)

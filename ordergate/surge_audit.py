@@ -364,6 +364,18 @@ def audit(
     return a
 
 
+def _positions_check(a: Audit, ledger: Ledger) -> Check:
+    """Positions never grow while one storefront sends; with several, a lane drains by turns,
+    and a storefront that starts a backlog later rightly gets its share ahead of orders already
+    waiting (README Fairness): then the increases are reported, not judged."""
+    name, n = "customers' positions never grew", ledger.position_increases
+    senders = sum(1 for f in a.storefronts if f.orders)
+    if senders > 1:
+        detail = f"{n} increases; not judged with {senders} storefronts sending"
+        return Check(name, n == 0, detail, judged=False)
+    return Check(name, n == 0, f"{n} increases")
+
+
 def _checks(a: Audit, ledger: Ledger) -> list[Check]:
     c = a.committed
     checks = [
@@ -398,11 +410,7 @@ def _checks(a: Audit, ledger: Ledger) -> list[Check]:
             a.drain.error or f"{a.drain.seconds:.1f} s after the load stopped",
         ),
         Check("nothing dead-lettered", a.drain.dead_letters == 0, f"{a.drain.dead_letters} new"),
-        Check(
-            "customers' positions never grew",
-            ledger.position_increases == 0,
-            f"{ledger.position_increases} increases",
-        ),
+        _positions_check(a, ledger),
         Check(
             "every answer in the API's table",
             not a.unexpected,

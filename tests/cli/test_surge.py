@@ -102,7 +102,8 @@ def test_a_capped_drain_backlog_gets_its_etas_audited(tmp_path: Path) -> None:
     eta_checks = [c for name, c in checks.items() if name.startswith("customers' first ETAs")]
     assert len(eta_checks) == 1, checks
     eta_check = eta_checks[0]
-    assert all(c["ok"] for c in checks.values() if c is not eta_check), out.stdout
+    # judged checks pass (positions may grow by other storefronts' turns: reported, not judged)
+    assert all(c["ok"] for c in checks.values() if c is not eta_check and c["judged"]), out.stdout
     assert audit["drain"]["peak_depth"] > 60  # more than a second of the cap waited
     assert audit["committed"]["of_accepted"] == audit["accepted"]
 
