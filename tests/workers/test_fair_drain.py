@@ -40,22 +40,38 @@ async def _sent(client: Any, key: str, n: int, prefix: str) -> list[dict[str, An
     return await admit(client, key, n, prefix)
 
 
-async def test_a_small_storefront_behind_a_flood_is_committed_before_the_flood(
+async def _waits(pg: Any, prefix: str) -> list[float]:
+    rows = await pg.fetch(
+        "SELECT extract(epoch FROM committed_at - accepted_at) AS w FROM orders"
+        " WHERE storefront_order_id LIKE $1",
+        prefix + "%",
+    )
+    return [float(r["w"]) for r in rows]
+
+
+async def test_a_small_storefront_behind_a_flood_waits_about_as_long_as_alone(
     client, api_key, servers, redis, pg
 ) -> None:
-    """Injects: 2,400 orders of one storefront, then 24 of another, with the drain capped at
-    300 orders/s. Audits: the small one's orders are all committed while the flood still has
-    most of its backlog buffered; FIFO holds inside each lane for each storefront; all of the
-    flood commits in the end."""
+    """Injects: with the drain capped at 300 orders/s, 24 orders of a small storefront alone;
+    then 2,400 of another (100 x), then 24 of the small one again. Audits: behind the flood the
+    small storefront's longest wait stays within 2 s of its longest wait alone, and all of its
+    orders commit while the flood has committed fewer than half of its own; FIFO holds in each
+    lane for each storefront; the whole flood commits in the end."""
     small = await create_key(redis, KEYS, "shop-small")
     settings = make_settings(servers, drain_rate=300, workers=1)
+    async with worker_running(settings):
+        await _sent(client, small, 24, "alone")
+
+        async def alone_done() -> bool:
+            return len(await _waits(pg, "alone-")) == 24
+
+        await eventually(alone_done, timeout=60)
     await _sent(client, api_key, 2400, "flood")
     async with worker_running(settings):
-        await _sent(client, small, 24, "small")
+        await _sent(client, small, 24, "behind")
 
         async def small_done() -> tuple[int] | None:
-            n = await pg.fetchval("SELECT count(*) FROM orders WHERE storefront_id = 'shop-small'")
-            if n < 24:
+            if len(await _waits(pg, "behind-")) < 24:
                 return None
             flood = "SELECT count(*) FROM orders WHERE storefront_id = 'shop-a'"
             return (int(await pg.fetchval(flood)),)
@@ -64,9 +80,11 @@ async def test_a_small_storefront_behind_a_flood_is_committed_before_the_flood(
         assert flood_committed < 1200, f"the small storefront waited for {flood_committed} orders"
 
         async def all_done() -> bool:
-            return await pg.fetchval("SELECT count(*) FROM orders") == 2424
+            return await pg.fetchval("SELECT count(*) FROM orders") == 2448
 
         await eventually(all_done, timeout=120)
+    alone, behind = max(await _waits(pg, "alone-")), max(await _waits(pg, "behind-"))
+    assert behind <= alone + 2.0, f"longest wait {behind:.2f} s behind the flood, {alone:.2f} alone"
     await assert_fifo_per_lane(pg)
 
 
