@@ -148,6 +148,7 @@ class LaneConsumer:
         self._turn = 0  # which storefront a batch's round starts with
         self._known: set[str] = set()  # sub-lanes with orders, at the last read of the lane
         self._last: int | None = None  # the lane's 'last' at that read
+        self._base_cursor = "0-0"  # the base stream's cursor 'c' at that read
 
     async def take(self, n: int) -> Batch:
         """The lane's next ``n`` entries: the base stream's first, then each sub-lane's share
@@ -207,6 +208,7 @@ class LaneConsumer:
             self._weights = {_s(k): Limit.decode(v).weight for k, v in replies[1].items()}
             self._weights_at = now
         subs = sublanes_of(replies[0])
+        self._base_cursor = _s(replies[0].get(b"c") or b"0-0")
         self._known = {sf for sf, u in subs.items() if u.backlog}
         self._last = int(replies[0].get(b"last", 0) or 0)
         return subs
@@ -224,8 +226,7 @@ class LaneConsumer:
             )
         )
         batch = Batch(taken_at_us=taken_at)
-        cursor = await self.redis.hget(self.keys.lane(self.shard), "c")
-        self.cursor = _s(cursor) if cursor else "0-0"
+        self.cursor = self._base_cursor  # read with the sub-lanes; only this owner moves it
         self.cursors = {sf: u.cursor for sf, u in subs.items()}
         for (sf, entries), counts in zip(zip(["", *subs], found, strict=True), prior, strict=True):
             sf = _s(sf)

@@ -165,12 +165,11 @@ def place_in_line(
         others = [
             (u.backlog, u.weight) for sf, u in lane.subs.items() if sf != storefront and u.backlog
         ]
-        if others:  # its lane's turns: its storefront's orders ahead, the others' share
-            position = orders_before(own, sub.weight, others)
-        else:  # alone in its lane: everyone admitted earlier, as before the fair drain
-            position = max(seq - 1 - drain.settled, own)
-        status = "processing" if lane.processing(seq, storefront, lane_seq) else "queued"
+        # its lane's turns: its storefront's orders ahead, the others' share
         turns = orders_before(own, sub.weight, others)
+        # alone in its lane: everyone admitted earlier, as before the fair drain
+        position = turns if others else max(seq - 1 - drain.settled, own)
+        status = "processing" if lane.processing(seq, storefront, lane_seq) else "queued"
         eta, reason = lane_eta(turns, lane, stale_s, time.time() if now is None else now)
         return Place(status, position, eta, reason)
     in_lane = max(0, lane_seq - 1 - lane.settled) if lane_seq else None

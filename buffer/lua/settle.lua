@@ -57,9 +57,10 @@ local function notify_of(sf, sfo, oid, outcome, at)
 end
 local lettered, settled = {}, 0
 local m = tonumber(ARGV[14])
-local sub_key = {['']= stream}
+local sub_key, sub_of = {['']= stream}, {}  -- sub-lane -> its stream, and back
 for j = 1, m do
   sub_key[ARGV[14 + j]] = KEYS[8 + j]
+  sub_of[KEYS[8 + j]] = ARGV[14 + j]
 end
 local done, done_order = {}, {}  -- stream -> entry ids leaving it
 local left = {}  -- sub-lane -> entries of it settled here
@@ -169,10 +170,9 @@ for _, key in ipairs(done_order) do
   for _, eid in ipairs(done[key]) do
     all_done[#all_done + 1] = eid
   end
-  for j = 1, m do
-    if KEYS[8 + j] == key then
-      left[ARGV[14 + j]] = (left[ARGV[14 + j]] or 0) + gone
-    end
+  local sub = sub_of[key]
+  if sub then
+    left[sub] = (left[sub] or 0) + gone
   end
 end
 if redis.call('EXISTS', KEYS[6]) == 1 then  -- after a takeover: forget the settled ones' counts

@@ -123,14 +123,19 @@ def test_a_capped_drain_backlog_gets_its_etas_audited(tmp_path: Path) -> None:
     assert re.search(rf"^ETA waits .* {eta['short']:,} under 2 s", out.stdout, re.M)
 
 
-def test_surge_has_help() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "ordergate", "surge", "--help"],
+def _surge(*args: str) -> subprocess.CompletedProcess[str]:
+    """A short ``ordergate surge`` that ends before any load (help, or refused at once)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ordergate", "surge", *args],
         env=_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_surge_has_help() -> None:
+    out = _surge("--help")
     assert out.returncode == 0 and "--shape {spike,ramp,soak}" in out.stdout
     assert "--drain-rate N" in out.stdout
     assert "--storefronts K" in out.stdout and "--hot-share P" in out.stdout
@@ -138,28 +143,14 @@ def test_surge_has_help() -> None:
 
 def test_surge_refuses_fewer_users_than_storefronts() -> None:
     """Refused before anything starts: each storefront needs a user."""
-    out = subprocess.run(
-        [sys.executable, "-m", "ordergate", "surge", "--shape", "spike", "--users", "3"]
-        + ["--storefronts", "4", "--hot-share", "0.5"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _surge("--shape", "spike", "--users", "3", "--storefronts", "4", "--hot-share", "0.5")
     assert out.returncode == 2
     assert "3 users cannot serve 4 storefronts" in out.stderr
     assert "ordergate up" not in out.stdout
 
 
 def test_surge_caps_only_the_drain_of_its_own_up() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "ordergate", "surge", "--shape", "spike"]
-        + ["--host", "http://127.0.0.1:9", "--drain-rate", "100"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _surge("--shape", "spike", "--host", "http://127.0.0.1:9", "--drain-rate", "100")
     assert out.returncode == 2
     assert "ordergate drain --rate N" in out.stderr
 
