@@ -123,7 +123,7 @@ def test_a_capped_drain_backlog_gets_its_etas_audited(tmp_path: Path) -> None:
     assert re.search(rf"^ETA waits .* {eta['short']:,} under 2 s", out.stdout, re.M)
 
 
-def _surge(*args: str) -> subprocess.CompletedProcess[str]:
+def _surge_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """A short ``ordergate surge`` that ends before any load (help, or refused at once)."""
     return subprocess.run(
         [sys.executable, "-m", "ordergate", "surge", *args],
@@ -135,7 +135,7 @@ def _surge(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_surge_has_help() -> None:
-    out = _surge("--help")
+    out = _surge_cli("--help")
     assert out.returncode == 0 and "--shape {spike,ramp,soak}" in out.stdout
     assert "--drain-rate N" in out.stdout
     assert "--storefronts K" in out.stdout and "--hot-share P" in out.stdout
@@ -143,14 +143,14 @@ def test_surge_has_help() -> None:
 
 def test_surge_refuses_fewer_users_than_storefronts() -> None:
     """Refused before anything starts: each storefront needs a user."""
-    out = _surge("--shape", "spike", "--users", "3", "--storefronts", "4", "--hot-share", "0.5")
+    out = _surge_cli("--shape", "spike", "--users", "3", "--storefronts", "4", "--hot-share", "0.5")
     assert out.returncode == 2
     assert "3 users cannot serve 4 storefronts" in out.stderr
     assert "ordergate up" not in out.stdout
 
 
 def test_surge_caps_only_the_drain_of_its_own_up() -> None:
-    out = _surge("--shape", "spike", "--host", "http://127.0.0.1:9", "--drain-rate", "100")
+    out = _surge_cli("--shape", "spike", "--host", "http://127.0.0.1:9", "--drain-rate", "100")
     assert out.returncode == 2
     assert "ordergate drain --rate N" in out.stderr
 
