@@ -44,9 +44,11 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
+from ordergate.buffer.connection import is_cluster
 from ordergate.buffer.errors import BufferUnavailable, NotDurable
 from ordergate.buffer.keys import Keys
-from ordergate.buffer.scripts import Scripts
+from ordergate.buffer.masters import Masters
+from ordergate.buffer.scripts import scripts_for
 from ordergate.buffer.streams import ensure_streams
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class _Request:
     args: tuple[Any, ...]
     future: asyncio.Future[Admission]
     abandoned: bool = False
+    unloaded: bool = False  # its server had lost the scripts: re-sent once they are loaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +133,11 @@ class Admitter:
         self._redis = redis
         self._keys = keys
         self._config = config
-        self._scripts = Scripts(redis)
+        # On a cluster: the master of each lane, each with a client of its own, so a lane's
+        # script and its barrier (WAIT, WAITAOF: they count this connection's writes) go down one
+        # connection.
+        self._nodes = Masters(redis) if is_cluster(redis) else None
+        self._unloaded: list[Any] = []
         self._queue: deque[_Request] = deque()
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_inflight_batches)
@@ -150,7 +157,10 @@ class Admitter:
 
     async def start(self) -> None:
         try:
-            await self._scripts.load()
+            if self._nodes is not None:
+                await self._nodes.load_scripts()
+            else:
+                await scripts_for(self._redis).load()
         except (RedisError, OSError) as exc:  # loaded on first NOSCRIPT once Redis is back
             log.error("cannot load admission scripts yet: %r", exc)
         self._task = asyncio.create_task(self._run(), name="ordergate-admission")
@@ -171,6 +181,8 @@ class Admitter:
         for req in self._queue:
             if not req.future.done():
                 req.future.set_exception(BufferUnavailable("gateway shutting down"))
+        if self._nodes is not None:
+            await self._nodes.aclose()
 
     async def admit(
         self,
@@ -266,43 +278,67 @@ class Admitter:
         number = self._sent
         mode = self._mode()  # the barrier of this batch
         lease = 0 if mode in ("none", "aof-always") else self._config.lease_ms
+        if self._nodes is None:  # one primary: one script call over every shard of the batch
+            groups = [list(by_shard)] if by_shard else []
+            await self._send(self._redis, groups, by_shard, confirms, number, mode, lease)
+        else:  # a cluster: one call per lane (one slot), one pipeline per master, in parallel
+            shards = set(by_shard) | set(confirms)
+            units = await self._nodes.split(shards)
+            await asyncio.gather(
+                *(
+                    self._send(
+                        client,
+                        [[shard] for shard in node_shards if shard in by_shard],
+                        by_shard,
+                        {shard: confirms[shard] for shard in node_shards if shard in confirms},
+                        number,
+                        mode,
+                        lease,
+                    )
+                    for client, node_shards in units
+                )
+            )
+        if retried:
+            return
+        unloaded = [req for req in batch if req.unloaded]
+        if unloaded:
+            for req in unloaded:
+                req.unloaded = False
+            for client in {id(c): c for c in self._unloaded}.values():
+                await scripts_for(client).load()
+            self._unloaded.clear()
+            await self._flush_inner(unloaded, retried=True)  # idempotent: safe to re-send
+        for req in batch:
+            if req.unloaded and not req.future.done():
+                req.future.set_exception(BufferUnavailable("admission script cannot be loaded"))
 
-        pipe = self._redis.pipeline(transaction=False)
+    async def _send(
+        self,
+        redis: Any,
+        groups: list[list[int]],
+        by_shard: dict[int, list[_Request]],
+        confirms: dict[int, list[str]],
+        number: int,
+        mode: str,
+        lease: int,
+    ) -> None:
+        """One pipeline to one server: the confirmations, one admit.lua call per group of
+        shards, the barrier."""
+        scripts = scripts_for(redis)
+        batch = [req for group in groups for shard in group for req in by_shard[shard]]
+        pipe = redis.pipeline(transaction=False)
         # Confirms first: a twin admitted in this very batch then sees the lease already lifted.
-        confirm_keys = [key for keys in confirms.values() for key in keys]
-        if confirm_keys:
-            pipe.evalsha(self._scripts.confirm.sha, len(confirm_keys), *confirm_keys)
-        shard_order = list(by_shard)
-        if shard_order:
-            keys, config = self._keys, self._config
-            script_keys: list[str] = [
-                keys.seq(),
-                keys.drain(),
-                keys.storefront_limits(),
-                keys.storefront_tat(),
-                keys.storefront_buffered(),
-                keys.storefront_known(),
-            ]
-            script_args: list[Any] = [
-                lease,
-                config.max_buffered,
-                f"{config.storefront_rate:g}",
-                burst_of(config.storefront_rate, config.storefront_burst),
-                config.storefront_reserve,
-                len(shard_order),
-            ]
-            order_keys: list[str] = []
-            order_args: list[Any] = []
-            for shard in shard_order:
-                reqs = by_shard[shard]
-                script_keys += (self._keys.stream(shard), self._keys.lane(shard))
-                script_args += (shard, len(reqs))
-                for req in reqs:
-                    order_keys += req.keys
-                    order_args += req.args
-            script_keys += order_keys
-            script_args += order_args
-            pipe.evalsha(self._scripts.admit.sha, len(script_keys), *script_keys, *script_args)
+        confirm_calls = (
+            [list(keys) for keys in confirms.values() if keys]
+            if self._nodes is not None
+            else [[key for keys in confirms.values() for key in keys]]
+        )
+        confirm_calls = [keys for keys in confirm_calls if keys]
+        for keys in confirm_calls:
+            pipe.evalsha(scripts.confirm.sha, len(keys), *keys)
+        for group in groups:
+            script_keys, script_args = self._script_call(group, by_shard, lease)
+            pipe.evalsha(scripts.admit.sha, len(script_keys), *script_keys, *script_args)
         barrier = self._barrier(pipe, mode) if batch else 0
 
         try:
@@ -312,14 +348,15 @@ class Admitter:
             if self._config.durability == "auto":  # the server that comes back may differ
                 self._always = False
                 self._policy_batch = max(self._policy_batch, number)
+            if self._nodes is not None:
+                self._nodes.lost()
             self._requeue_confirms(confirms)
             self.stats.failures += 1
             self._fail(batch, BufferUnavailable(f"buffer unreachable: {exc!r}"))
             return
 
-        confirmed = 1 if confirm_keys else 0
-        admitted = results[confirmed] if shard_order else []
-        if confirmed and isinstance(results[0], Exception):
+        calls = len(confirm_calls)
+        if any(isinstance(r, Exception) for r in results[:calls]):
             self._requeue_confirms(confirms)
         durable_error: Exception | None = None
         if barrier:
@@ -331,13 +368,17 @@ class Admitter:
         self.stats.batches += 1
         self.stats.orders += len(batch)
         confirmable = False  # this batch admitted orders whose leases can be lifted now
-        unloaded: list[_Request] = []
-        if isinstance(admitted, NoScriptError):
-            unloaded.extend(batch)  # Redis restarted and lost its script cache
-        elif isinstance(admitted, Exception):
-            self._fail(batch, self._classify(admitted))
-        else:
-            requests = [req for shard in shard_order for req in by_shard[shard]]
+        for g, group in enumerate(groups):
+            admitted = results[calls + g]
+            requests = [req for shard in group for req in by_shard[shard]]
+            if isinstance(admitted, NoScriptError):  # Redis restarted and lost its scripts
+                for req in requests:
+                    req.unloaded = True
+                self._unloaded.append(redis)
+                continue
+            if isinstance(admitted, Exception):
+                self._fail(requests, self._classify(admitted))
+                continue
             for req, reply in zip(requests, admitted, strict=True):
                 admission = _decode(reply)
                 if durable_error is not None and admission.outcome is Outcome.ADMITTED:
@@ -352,17 +393,48 @@ class Admitter:
                     confirmable = True
                 if not req.future.done():
                     req.future.set_result(admission)
-        if unloaded:
-            if retried:
-                self._fail(unloaded, BufferUnavailable("admission script cannot be loaded"))
-            else:
-                await self._scripts.load()
-                await self._flush_inner(unloaded, retried=True)  # idempotent: safe to re-send
         if confirmable and not self._queue:
             # Confirm on their own. Not after a refused confirmation (out of memory, no script):
             # re-sent at once, it would be refused again, in a loop; it waits for the next batch
             # instead, and without one, the lease expires by itself.
             self._wakeup.set()
+
+    def _script_call(
+        self, group: list[int], by_shard: dict[int, list[_Request]], lease: int
+    ) -> tuple[list[str], list[Any]]:
+        """admit.lua's keys and arguments for the orders of the shards of ``group``. On a
+        cluster a group is one lane, with its own counters, and the bound, the reserve and the
+        default rate limit are split evenly over the lanes (each lane keeps its part)."""
+        keys, config = self._keys.at(group[0]), self._config
+        split = config.shards if self._nodes is not None else 1
+        rate = config.storefront_rate / split
+        burst = math.ceil(burst_of(config.storefront_rate, config.storefront_burst) / split)
+        script_keys: list[str] = [
+            keys.seq(),
+            keys.drain(),
+            keys.storefront_limits(),
+            keys.storefront_tat(),
+            keys.storefront_buffered(),
+            keys.storefront_known(),
+        ]
+        script_args: list[Any] = [
+            lease,
+            math.ceil(config.max_buffered / split),
+            f"{rate:g}",
+            burst,
+            math.ceil(config.storefront_reserve / split),
+            len(group),
+        ]
+        order_keys: list[str] = []
+        order_args: list[Any] = []
+        for shard in group:
+            reqs = by_shard[shard]
+            script_keys += (self._keys.stream(shard), self._keys.lane(shard))
+            script_args += (shard, len(reqs))
+            for req in reqs:
+                order_keys += req.keys
+                order_args += req.args
+        return script_keys + order_keys, script_args + order_args
 
     def _mode(self) -> str:
         """The barrier of the next batch: the configured one, or auto's choice."""

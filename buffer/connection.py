@@ -14,13 +14,18 @@ cancels until the tasks have ended.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Collection
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 
 def create_redis(
@@ -45,6 +50,86 @@ def create_redis(
         client_name=name,
     )
     return aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
+
+
+async def connect_redis(
+    url: str,
+    *,
+    socket_timeout: float | None = 5.0,
+    max_connections: int | None = 64,
+    name: str = "ordergate",
+    detect_s: float = 2.0,
+) -> Any:
+    """``create_redis``, or a cluster client when the server ``url`` names is a node of a
+    Redis/Valkey Cluster (``INFO cluster``: no setting to get wrong). A server that does not
+    answer within ``detect_s`` is taken for one primary, as before clusters: processes start
+    while Redis is down and answer 503 until it is back."""
+    plain = create_redis(
+        url, socket_timeout=socket_timeout, max_connections=max_connections, name=name
+    )
+    deadline = time.monotonic() + detect_s
+    enabled: bool | None = None
+    while enabled is None:
+        try:
+            info = await plain.info("cluster")
+            enabled = str(info.get("cluster_enabled", 0)) == "1"
+        except (RedisError, OSError) as exc:
+            if time.monotonic() > deadline:
+                log.warning("Redis at %s did not answer (%r): taken for one primary", url, exc)
+                return plain
+            await asyncio.sleep(0.2)
+    if not enabled:
+        return plain
+    await plain.aclose()
+    cluster = create_cluster(
+        url, socket_timeout=socket_timeout, max_connections=max_connections, name=name
+    )
+    await cluster.initialize()
+    return cluster
+
+
+def create_cluster(
+    url: str,
+    *,
+    socket_timeout: float | None = 5.0,
+    max_connections: int | None = 64,
+    name: str = "ordergate",
+) -> RedisCluster:
+    """A cluster client: each command goes to the master of its key's slot (MOVED and ASK are
+    followed: the command did not run), with no retry of a command that may have run."""
+    return RedisCluster.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=2.0,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=max_connections or 64,
+        client_name=name,
+    )
+
+
+def create_node_client(host: str, port: int, options: dict[str, Any]) -> aioredis.Redis:
+    """A plain client of one node of a cluster, configured as ``create_redis`` configures one."""
+    pool = aioredis.BlockingConnectionPool(
+        host=host,
+        port=port,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=64,
+        timeout=2.0,
+        health_check_interval=0,
+        **{"socket_timeout": 5.0, "socket_connect_timeout": 2.0, **options},
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def is_cluster(redis: Any) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+def pipeline(redis: Any, transaction: bool = True) -> Any:
+    """A pipeline, a transaction where the client can run one: a cluster runs a transaction
+    only on one slot, so one over keys of several lanes is sent as a plain pipeline there
+    (replies then come from more than one instant; callers say what that costs)."""
+    return redis.pipeline(transaction=transaction and not is_cluster(redis))
 
 
 async def cancel_and_wait(tasks: Collection[asyncio.Future[Any]], give_up_s: float = 5.0) -> bool:

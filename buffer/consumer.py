@@ -287,15 +287,16 @@ class LaneConsumer:
                 plain_args.append(f"{it.entry_id}{SEP}{it.order_id}{SEP}{sf}{SEP}{sfo}")
             else:
                 self._detail(it, lane, other_keys, other_args)
+        local = self.keys.at(shard)  # on a cluster, the lane's own counts and notifications
         keys = [
             lane,
-            self.keys.drain(),
+            local.drain(),
             self.stream,
             self.keys.deadletters(shard),
-            self.keys.notify(),
+            local.notify(),
             self.keys.deliveries(shard),
-            self.keys.storefront_buffered(),
-            self.keys.storefront_settled(),
+            local.storefront_buffered(),
+            local.storefront_settled(),
             *(self.keys.sublane(shard, sf) for sf in subs),
             *plain_keys,
             *other_keys,
@@ -307,7 +308,7 @@ class LaneConsumer:
             _now_us(),
             "" if rate is None else f"{rate:.3f}",
             owner,
-            self.keys.webhook(""),
+            local.webhook(""),
             idempotency_ttl_s,
             deadletter_retention_s,
             self.keys.drain_changes(),

@@ -86,9 +86,9 @@ async def replay(redis: Any, keys: Keys, shards: int, letters: list[DeadLetter])
             keys=[
                 stream,
                 keys.deadletters(shard),
-                keys.seq(),
+                keys.at(shard).seq(),
                 keys.lane(shard),
-                keys.storefront_buffered(),
+                keys.at(shard).storefront_buffered(),
                 *order_keys,
             ],
             args=[int(time.time() * 1e6), sf, *(d.id for d in group)],

@@ -38,16 +38,17 @@ _decoder = msgspec.json.Decoder(Sample)
 
 async def take_sample(redis: Any, keys: Keys, shards: int) -> Sample:
     pipe = redis.pipeline(transaction=False)
-    pipe.get(keys.seq())
-    pipe.hget(keys.drain(), "s")
-    issued, settled = await pipe.execute()
+    for scope in keys.every_lane(shards):  # on a cluster, each lane's counters
+        pipe.get(scope.seq())
+        pipe.hget(scope.drain(), "s")
+    counters = await pipe.execute()
     lengths = await stream_lengths(redis, keys, list(range(shards)))
     depth = [lengths[shard] for shard in range(shards)]
-    counts = (await read_counts(redis, keys))[:TOP_STOREFRONTS]
+    counts = (await read_counts(redis, keys, shards))[:TOP_STOREFRONTS]
     return Sample(
         time.time(),
-        int(issued or 0),
-        int(settled or 0),
+        sum(int(v or 0) for v in counters[0::2]),
+        sum(int(v or 0) for v in counters[1::2]),
         [int(d) for d in depth],
         {c.storefront_id: [c.admitted, c.settled] for c in counts},
     )

@@ -2,10 +2,17 @@
 
 Keys of a shard carry the shard's hash tag (``og:{3}:stream``). Each shard is a lane: its
 stream, its lane hash and its dead letters are taken and settled together by the lane's one
-owner. Admission still numbers orders with one counter over all lanes (one script call per
-gateway batch, over the streams of several shards) and settling adds to one settled count, so
-those scripts also touch keys of no shard: the buffer pool needs one Redis/Valkey primary (with
-replicas), not a Cluster.
+owner.
+
+On one primary, admission numbers orders with one counter over all lanes (one script call per
+gateway batch, over the streams of several shards) and settling adds to one settled count and
+one notification stream: those scripts also touch keys of no shard. On a Redis/Valkey Cluster
+every script must touch one slot, so what those scripts share becomes per lane: ``at(shard)``
+names, under the lane's hash tag, its own admission counter, settled count, storefront counts
+and notification stream, and its copies of the storefronts' limits, the set of those with keys
+and the webhook marks (written to every lane by their owners). Readers add the lanes up. The
+keys of no shard then carry one hash tag of their own (``og:{og}:apikeys``), so the few
+transactions over them still run on one node.
 """
 
 from __future__ import annotations
@@ -22,10 +29,28 @@ STOREFRONT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: ids
 class Keys:
     """Key names under one prefix (``og`` unless configured)."""
 
-    __slots__ = ("prefix",)
+    __slots__ = ("_g", "cluster", "prefix")
 
-    def __init__(self, prefix: str = "og") -> None:
+    def __init__(self, prefix: str = "og", cluster: bool = False) -> None:
         self.prefix = prefix
+        self.cluster = cluster
+        self._g = f"{prefix}:{{{prefix}}}" if cluster else prefix  # the keys of no shard
+
+    def at(self, shard: int) -> Keys:
+        """The keys the scripts of lane ``shard`` use for what is global on one primary (the
+        counters, the storefronts' hashes, the notification stream): the same keys on one
+        primary; on a cluster, the lane's own, under its hash tag."""
+        if not self.cluster:
+            return self
+        scoped = Keys(self.prefix)
+        scoped.cluster = True
+        scoped._g = self.tag(shard)
+        return scoped
+
+    def every_lane(self, shards: int) -> list[Keys]:
+        """Where a copy kept for the lanes' scripts is written: once on one primary, once per
+        lane on a cluster."""
+        return [self.at(shard) for shard in range(shards)] if self.cluster else [self]
 
     def tag(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}"
@@ -74,112 +99,112 @@ class Keys:
     # Keys that belong to no shard.
     def deployment(self) -> str:
         """Hash: the shard count every process of this key prefix must share (buffer.streams)."""
-        return f"{self.prefix}:deployment"
+        return f"{self._g}:deployment"
 
     def seq(self) -> str:
         """The admission counter: every admitted order's queue number (1, 2, 3, ...)."""
-        return f"{self.prefix}:seq"
+        return f"{self._g}:seq"
 
     def drain(self) -> str:
         """Hash: ``s``, the orders settled over all lanes (buffer.position)."""
-        return f"{self.prefix}:drain"
+        return f"{self._g}:drain"
 
     def drain_changes(self) -> str:
         """Pub/sub channel: the drain state changed (a batch taken or settled, a heartbeat)."""
-        return f"{self.prefix}:drain:changed"
+        return f"{self._g}:drain:changed"
 
     def ticket_secret(self) -> str:
         """The key that signs queue tickets, made once by the first gateway."""
-        return f"{self.prefix}:ticket-secret"
+        return f"{self._g}:ticket-secret"
 
     def api_keys(self) -> str:
         """Hash: sha256(api key) -> storefront id."""
-        return f"{self.prefix}:apikeys"
+        return f"{self._g}:apikeys"
 
     # Notifications (webhooks): settle.lua queues an event for every settled order whose
     # storefront has a webhook; the notifier delivers them (workers.notifier).
     def webhook(self, storefront_id: str) -> str:
         """Hash: the storefront's webhook url and signing secret (its presence turns events on)."""
-        return f"{self.prefix}:webhook:{storefront_id}"
+        return f"{self._g}:webhook:{storefront_id}"
 
     def webhooks(self) -> str:
         """Set: storefront ids with a webhook (for listing)."""
-        return f"{self.prefix}:webhooks"
+        return f"{self._g}:webhooks"
 
     def notify(self) -> str:
         """Stream: notification events not yet delivered nor deferred."""
-        return f"{self.prefix}:notify"
+        return f"{self._g}:notify"
 
     def notify_deferred(self, storefront_id: str) -> str:
         """Stream: one destination's deferred events, replayed in order when it recovers."""
-        return f"{self.prefix}:notify:deferred:{storefront_id}"
+        return f"{self._g}:notify:deferred:{storefront_id}"
 
     def notify_lanes(self) -> str:
         """Set: storefront ids that have (or had) a deferred stream; read instead of a SCAN."""
-        return f"{self.prefix}:notify:lanes"
+        return f"{self._g}:notify:lanes"
 
     def notify_retries(self) -> str:
         """Hash: event id -> failed attempts and the last error of a deferred event."""
-        return f"{self.prefix}:notify:retries"
+        return f"{self._g}:notify:retries"
 
     def notify_dead(self) -> str:
         """Stream: events that kept failing for ``notify_give_up_s``, with their last error."""
-        return f"{self.prefix}:notify:dead"
+        return f"{self._g}:notify:dead"
 
     def notify_leader(self) -> str:
         """The notifier's lease: one process delivers, so each destination's order holds."""
-        return f"{self.prefix}:notify:leader"
+        return f"{self._g}:notify:leader"
 
     def notify_state(self) -> str:
         """JSON the leading notifier refreshes every second: its breakers and lanes."""
-        return f"{self.prefix}:notify:state"
+        return f"{self._g}:notify:state"
 
     # Storefronts (buffer.storefronts): hashes keyed by storefront id, so each holds one field
     # per storefront that ever had an API key, a limit or an order (bounded by the API keys).
     def storefront_limits(self) -> str:
         """Hash: storefront id -> its own limit, ``"<rate> <burst> <weight>"`` (no field: the
         defaults of the settings)."""
-        return f"{self.prefix}:sf:limits"
+        return f"{self._g}:sf:limits"
 
     def storefront_tat(self) -> str:
         """Hash: storefront id -> its rate limit's theoretical arrival time (GCRA, unix us):
         the bucket is full again once the clock passes it."""
-        return f"{self.prefix}:sf:tat"
+        return f"{self._g}:sf:tat"
 
     def storefront_buffered(self) -> str:
         """Hash: storefront id -> its orders in the buffer, admitted and not yet settled (a
         field only while it has some: HLEN counts the storefronts holding the buffer)."""
-        return f"{self.prefix}:sf:buffered"
+        return f"{self._g}:sf:buffered"
 
     def storefront_settled(self) -> str:
         """Hash: storefront id -> its orders settled so far (committed, rejected or
         dead-lettered; never goes back). Settled plus buffered: its orders admitted so far (a
         replayed dead letter counting again)."""
-        return f"{self.prefix}:sf:settled"
+        return f"{self._g}:sf:settled"
 
     def storefront_known(self) -> str:
         """Set: storefront ids with an API key (gateway.auth keeps it); with one alone, the
         buffer keeps no reserve for others."""
-        return f"{self.prefix}:sf:known"
+        return f"{self._g}:sf:known"
 
     def storefront_refused(self) -> str:
         """Hash: ``<storefront id>:<reason>`` -> orders refused with 429 (reason: rate, share,
         full), added up by the gateways every second."""
-        return f"{self.prefix}:sf:refused"
+        return f"{self._g}:sf:refused"
 
     def members(self) -> str:
         """Sorted set: worker processes -> when their membership lapses (unix ms); the lanes
         are split among the live ones (buffer.lanes)."""
-        return f"{self.prefix}:workers"
+        return f"{self._g}:workers"
 
     def worker_health(self, consumer: str) -> str:
         """A worker's heartbeat, expiring when the worker stops beating."""
-        return f"{self.prefix}:worker:{consumer}"
+        return f"{self._g}:worker:{consumer}"
 
     def history(self) -> str:
         """List of per-second samples of the buffer (newest first), for the dashboard."""
-        return f"{self.prefix}:history"
+        return f"{self._g}:history"
 
     def drain_control(self) -> str:
         """Hash of the operators' drain controls (paused, rate), read by every worker."""
-        return f"{self.prefix}:drain:control"
+        return f"{self._g}:drain:control"

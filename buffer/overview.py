@@ -120,7 +120,7 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
     for reply in replies:
         if isinstance(reply, Exception):
             raise reply
-    drain = drain_state_of(replies, shards)
+    drain = drain_state_of(replies, shards, keys)
     replies = replies[taken:]
     dlq, (raw_state, control) = replies[:shards], replies[shards : shards + 2]
     streams = replies[shards + 2 :]
@@ -158,7 +158,9 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
     ]
     samples = await history.read(redis, keys, 2 * RATE_WINDOW_S)
     ingest, drained = history.rates(samples)
-    counts = storefronts.top(await storefronts.read_counts(redis, keys), history.TOP_STOREFRONTS)
+    counts = storefronts.top(
+        await storefronts.read_counts(redis, keys, shards), history.TOP_STOREFRONTS
+    )
     held = sum(c.buffered for c in counts) or 1
     eta, eta_reason = tail_eta(drain, stale_s, now)
     return Overview(

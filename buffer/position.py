@@ -35,9 +35,16 @@ _ORDER = {"paused": 0, "stalled": 1, "draining": 2, "stopped": 3}
 class DrainState(msgspec.Struct, frozen=True):
     """The admission counter, the settled count and every lane, read in one round trip."""
 
-    issued: int = 0  # the last queue number handed out
+    issued: int = 0  # the orders admitted (the last queue number handed out, on one primary)
     settled: int = 0  # orders settled over all lanes (committed, rejected or dead-lettered)
     lanes: tuple[LaneState, ...] = ()
+    # On a cluster each lane numbers its own orders (buffer.keys): a queue number then counts
+    # in its lane, and what is ahead is counted against the lane's settled orders.
+    numbered_per_lane: bool = False
+
+    def settled_before(self, shard: int) -> int:
+        """The settled orders a queue number of lane ``shard`` is counted against."""
+        return self.lane(shard).settled if self.numbered_per_lane else self.settled
 
     @property
     def depth(self) -> int:
@@ -88,27 +95,32 @@ class DrainState(msgspec.Struct, frozen=True):
 async def read_drain_state(redis: Any, keys: Keys, shards: int) -> DrainState:
     pipe = redis.pipeline(transaction=False)
     queue_drain_state(pipe, keys, shards)
-    return drain_state_of(await pipe.execute(), shards)
+    return drain_state_of(await pipe.execute(), shards, keys)
 
 
 def queue_drain_state(pipe: Any, keys: Keys, shards: int) -> int:
     """Queue the reads of the drain state on ``pipe`` (to go with other reads in one
-    transaction); returns how many replies they take, for ``drain_state_of``."""
-    pipe.get(keys.seq())
-    pipe.hget(keys.drain(), "s")
+    transaction); returns how many replies they take, for ``drain_state_of``. On a cluster the
+    admission counter and the settled count are each lane's, added up."""
+    counters = keys.every_lane(shards)
+    for scope in counters:
+        pipe.get(scope.seq())
+        pipe.hget(scope.drain(), "s")
     pipe.hgetall(keys.storefront_limits())  # the drain weights
     for shard in range(shards):
         pipe.hgetall(keys.lane(shard))
-    return 3 + shards
+    return 2 * len(counters) + 1 + shards
 
 
-def drain_state_of(replies: list[Any], shards: int) -> DrainState:
-    issued, settled, limits, *lanes = replies[: 3 + shards]
+def drain_state_of(replies: list[Any], shards: int, keys: Keys) -> DrainState:
+    n = 2 * len(keys.every_lane(shards))
+    counters, limits, lanes = replies[:n], replies[n], replies[n + 1 : n + 1 + shards]
     weights = {k.decode(): Limit.decode(v).weight for k, v in (limits or {}).items()}
     return DrainState(
-        issued=int(issued or 0),
-        settled=int(settled or 0),
+        issued=sum(int(v or 0) for v in counters[0::2]),
+        settled=sum(int(v or 0) for v in counters[1::2]),
         lanes=tuple(_weighted(lane_of(shard, raw), weights) for shard, raw in enumerate(lanes)),
+        numbered_per_lane=keys.cluster,
     )
 
 
@@ -168,12 +180,12 @@ def place_in_line(
         # its lane's turns: its storefront's orders ahead, the others' share
         turns = orders_before(own, sub.weight, others)
         # alone in its lane: everyone admitted earlier, as before the fair drain
-        position = turns if others else max(seq - 1 - drain.settled, own)
+        position = turns if others else max(seq - 1 - drain.settled_before(shard), own)
         status = "processing" if lane.processing(seq, storefront, lane_seq) else "queued"
         eta, reason = lane_eta(turns, lane, stale_s, time.time() if now is None else now)
         return Place(status, position, eta, reason)
     in_lane = max(0, lane_seq - 1 - lane.settled) if lane_seq else None
-    position = max(0, seq - 1 - drain.settled, in_lane or 0)
+    position = max(0, seq - 1 - drain.settled_before(shard), in_lane or 0)
     status = "processing" if lane.processing(seq) else "queued"
     ahead_in_lane = position if in_lane is None else in_lane
     eta, reason = lane_eta(ahead_in_lane, lane, stale_s, time.time() if now is None else now)

@@ -66,14 +66,28 @@ def check_limit(storefront_id: str, rate: float, burst: int, weight: int) -> Lim
     return Limit(rate, burst, weight)
 
 
-async def set_limit(redis: Any, keys: Keys, storefront_id: str, limit: Limit) -> None:
-    """Give a storefront its own limit; every gateway applies it to the next batch."""
-    await redis.hset(keys.storefront_limits(), storefront_id, limit.encode())
+async def set_limit(redis: Any, keys: Keys, storefront_id: str, limit: Limit, shards: int) -> None:
+    """Give a storefront its own limit; every gateway applies it to the next batch. On a
+    cluster each lane also gets its copy, its even part of the rate and the burst (a lane's
+    script sees its own slot only); written one lane after another, so for a moment lanes
+    differ."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hset(keys.storefront_limits(), storefront_id, limit.encode())
+    if keys.cluster:
+        part = Limit(limit.rate / shards, math.ceil(limit.burst / shards), limit.weight)
+        for scope in keys.every_lane(shards):
+            pipe.hset(scope.storefront_limits(), storefront_id, part.encode())
+    await pipe.execute()
 
 
-async def clear_limit(redis: Any, keys: Keys, storefront_id: str) -> bool:
+async def clear_limit(redis: Any, keys: Keys, storefront_id: str, shards: int) -> bool:
     """Back to the defaults of the settings; False when it had no limit of its own."""
-    return bool(await redis.hdel(keys.storefront_limits(), storefront_id))
+    pipe = redis.pipeline(transaction=False)
+    pipe.hdel(keys.storefront_limits(), storefront_id)
+    if keys.cluster:
+        for scope in keys.every_lane(shards):
+            pipe.hdel(scope.storefront_limits(), storefront_id)
+    return bool((await pipe.execute())[0])
 
 
 async def limits(redis: Any, keys: Keys) -> dict[str, Limit]:
@@ -97,14 +111,18 @@ class StorefrontCounts:
         return sum(self.refused.values())
 
 
-async def read_counts(redis: Any, keys: Keys) -> list[StorefrontCounts]:
-    """Every storefront the buffer knows of, the most buffered first (then most admitted)."""
+async def read_counts(redis: Any, keys: Keys, shards: int) -> list[StorefrontCounts]:
+    """Every storefront the buffer knows of, the most buffered first (then most admitted). On
+    a cluster each lane counts its own: added up here."""
     pipe = redis.pipeline(transaction=False)
-    pipe.hgetall(keys.storefront_buffered())
-    pipe.hgetall(keys.storefront_settled())
+    scopes = keys.every_lane(shards)
+    for scope in scopes:
+        pipe.hgetall(scope.storefront_buffered())
+        pipe.hgetall(scope.storefront_settled())
     pipe.hgetall(keys.storefront_refused())
     pipe.hgetall(keys.storefront_limits())
-    buffered, settled, refused, own = await pipe.execute()
+    *counts, refused, own = await pipe.execute()
+    buffered, settled = _added(counts[0::2]), _added(counts[1::2])
     refusals: dict[str, dict[str, int]] = {}
     for field, n in refused.items():
         sf, _, reason = _s(field).rpartition(":")
@@ -123,6 +141,16 @@ async def read_counts(redis: Any, keys: Keys) -> list[StorefrontCounts]:
     ]
     out.sort(key=lambda c: (-c.buffered, -c.admitted, c.storefront_id))
     return out
+
+
+def _added(hashes: list[dict[bytes, bytes]]) -> dict[bytes, int]:
+    if len(hashes) == 1:
+        return {k: int(v) for k, v in hashes[0].items()}
+    total: Counter[bytes] = Counter()
+    for fields in hashes:
+        for k, v in fields.items():
+            total[k] += int(v)
+    return dict(total)
 
 
 OTHER = "other"  # the storefronts past the top N, added up

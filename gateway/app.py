@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from ordergate.buffer.admission import Admitter
-from ordergate.buffer.connection import cancel_and_wait, create_redis
+from ordergate.buffer.connection import cancel_and_wait, connect_redis, is_cluster
 from ordergate.buffer.deployment import check_database_at
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import Keys
@@ -59,8 +59,8 @@ async def _send_refusals(state: GatewayState, stop: asyncio.Event) -> None:
 def create_app(config: GatewayConfig) -> GatewayApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        keys = Keys(config.key_prefix)
-        redis = create_redis(config.redis_url, socket_timeout=5.0, max_connections=64)
+        redis = await connect_redis(config.redis_url, socket_timeout=5.0, max_connections=64)
+        keys = Keys(config.key_prefix, cluster=is_cluster(redis))
         admitter = Admitter(redis, keys, config.admission)
         state = GatewayState(
             config,
@@ -76,7 +76,9 @@ def create_app(config: GatewayConfig) -> GatewayApp:
             try:
                 await ensure_streams(redis, keys, config.shards)
                 await state.tickets.secret()  # now, not on the first receipt (Redis may stall)
-                await sync_known(redis, keys)  # keys made before the set of storefronts
+                await sync_known(
+                    redis, keys, config.shards
+                )  # keys made before the set of storefronts
             except RedisError as exc:  # start anyway: admission answers 503 until Redis is back
                 log.error("Redis unreachable at startup (%r); answering 503 until it is", exc)
             await _check_database(config)

@@ -39,21 +39,25 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-async def create_key(redis: Any, keys: Keys, storefront_id: str) -> str:
-    """Make a new key for ``storefront_id``; the key itself is returned once and never stored."""
+async def create_key(redis: Any, keys: Keys, storefront_id: str, shards: int = 0) -> str:
+    """Make a new key for ``storefront_id``; the key itself is returned once and never stored.
+    On a cluster (``shards``: the deployment's) every lane's copy of the set of storefronts
+    with a key learns it too."""
     if not STOREFRONT_ID.fullmatch(storefront_id):
         raise ValueError("storefront id: 1-64 chars of letters, digits, '_', '.', '-'")
     key = "og_" + secrets.token_urlsafe(32)
-    pipe = redis.pipeline(transaction=True)
+    pipe = redis.pipeline(transaction=True)  # keys of no shard: one slot on a cluster too
     pipe.hset(keys.api_keys(), hash_key(key), storefront_id)
     pipe.sadd(keys.storefront_known(), storefront_id)
     await pipe.execute()
+    if keys.cluster:
+        await _copy_known(redis, keys, shards, {storefront_id.encode()}, replace=False)
     return key
 
 
-async def sync_known(redis: Any, keys: Keys) -> None:
+async def sync_known(redis: Any, keys: Keys, shards: int = 0) -> None:
     """Make the set of storefronts with a key match the keys (after a revoke; at a gateway's
-    start, for keys made before the set existed)."""
+    start, for keys made before the set existed), and on a cluster every lane's copy of it."""
     async with redis.pipeline(transaction=True) as pipe:
         while True:
             try:
@@ -64,9 +68,23 @@ async def sync_known(redis: Any, keys: Keys) -> None:
                 if ids:
                     pipe.sadd(keys.storefront_known(), *ids)
                 await pipe.execute()
-                return
+                break
             except WatchError:
                 continue
+    if keys.cluster:
+        await _copy_known(redis, keys, shards, ids, replace=True)
+
+
+async def _copy_known(redis: Any, keys: Keys, shards: int, ids: set[bytes], replace: bool) -> None:
+    if shards <= 0:
+        raise ValueError("on a cluster, the set of storefronts with a key is kept per lane")
+    pipe = redis.pipeline(transaction=False)
+    for scope in keys.every_lane(shards):
+        if replace:
+            pipe.delete(scope.storefront_known())
+        if ids:
+            pipe.sadd(scope.storefront_known(), *ids)
+    await pipe.execute()
 
 
 async def list_keys(redis: Any, keys: Keys) -> list[tuple[str, str]]:
@@ -75,7 +93,7 @@ async def list_keys(redis: Any, keys: Keys) -> list[tuple[str, str]]:
     return sorted((h.decode()[:12], s.decode()) for h, s in raw.items())
 
 
-async def revoke_key(redis: Any, keys: Keys, key_or_hash_prefix: str) -> int:
+async def revoke_key(redis: Any, keys: Keys, key_or_hash_prefix: str, shards: int = 0) -> int:
     """Remove a key, given the key or the start of its hash; returns how many were removed."""
     raw = await redis.hkeys(keys.api_keys())
     full = hash_key(key_or_hash_prefix)
@@ -88,7 +106,7 @@ async def revoke_key(redis: Any, keys: Keys, key_or_hash_prefix: str) -> int:
     if not victims:
         return 0
     removed = int(await redis.hdel(keys.api_keys(), *victims))
-    await sync_known(redis, keys)
+    await sync_known(redis, keys, shards)
     return removed
 
 

@@ -426,7 +426,7 @@ def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from ordergate.buffer.connection import create_redis
+    from ordergate.buffer.connection import connect_redis, is_cluster
     from ordergate.buffer.keys import Keys
     from ordergate.buffer.streams import ensure_streams
     from ordergate.runtime import resolved
@@ -436,9 +436,9 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
         async def go() -> list[str]:
             done = await migrate(s.database_url or "", s.shards, s.key_prefix)
-            redis = create_redis(s.redis_url or "")
+            redis = await connect_redis(s.redis_url or "")
             try:
-                await ensure_streams(redis, Keys(s.key_prefix), s.shards)
+                await ensure_streams(redis, Keys(s.key_prefix, is_cluster(redis)), s.shards)
             finally:
                 await redis.aclose()
             return done
@@ -451,16 +451,16 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def _with_redis(settings: Settings, fn: Callable[[Any, Any, Settings], Awaitable[Any]]) -> Any:
     from redis.exceptions import ConnectionError, TimeoutError
 
-    from ordergate.buffer.connection import create_redis
+    from ordergate.buffer.connection import connect_redis, is_cluster
     from ordergate.buffer.keys import Keys
     from ordergate.runtime import resolved
 
     with resolved(settings) as s:
 
         async def go() -> Any:
-            redis = create_redis(s.redis_url or "")
+            redis = await connect_redis(s.redis_url or "")
             try:
-                return await fn(redis, Keys(s.key_prefix), s)
+                return await fn(redis, Keys(s.key_prefix, is_cluster(redis)), s)
             except (ConnectionError, TimeoutError, OSError) as exc:
                 raise CommandError(f"cannot reach Redis at {_where(s.redis_url)}: {exc}") from None
             finally:
@@ -485,7 +485,9 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.keys_command == "create":
         try:
-            key = _with_redis(settings, lambda r, k, s: auth.create_key(r, k, args.storefront_id))
+            key = _with_redis(
+                settings, lambda r, k, s: auth.create_key(r, k, args.storefront_id, s.shards)
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         print(key)
@@ -497,7 +499,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         for prefix, storefront in _with_redis(settings, lambda r, k, s: auth.list_keys(r, k)):
             print(f"{prefix}  {storefront}")
     else:
-        n = _with_redis(settings, lambda r, k, s: auth.revoke_key(r, k, args.key))
+        n = _with_redis(settings, lambda r, k, s: auth.revoke_key(r, k, args.key, s.shards))
         if not n:
             raise CommandError("no such key")
         print(f"revoked {n} key(s)")
@@ -569,7 +571,7 @@ def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
     else:
         from ordergate.storefrontsview import measure, render_counts
 
-        listing = _with_redis(settings, lambda r, k, s: measure(r, k, args.interval))
+        listing = _with_redis(settings, lambda r, k, s: measure(r, k, args.interval, s.shards))
         if args.json:
             print(msgspec.json.encode(listing).decode())
             return 0
@@ -589,7 +591,7 @@ def _set_limit(args: argparse.Namespace, settings: Settings) -> int:
     if args.clear:
         if any(v is not None for v in (args.rate, args.burst, args.weight)):
             raise CommandError("--clear takes no --rate, --burst or --weight")
-        if not _with_redis(settings, lambda r, k, s: storefronts.clear_limit(r, k, sf)):
+        if not _with_redis(settings, lambda r, k, s: storefronts.clear_limit(r, k, sf, s.shards)):
             raise CommandError(f"storefront {sf!r} has no limit of its own")
         print(f"{sf!r} is back on the defaults")
         return 0
@@ -606,7 +608,7 @@ def _set_limit(args: argparse.Namespace, settings: Settings) -> int:
         )
         weight = args.weight if args.weight is not None else (old.weight if old else 1)
         limit = storefronts.check_limit(sf, rate, burst, weight)
-        await storefronts.set_limit(redis, keys, sf, limit)
+        await storefronts.set_limit(redis, keys, sf, limit, s.shards)
         return limit
 
     try:
@@ -682,7 +684,9 @@ def _storefront_status(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.watch:
         raise CommandError("--storefront shows one reading; leave out --watch")
-    listing = _with_redis(settings, lambda r, k, s: measure(r, k, max(0.0, args.interval)))
+    listing = _with_redis(
+        settings, lambda r, k, s: measure(r, k, max(0.0, args.interval), s.shards)
+    )
     rows = [row for row in listing.storefronts if row.storefront_id == args.storefront]
     if not rows:
         raise CommandError(f"the buffer knows no storefront {args.storefront!r}")

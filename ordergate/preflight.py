@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 from redis.exceptions import RedisError
 
-from ordergate.buffer.connection import create_redis
+from ordergate.buffer.connection import connect_redis, is_cluster
 from ordergate.buffer.deployment import check_database_at, check_redis
 from ordergate.buffer.keys import Keys
 from ordergate.settings import Settings
@@ -16,9 +16,9 @@ async def check_deployment(settings: Settings) -> None:
     deployment with another shard count or key prefix. The processes check again as they start;
     a server that does not answer now is left to them (they wait, or answer 503)."""
     assert settings.redis_url and settings.database_url
-    redis = create_redis(settings.redis_url, socket_timeout=5.0)
+    redis = await connect_redis(settings.redis_url, socket_timeout=5.0)
     try:
-        await check_redis(redis, Keys(settings.key_prefix), settings.shards)
+        await check_redis(redis, Keys(settings.key_prefix, is_cluster(redis)), settings.shards)
     except (RedisError, OSError):
         pass
     finally:

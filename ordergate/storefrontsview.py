@@ -23,13 +23,13 @@ class StorefrontListing(msgspec.Struct, frozen=True):
     storefronts: list[Storefront]
 
 
-async def measure(redis: Any, keys: Keys, interval_s: float) -> StorefrontListing:
+async def measure(redis: Any, keys: Keys, interval_s: float, shards: int) -> StorefrontListing:
     """Two reads of the counts ``interval_s`` apart; the rates are their differences."""
-    first = {c.storefront_id: c for c in await read_counts(redis, keys)}
+    first = {c.storefront_id: c for c in await read_counts(redis, keys, shards)}
     started = time.monotonic()
     if interval_s > 0:
         await asyncio.sleep(interval_s)
-    counts = await read_counts(redis, keys)
+    counts = await read_counts(redis, keys, shards)
     span = time.monotonic() - started
     total = sum(c.buffered for c in counts) or 1
     return StorefrontListing(

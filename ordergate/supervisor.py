@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ordergate import metricsdir
-from ordergate.buffer.connection import create_redis
+from ordergate.buffer.connection import connect_redis, is_cluster
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
 from ordergate.runtime import (
@@ -138,9 +138,10 @@ class Supervisor:
                 settings.database_url or "", settings.shards, settings.key_prefix
             ):
                 log.info("migrate: %s", line)
-            redis = create_redis(settings.redis_url or "")
+            redis = await connect_redis(settings.redis_url or "")
             try:
-                await ensure_streams(redis, Keys(settings.key_prefix), settings.shards)
+                keys = Keys(settings.key_prefix, is_cluster(redis))
+                await ensure_streams(redis, keys, settings.shards)
             finally:
                 await redis.aclose()
 

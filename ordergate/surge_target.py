@@ -224,12 +224,13 @@ def api_keys(
 
 
 async def _create_keys(redis_url: str, settings: Settings, storefronts: list[str]) -> list[str]:
-    from ordergate.buffer.connection import create_redis
+    from ordergate.buffer.connection import connect_redis, is_cluster
     from ordergate.buffer.keys import Keys
     from ordergate.gateway.auth import create_key
 
-    redis = create_redis(redis_url)
+    redis = await connect_redis(redis_url)
+    keys = Keys(settings.key_prefix, is_cluster(redis))
     try:
-        return [await create_key(redis, Keys(settings.key_prefix), s) for s in storefronts]
+        return [await create_key(redis, keys, s, settings.shards) for s in storefronts]
     finally:
         await redis.aclose()

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from ordergate.buffer.connection import cancel_and_wait
+from ordergate.buffer.connection import cancel_and_wait, is_cluster
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.notifications import Event, NotificationStreams
 from ordergate.buffer.webhooks import Webhook, get_webhook, redacted
@@ -246,7 +246,7 @@ class Notifier:
     def __init__(self, config: WorkerConfig, redis: Any) -> None:
         self.config = config
         self.redis = redis
-        self.keys = Keys(config.key_prefix)
+        self.keys = Keys(config.key_prefix, is_cluster(redis))
         self.streams = NotificationStreams(redis, self.keys, config.shards)
         self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lanes: dict[str, Lane] = {}

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ordergate.buffer.connection import create_redis
+from ordergate.buffer.connection import connect_redis, is_cluster
 from ordergate.buffer.deployment import check_database_at
 from ordergate.buffer.errors import DeploymentMismatch
 from ordergate.buffer.keys import Keys
@@ -43,15 +43,15 @@ async def run_worker(
     """
     stop = stop or asyncio.Event()
     consumer_name = f"{socket.gethostname()}-{os.getpid()}-w{index}-{int(time.time())}"
-    keys = Keys(config.key_prefix)
     # Blocking reads hold a connection (one per idle lane, and the lane's next take runs while
     # its batch is settled); the socket timeout must exceed the BLOCK time.
-    redis = create_redis(
+    redis = await connect_redis(
         config.redis_url,
         socket_timeout=config.read_block_ms / 1000 + 10,
         max_connections=2 * config.shards + 8,
         name=f"ordergate-worker-{index}",
     )
+    keys = Keys(config.key_prefix, is_cluster(redis))
     drainer = Drainer(config, redis, keys, consumer_name)
     if install_signals:
         loop = asyncio.get_running_loop()
@@ -92,7 +92,7 @@ async def run_worker(
 async def _notify(config: WorkerConfig, index: int, stop: asyncio.Event) -> None:
     """The process's notifier, on connections of its own: slow webhooks must not hold the
     drain's pool."""
-    redis = create_redis(
+    redis = await connect_redis(
         config.redis_url,
         socket_timeout=config.read_block_ms / 1000 + 10,
         max_connections=32,

@@ -92,7 +92,7 @@ async def test_weights_share_each_lane_s_drain(client, api_key, servers, redis, 
     """Two storefronts with equal backlogs, weights 1 and 3: while both have a backlog, the
     second gets about three orders for each of the first's."""
     heavy = await create_key(redis, KEYS, "shop-heavy")
-    await set_limit(redis, KEYS, "shop-heavy", Limit(0, 0, 3))
+    await set_limit(redis, KEYS, "shop-heavy", Limit(0, 0, 3), 8)
     await _sent(client, api_key, 1600, "light")
     await _sent(client, heavy, 1600, "heavy")
     settings = make_settings(servers, drain_rate=400, workers=1)
