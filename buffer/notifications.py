@@ -1,6 +1,8 @@
 """The notification streams: events waiting for delivery, deferred per destination, dead.
 
-``settle.lua`` adds an event to ``og:notify`` in the same atomic step that settles its order.
+``settle.lua`` adds an event to ``og:notify`` in the same atomic step that settles its order
+(on a cluster to its lane's own ``og:{k}:notify``, which the leading notifier gathers into
+``og:notify``: ``gather_lanes``).
 From there an event leaves by exactly one of three doors, each atomic:
 
 * delivered (``notified.lua``): deleted, and "notified" goes on the order's timeline (its
@@ -141,6 +143,29 @@ class NotificationStreams:
         pipe.xdel(self.keys.notify(), *(e.entry_id for e in events))
         await pipe.execute()
 
+    async def gather_lanes(self, count: int) -> int:
+        """On a cluster: move the events each lane's settle.lua wrote in its own stream
+        (``og:{k}:notify``) to ``og:notify``, oldest first; how many moved. Written there
+        before deleted here, so a crash between means the event twice, with one event id
+        (``evt_<lane>_<entry id>``): receivers deduplicate by it."""
+        lanes = [self.keys.at(shard).notify() for shard in range(self.shards)]
+        pipe = self.redis.pipeline(transaction=False)
+        for lane in lanes:
+            pipe.xrange(lane, count=count)
+        moved = 0
+        for shard, (lane, entries) in enumerate(zip(lanes, await pipe.execute(), strict=True)):
+            if not entries:
+                continue
+            pipe = self.redis.pipeline(transaction=True)  # og:notify: the keys of no shard
+            for eid, raw in entries:
+                fields = {k.decode(): v for k, v in raw.items()}
+                fields["evt"] = f"evt_{shard}_{eid.decode()}"
+                pipe.xadd(self.keys.notify(), fields)
+            await pipe.execute()
+            await self.redis.xdel(lane, *(eid for eid, _ in entries))
+            moved += len(entries)
+        return moved
+
     async def delivered(self, events: list[Event], *, deferred: bool) -> None:
         """The events arrived: delete them where they are, mark their orders "notified"."""
         if not events:
@@ -148,6 +173,9 @@ class NotificationStreams:
         source = (
             self.keys.notify_deferred(events[0].storefront_id) if deferred else self.keys.notify()
         )
+        if self.keys.cluster:
+            await self._delivered_on_cluster(source, events)
+            return
         keys = [source, self.keys.notify_retries()]
         args: list[Any] = [_now_us()]
         for e in events:
@@ -159,6 +187,31 @@ class NotificationStreams:
                 keys.append(self.keys.idem(shard, e.storefront_id, e.storefront_order_id))
             args.extend((e.entry_id, e.event_id))
         await self.scripts.notified(keys=keys, args=args)
+
+    async def _delivered_on_cluster(self, source: str, events: list[Event]) -> None:
+        """``notified.lua`` once per lane for the marks (its keys are one slot: the lane's own
+        notification stream, from which it deletes nothing, "0-0" being no entry), then the
+        events deleted from ``source``: a crash between them means a second delivery, never
+        a lost one."""
+        now = _now_us()
+        by_shard: dict[int, list[Event]] = {}
+        for e in events:
+            shard = shard_of_order_id(e.order_id, self.shards)
+            if shard is not None:
+                by_shard.setdefault(shard, []).append(e)
+        for shard, group in by_shard.items():
+            scope = self.keys.at(shard)
+            keys = [scope.notify(), scope.notify_retries()]
+            args: list[Any] = [now]
+            for e in group:
+                keys.append(self.keys.status(shard, e.order_id))
+                keys.append(self.keys.idem(shard, e.storefront_id, e.storefront_order_id))
+                args.extend(("0-0", e.event_id))
+            await self.scripts.notified(keys=keys, args=args)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xdel(source, *(e.entry_id for e in events))
+        pipe.hdel(self.keys.notify_retries(), *(f"{e.event_id}:{x}" for e in events for x in "ne"))
+        await pipe.execute()
 
     async def failed(self, event: Event, error: str) -> int:
         """Count a failed attempt of a deferred event; returns its attempts so far."""

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from ordergate.buffer import history, storefronts
+from ordergate.buffer.connection import pipeline
 from ordergate.buffer.control import DrainControl, from_hash
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.lanes import LaneState
@@ -106,8 +107,10 @@ async def read_overview(redis: Any, keys: Keys, shards: int, stale_s: float = 5.
     """The overview; ``stale_s`` is ``drain_stale_s`` (a leader silent longer has stopped)."""
     now = time.time()
     # One transaction: the settled count and the streams' lengths from the same instant (a
-    # scrape must not show an empty buffer with orders unsettled).
-    pipe = redis.pipeline(transaction=True)
+    # scrape must not show an empty buffer with orders unsettled). On a cluster each lane's
+    # counters are read with its streams, on its master, but the lanes at slightly different
+    # instants (by a batch or so under load: README, Cluster).
+    pipe = pipeline(redis, transaction=True)
     taken = queue_drain_state(pipe, keys, shards)
     for shard in range(shards):
         pipe.xlen(keys.deadletters(shard))

@@ -92,9 +92,15 @@ async def vet_host(host: str, port: int, allow_private: bool = False) -> list[st
 
 
 async def set_webhook(
-    redis: Any, keys: Keys, storefront_id: str, url: str, allow_private: bool = False
+    redis: Any,
+    keys: Keys,
+    storefront_id: str,
+    url: str,
+    allow_private: bool = False,
+    shards: int = 0,
 ) -> Webhook:
-    """Register (or re-point) the storefront's webhook with a new signing secret."""
+    """Register (or re-point) the storefront's webhook with a new signing secret (on a
+    cluster, ``shards``: the deployment's, for the mark each lane's settle.lua looks for)."""
     if not STOREFRONT_ID.fullmatch(storefront_id):
         raise InvalidWebhook("storefront id: 1-64 chars of letters, digits, '_', '.', '-'")
     check_url(url, allow_private)
@@ -109,15 +115,22 @@ async def set_webhook(
     )
     pipe.sadd(keys.webhooks(), storefront_id)
     await pipe.execute()
+    if keys.cluster:  # settle.lua sees its lane's slot only: a mark in every lane
+        pipe = redis.pipeline(transaction=False)
+        for scope in keys.every_lane(shards):
+            pipe.hset(scope.webhook(storefront_id), "on", "1")
+        await pipe.execute()
     return hook
 
 
-async def remove_webhook(redis: Any, keys: Keys, storefront_id: str) -> bool:
+async def remove_webhook(redis: Any, keys: Keys, storefront_id: str, shards: int = 0) -> bool:
     """Stop queueing events for the storefront; events already queued are still delivered."""
     pipe = redis.pipeline(transaction=True)
     pipe.delete(keys.webhook(storefront_id))
     pipe.srem(keys.webhooks(), storefront_id)
     deleted, _ = await pipe.execute()
+    if keys.cluster:
+        await redis.delete(*(scope.webhook(storefront_id) for scope in keys.every_lane(shards)))
     return bool(deleted)
 
 

@@ -548,7 +548,7 @@ def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
             hook = _with_redis(
                 settings,
                 lambda r, k, s: webhooks.set_webhook(
-                    r, k, args.storefront_id, args.url, s.webhook_allow_private
+                    r, k, args.storefront_id, args.url, s.webhook_allow_private, s.shards
                 ),
             )
         except InvalidWebhook as exc:
@@ -562,7 +562,7 @@ def cmd_storefronts(args: argparse.Namespace, settings: Settings) -> int:
         )
     elif args.storefronts_command == "remove-webhook":
         if not _with_redis(
-            settings, lambda r, k, s: webhooks.remove_webhook(r, k, args.storefront_id)
+            settings, lambda r, k, s: webhooks.remove_webhook(r, k, args.storefront_id, s.shards)
         ):
             raise CommandError(f"storefront {args.storefront_id!r} has no webhook")
         print(f"removed the webhook of {args.storefront_id!r}")

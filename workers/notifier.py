@@ -306,17 +306,18 @@ class Notifier:
         self._fault = asyncio.get_running_loop().create_future()
         beat = asyncio.create_task(self._keep_lease_and_report(stop))
         dispatch = asyncio.create_task(self._dispatch(stop))
+        tasks = {beat, dispatch}
+        if self.keys.cluster:  # each lane writes its own events' stream: gather them
+            tasks.add(asyncio.create_task(self._gather(stop)))
         try:
             for storefront_id, n in (await self.streams.lane_lengths()).items():
                 self.lane(storefront_id, n)
-            done, _ = await asyncio.wait(
-                {beat, dispatch, self._fault}, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({*tasks, self._fault}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
         finally:
-            if not await cancel_and_wait([beat, dispatch, *self._tasks]):
+            if not await cancel_and_wait([*tasks, *self._tasks]):
                 log.error("notifier %s: a task would not end; left behind", self.token)
             self._tasks.clear()
             self.lanes.clear()
@@ -334,6 +335,15 @@ class Notifier:
             for event in await self.streams.read_new(last, 500, block):
                 last = event.entry_id
                 self.lane(event.storefront_id).submit(event)
+
+    GATHER_IDLE_S = 0.05
+
+    async def _gather(self, stop: asyncio.Event) -> None:
+        """On a cluster: the lanes' event streams into og:notify, polled every GATHER_IDLE_S
+        while they are empty (no XREAD waits on streams of several slots)."""
+        while not stop.is_set():
+            if not await self.streams.gather_lanes(500):
+                await sleep_or_stop(stop, self.GATHER_IDLE_S)
 
     def _held(self) -> int:
         return sum(lane.held for lane in self.lanes.values())

@@ -1,0 +1,72 @@
+"""Operations on a cluster: a poison order dead-lettered and replayed, signed webhooks (each
+lane's events gathered into one stream), and the operators' status added up over the lanes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ordergate.gateway.auth import create_key
+from ordergate.sharding.routing import partition_table, shard_for
+from tests.cluster.conftest import CLUSTER_KEYS
+from tests.conftest import admit, auth, drain, eventually, order_body, worker_running
+from tests.faults import audit
+from tests.workers.receiver import receiving
+from tests.workers.test_deadletters import cli
+from tests.workers.test_notifications import fast_breakers
+
+
+async def test_poison_webhooks_and_status_on_a_cluster(
+    app_factory, cluster_settings, cluster_redis, servers, pg
+) -> None:
+    settings = fast_breakers(servers, redis_url=cluster_settings.redis_url)
+    client = await app_factory(settings)
+    key = await create_key(cluster_redis, CLUSTER_KEYS, "shop-a", 8)
+    shard = shard_for("shop-a", "poison-1", 8)
+    table = partition_table(shard)
+    await pg.execute(f"ALTER TABLE {table} ADD CONSTRAINT no_poison CHECK (customer_id <> 'no')")
+    try:
+        async with receiving() as receiver:
+            done = cli(settings, "storefronts", "set-webhook", "shop-a", receiver.url)
+            assert done.returncode == 0, done.stderr
+            receiver.secret = done.stdout.strip()
+            poison = order_body("poison-1")
+            poison["customer"]["id"] = "no"
+            bad = await client.post("/v1/orders", json=poison, headers=auth(key))
+            assert bad.status_code == 202, bad.text
+            receipts = await admit(client, key, 40)
+            async with worker_running(settings):
+                await eventually(lambda: len(receiver.delivered()) == 41, timeout=60)
+    finally:
+        await pg.execute(f"ALTER TABLE {table} DROP CONSTRAINT no_poison")
+    events = receiver.delivered()
+    assert all(c.signature_ok for c in receiver.calls)
+    by_order = {e["order_id"]: e for e in events.values()}
+    assert set(by_order) == {r["order_id"] for r in receipts} | {bad.json()["order_id"]}
+    assert by_order[bad.json()["order_id"]]["type"] == "order.dead_lettered"
+    assert all(e["event_id"].startswith("evt_") for e in events.values())
+
+    oid = receipts[0]["order_id"]
+
+    async def notified() -> bool:  # the mark on the committed order's record, in its lane
+        status = (await client.get(f"/v1/orders/{oid}", headers=auth(key))).json()
+        return [c["status"] for c in status.get("timeline", [])][-1:] == ["notified"]
+
+    await eventually(notified, timeout=10)
+
+    status = cli(settings, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    doc: dict[str, Any] = json.loads(status.stdout)
+    assert doc["issued"] == 41 and doc["buffered"] == 0
+    assert doc["dead_letters"] == 1, doc
+
+    listed = cli(settings, "dlq", "list", "--json")
+    [letter] = json.loads(listed.stdout)
+    replayed = cli(settings, "dlq", "replay", f"{shard}/{letter['id']}")
+    assert replayed.returncode == 0 and "re-queued 1" in replayed.stdout, replayed.stderr
+    await drain(settings)
+    await audit(pg, cluster_redis, receipts, keys=CLUSTER_KEYS)
+    replayed_oid = bad.json()["order_id"]  # committed once; its status record keeps its history
+    assert await pg.fetchval("SELECT count(*) FROM orders WHERE order_id = $1", replayed_oid) == 1
+    final = (await client.get(f"/v1/orders/{replayed_oid}", headers=auth(key))).json()
+    assert final["status"] == "committed", final
