@@ -35,6 +35,7 @@ from tests.deploy.deployfiles import (
     compose,
     env_example,
     environment,
+    gateway_routes,
     interpolate,
     is_ordergate,
     nginx,
@@ -268,7 +269,9 @@ def test_the_proxy_sends_customers_to_the_gateways_api_and_operators_to_their_po
     for name in gateways:
         assert services["proxy"]["depends_on"][name]["condition"] == "service_healthy"
         assert "healthcheck" not in services[name], f"{name} keeps the image's HEALTHCHECK"
-    assert "/healthz" in " ".join(services["proxy"]["healthcheck"]["test"])
+    check = " ".join(services["proxy"]["healthcheck"]["test"])
+    m = re.search(rf"http://127\.0\.0\.1:{_listen(public)}(/\S*)", check)
+    assert m and "GET" in gateway_routes().get(m[1], set()), check
 
 
 def test_the_proxys_limits_are_the_gateways(commands: dict[str, Command], conf: Directive) -> None:
