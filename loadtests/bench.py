@@ -42,7 +42,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtests import bench_drain, bench_poll, bench_profile, bench_report
+from loadtests import bench_drain, bench_poll, bench_profile, bench_report, bench_setup
 from loadtests.bench_load import PostOrders, run_load
 from loadtests.bench_openloop import OpenLoopResult, format_open, run_open_loop
 from loadtests.bench_poll import Options
@@ -61,17 +61,21 @@ from loadtests.bench_setup import (
     wait_http,
 )
 from ordergate.runtime import resolved
-from ordergate.servers import EmbeddedValkey, free_port
+from ordergate.servers import EmbeddedValkey, EmbeddedValkeyCluster, free_port
 from ordergate.settings import Settings
 
-POST_KINDS = ("a", "b", "f", "c", "g")
+POST_KINDS = ("a", "b", "f", "c", "g", "h")
 LABELS = {
     "a": "plain Starlette + msgspec",
     "b": "naive INSERT per order",
     "f": "Starlette + arq enqueue_job",
     "c": "ordergate POST /v1/orders",
     "g": "ordergate POST /v1/orders, storefront rate limit on",
+    "h": "ordergate POST /v1/orders, buffer on a 3-master Valkey Cluster",
 }
+# (h): (c) with the buffer on a local Valkey Cluster of 3 masters and 3 replicas (each node
+# appendonly yes + appendfsync always, as (c)'s primary), on the same CPUs as (c)'s Valkey: the
+# same load, one script call and one pipeline per master per batch instead of one in all.
 # (g): (c) with every order through the storefront rate limit, set too high to refuse any (its
 # state read and written per batch, RateLimit header fields on every answer). The share rule
 # costs nothing until the buffer nears its bound.
@@ -102,6 +106,7 @@ class Bench:
             "options": vars(args),
         }
         self.tag = 0
+        self.cluster: EmbeddedValkeyCluster | None = None
 
     # -- processes ------------------------------------------------------------------------------
 
@@ -125,13 +130,14 @@ class Bench:
         key, valkey_pid = run(prepare(s))
         pg_pid = _postgres_pid(s)
         self.env = clean_env(s.to_env())
-        ports = {k: free_port() for k in ("plain", "naive", "arq", "limited")}
+        ports = {k: free_port() for k in ("plain", "naive", "arq", "limited", "clustered")}
         urls = {
             "c": f"http://{s.host}:{s.port}",
             "a": f"http://127.0.0.1:{ports['plain']}",
             "b": f"http://127.0.0.1:{ports['naive']}",
             "f": f"http://127.0.0.1:{ports['arq']}",
             "g": f"http://{s.host}:{ports['limited']}",
+            "h": f"http://{s.host}:{ports['clustered']}",
         }
         n = str(args.processes)
         gateway = self.start("gateway", [sys.executable, "-m", "ordergate", "serve"], self.env)
@@ -142,6 +148,21 @@ class Bench:
             self.env | LIMITS_ON | {"ORDERGATE_PORT": str(ports["limited"])},
         )
         wait_http(urls["g"], limited, self.tmp / "limited.log")
+        masters: dict[str, int] = {}
+        if "post" in args.only:
+            self.cluster = EmbeddedValkeyCluster(self.tmp / "cluster")
+            self.cluster.start()
+            masters = run(_cluster_ready(self.cluster.url, key, s))
+            clustered = self.start(
+                "clustered",
+                [sys.executable, "-m", "ordergate", "serve"],
+                self.env
+                | {
+                    "ORDERGATE_REDIS_URL": self.cluster.url,
+                    "ORDERGATE_PORT": str(ports["clustered"]),
+                },
+            )
+            wait_http(urls["h"], clustered, self.tmp / "clustered.log")
         self.report["processes"] = args.processes
         naive = self.start(
             "naive",
@@ -198,6 +219,8 @@ class Bench:
             "c": {"server": gateway.pid, "valkey": valkey_pid},
             "g": {"server": limited.pid, "valkey": valkey_pid},
         }
+        if masters:
+            watch["h"] = {"server": clustered.pid, **masters}
 
         if "e" in args.only:
             print("(e) queue polls", flush=True)
@@ -555,6 +578,25 @@ def _redis_pid(url: str) -> int:
     return int(run(go()))
 
 
+async def _cluster_ready(url: str, key: str, s: Settings) -> dict[str, int]:
+    """The cluster's streams, the same API key as (c)'s; the masters' pids, to watch."""
+    from ordergate.buffer.connection import connect_redis
+    from ordergate.buffer.keys import Keys
+    from ordergate.buffer.streams import ensure_streams
+    from ordergate.gateway.auth import hash_key, sync_known
+
+    redis = await connect_redis(url)
+    keys = Keys(s.key_prefix, cluster=True)
+    try:
+        await ensure_streams(redis, keys, s.shards)
+        await redis.hset(keys.api_keys(), hash_key(key), bench_setup.STOREFRONT)
+        await sync_known(redis, keys, s.shards)
+        infos = await redis.info("server", target_nodes=redis.PRIMARIES)
+        return {f"valkey {name}": int(info["process_id"]) for name, info in infos.items()}
+    finally:
+        await redis.aclose()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -665,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     for proc in reversed(bench.procs):
                         stop(proc)
+                    if bench.cluster is not None:
+                        bench.cluster.stop()
         finally:
             arq_valkey.stop()
     report = bench.report

@@ -22,6 +22,7 @@ LABELS = {
     "f": "(f) Starlette + arq enqueue_job",
     "c": "(c) ordergate POST /v1/orders",
     "g": "(g) (c) with storefront limits on",
+    "h": "(h) (c) on a 3-master Valkey Cluster",
 }
 
 
@@ -38,6 +39,8 @@ def ratios(report: Mapping[str, Any]) -> dict[str, float]:
         if "g" in post:
             out["g/c (limits on / off)"] = _div(post.get("g"), post.get("c"))
             out["g/a"] = _div(post.get("g"), post.get("a"))
+        if "h" in post:
+            out["h/c (cluster / one primary)"] = _div(post.get("h"), post.get("c"))
     drain = report.get("drain")
     if drain:
         out["d/COPY"] = _div(drain["drain"]["rate"], drain["copy"]["batched_rate"])
@@ -230,6 +233,7 @@ def chart(report: Mapping[str, Any], path: Path) -> None:
                 "f": "(f) arq",
                 "c": "(c) ordergate",
                 "g": "(g) limits on",
+                "h": "(h) cluster",
             }[kind]
         )
         values.append(rps)
