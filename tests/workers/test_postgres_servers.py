@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,7 +28,7 @@ from ordergate.surge_results import Ledger
 from ordergate.workers.migrate import migrate_all
 from ordergate.workers.runner import run_worker
 from tests.cli.run import ordergate
-from tests.conftest import admit, auth, drain, eventually, make_settings
+from tests.conftest import admit, auth, drain, eventually, make_settings, worker_running
 from tests.faults import audit
 from tests.workers.procs import logged_worker
 from tests.workers.test_postgres_faults import _all_settled, _Storefront
@@ -43,6 +44,12 @@ class Pair:
 
     a: EmbeddedPostgres
     b: EmbeddedPostgres
+    # A server dies with the thread that started it (PR_SET_PDEATHSIG), and asyncio.to_thread's
+    # threads end with each test's event loop: restarts run on this thread, which lasts the module.
+    thread: ThreadPoolExecutor
+
+    async def restart_b(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.thread, self.b.start)
 
     @property
     def urls(self) -> tuple[str, str]:
@@ -57,15 +64,17 @@ class Pair:
 def pair_of_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     a = EmbeddedPostgres(tmp_path_factory.mktemp("pg-a"))
     b = EmbeddedPostgres(tmp_path_factory.mktemp("pg-b"))
+    thread = ThreadPoolExecutor(max_workers=1)
     try:
         a.start()
         b.start()
-        pair = Pair(a, b)
+        pair = Pair(a, b, thread)
         asyncio.run(migrate_all(pair.urls, 8))
         yield pair
     finally:
         b.stop()
         a.stop()
+        thread.shutdown()
 
 
 class _Everywhere:
@@ -274,7 +283,7 @@ async def test_one_server_stopped_for_20_s_stalls_only_its_lanes(
         a_rows_during = await _rows_of(pools[0]) - a_rows_at_outage
         assert a_rows_during >= 100, f"database 0 took only {a_rows_during} rows meanwhile"
 
-        await asyncio.to_thread(servers_.b.start)  # same data dir, same port
+        await servers_.restart_b()  # same data dir, same port
         up_at = time.monotonic()
 
         async def b_resumed() -> bool:
@@ -329,3 +338,38 @@ async def test_a_single_database_deployment_from_before_0004_reads_as_index_0_of
             await admin.execute("DROP DATABASE IF EXISTS og_before_0004 WITH (FORCE)")
         finally:
             await admin.close()
+
+
+async def test_a_worker_started_while_one_server_is_down_drains_the_other_lanes(
+    pair, servers, app_factory, api_key, redis
+) -> None:
+    """The second server is down when the gateway and the worker start: the gateway admits to
+    every lane, the worker starts anyway and commits lanes 0-3 into the first database, lanes
+    4-7 say "stalled" until the second is back (checked on connect, then drained); each order
+    once, each in its lane's database."""
+    servers_, pools = pair
+    settings = make_settings(servers, database_url=servers_.database_url, batch_size=50)
+    await pools[1].close()
+    await asyncio.to_thread(servers_.b.stop)
+    try:
+        client = await app_factory(settings)
+        receipts = await admit(client, api_key, 200, "half")
+        on_a = sum(1 for r in receipts if shard_of_order_id(r["order_id"], 8) in A_LANES)
+        async with worker_running(settings) as worker:
+
+            async def a_done() -> bool:
+                return await _rows_of(pools[0]) == on_a
+
+            await eventually(a_done, timeout=30)
+            lanes = await eventually(lambda: _b_stalled(redis), timeout=15)
+            assert not worker.done()
+            assert all("database 1 of 2" in lanes[k].reason for k in B_LANES), lanes
+            await servers_.restart_b()
+            await eventually(lambda: _all_settled(redis), timeout=60)
+    finally:
+        if not servers_.b.running():
+            await servers_.restart_b()
+    pools[1] = await asyncpg.create_pool(servers_.b.url, min_size=1, max_size=2)
+    assert await _rows_of(pools[1]) == len(receipts) - on_a
+    await _each_lane_in_its_database(pools)
+    await audit(_Everywhere(pools), redis, receipts)
