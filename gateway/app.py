@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from ordergate.buffer.admission import Admitter
 from ordergate.buffer.connection import cancel_and_wait, connect_redis, is_cluster
-from ordergate.buffer.deployment import check_database_at
+from ordergate.buffer.deployment import check_databases
 from ordergate.buffer.errors import BufferUnavailable
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
@@ -35,6 +35,7 @@ from ordergate.gateway.config import GatewayConfig
 from ordergate.gateway.errors import NotFound
 from ordergate.gateway.state import GatewayState
 from ordergate.gateway.tickets import Tickets
+from ordergate.sharding.databases import describe
 
 log = logging.getLogger(__name__)
 
@@ -87,22 +88,28 @@ def create_app(config: GatewayConfig) -> GatewayApp:
             raise
         await admitter.start()
         state.drain_view.start()
-        pg_task = asyncio.create_task(_connect_postgres(state))
+        state.pg = [None] * len(config.database_urls)
+        pg_tasks = [
+            asyncio.create_task(_connect_postgres(state, i))
+            for i in range(len(config.database_urls))
+        ]
         stop_refusals = asyncio.Event()
         refusals_task = asyncio.create_task(_send_refusals(state, stop_refusals))
         try:
             yield
         finally:
-            pg_task.cancel()
+            for task in pg_tasks:
+                task.cancel()
             stop_refusals.set()
             done, _ = await asyncio.wait([refusals_task], timeout=5.0)
             if not done:  # Redis stalls: the counts of the last second are lost, not the exit
                 await cancel_and_wait([refusals_task])
-            await asyncio.gather(pg_task, refusals_task, return_exceptions=True)
+            await asyncio.gather(*pg_tasks, refusals_task, return_exceptions=True)
             await state.drain_view.close()
             await admitter.close()
-            if state.pg is not None:
-                await state.pg.close()
+            for pool in state.pg:
+                if pool is not None:
+                    await pool.close()
             await redis.aclose()
 
     handlers: dict[Any, Any] = dict(problems.EXCEPTION_HANDLERS)
@@ -175,31 +182,32 @@ async def _redis_down(request: Any, exc: Exception) -> Any:
 
 
 async def _check_database(config: GatewayConfig) -> None:
-    """Refuse to start for another deployment than the database's (when it answers now: the
+    """Refuse to start for another deployment than the databases' (each that answers now: the
     gateway runs without Postgres, and Redis holds the shard count too)."""
-    if not config.database_url:
-        return
-    try:
-        await check_database_at(
-            config.database_url, config.shards, config.key_prefix, connect_timeout_s=2
-        )
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        log.warning("Postgres not reachable at startup (%r); deployment not checked there", exc)
+    urls = config.database_urls
+    failures = await check_databases(urls, config.shards, config.key_prefix, connect_timeout_s=2)
+    for i, exc in enumerate(failures):
+        if exc is not None:
+            where = "Postgres" if len(urls) == 1 else describe(i, len(urls), config.shards)
+            log.warning(
+                "%s not reachable at startup (%r); deployment not checked there",
+                where,
+                exc,
+            )
 
 
-async def _connect_postgres(state: GatewayState) -> None:
-    """Postgres is optional for the gateway (readiness, old statuses): connect in the background."""
-    url = state.config.database_url
-    if not url:
-        return
+async def _connect_postgres(state: GatewayState, database: int) -> None:
+    """Postgres is optional for the gateway (readiness, committed orders' statuses): connect to
+    each database in the background, one small pool each."""
+    url = state.config.database_urls[database]
     delay = 0.2
     while True:
         try:
-            state.pg = await asyncpg.create_pool(
+            state.pg[database] = await asyncpg.create_pool(
                 url, min_size=0, max_size=state.config.pg_pool_size, command_timeout=5
             )
             return
         except Exception as exc:  # noqa: BLE001
-            log.warning("gateway: Postgres not reachable yet (%r)", exc)
+            log.warning("gateway: %s not reachable yet (%r)", state.describe(database), exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -1,5 +1,7 @@
 """A committed order, read from its Postgres row: Redis keeps no status record for it.
 
+The row is in its shard's database (sharding.databases), read through that database's pool.
+
 Settling a committed order deletes its status record (buffer/lua/settle.lua), so its status
 and timeline -- accepted, processing (``taken_at``), committed -- come from the row, and the
 "notified" mark from its idempotency record while that lasts (``idempotency_ttl_s``).
@@ -35,11 +37,13 @@ async def read_committed(
     state: GatewayState, shard: int, order_id: str, storefront: str | None = None
 ) -> Committed | None:
     """The committed order ``order_id`` (of ``storefront``, if given), or None if Postgres has
-    no such row; OrderStoreUnavailable while Postgres cannot be asked."""
-    if state.pg is None:
+    no such row; OrderStoreUnavailable while its shard's database cannot be asked."""
+    database = state.database_of(shard)
+    pool = state.pg[database] if database < len(state.pg) else None
+    if pool is None:
         raise OrderStoreUnavailable(
-            f"order {order_id} is settled, and its status is in Postgres, which this gateway"
-            " cannot reach yet; retry shortly",
+            f"order {order_id} is settled, and its status is in {state.describe(database)},"
+            " which this gateway cannot reach yet; retry shortly",
             headers={"Retry-After": "2"},
         )
     query = (
@@ -51,10 +55,11 @@ async def read_committed(
         query += " AND storefront_id = $3"
         args.append(storefront)
     try:
-        row = await state.pg.fetchrow(query, *args, timeout=2)
+        row = await pool.fetchrow(query, *args, timeout=2)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise OrderStoreUnavailable(
-            f"Postgres did not answer for order {order_id}: {exc}", headers={"Retry-After": "2"}
+            f"{state.describe(database)} did not answer for order {order_id}: {exc}",
+            headers={"Retry-After": "2"},
         ) from exc
     if row is None:
         return None

@@ -10,7 +10,10 @@ from ordergate.buffer.admission import AdmissionConfig
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
     redis_url: str
-    database_url: str | None = None  # readiness and statuses older than the buffer
+    # Committed orders' statuses and readiness's detail: shard k's rows live on database
+    # sharding.databases.database_of(k, len(database_urls), shards). Empty: the gateway runs
+    # on Redis alone.
+    database_urls: tuple[str, ...] = ()
     key_prefix: str = "og"
     shards: int = 8
     admission: AdmissionConfig

@@ -8,6 +8,7 @@ then measures, the HTTP server under test alone on the first CPU and everything 
 Valkey, PostgreSQL, workers) on the others:
 
   (d) the drain: one worker in burst mode vs a raw COPY of the same rows into ``orders``;
+  (d2) the drain into two Postgres servers (the shards split over them) vs into one;
   (e) ``GET /v1/queue/{ticket}`` vs a plain Starlette GET (see ``bench_poll``);
   (a) a plain Starlette ``POST /v1/orders`` that only decodes the order with msgspec;
   (b) a naive endpoint: one INSERT per order through an asyncpg pool, durable commit;
@@ -58,6 +59,7 @@ from loadtests.bench_setup import (
     spawn,
     stop,
     temp_dir,
+    two_postgres,
     wait_http,
 )
 from ordergate.runtime import resolved
@@ -182,6 +184,8 @@ class Bench:
         # (d) first, on a buffer of its own: fill it, COPY its rows, then drain it.
         if "d" in args.only:
             self.report["drain"] = self.drain(urls["c"], key, s)
+        if "d2" in args.only:
+            self.report["drain_two_postgres"] = self.drain_two_postgres(urls["c"], key, s)
 
         # (e): 2000 waiting orders; the plain app serves a real answer as its fixed body.
         body_file = self.tmp / "queue-body.json"
@@ -342,6 +346,37 @@ class Bench:
             flush=True,
         )
         return {"delay_ms": delay, "copy": copy, "drain": drained, "ratio": ratio}
+
+    def drain_two_postgres(self, url: str, key: str, s: Settings) -> dict[str, Any]:
+        """(d2): the same fill drained into one Postgres server, then into two (the shards
+        split over them, database_url listing both), by the same burst workers."""
+        rates: dict[str, Any] = {}
+        with two_postgres(self.tmp, s) as both:
+            for name, env in (
+                ("one", self.env),
+                ("two", self.env | {"ORDERGATE_DATABASE_URL": both}),
+            ):
+                print(f"(d2) {name} Postgres: filling for {self.args.fill:g} s ...", flush=True)
+                fill = run_load(
+                    url,
+                    post_orders(key, self.next_tag("d2")),
+                    generator=self.opts.generator,
+                    connections=self.opts.connections,
+                    duration=self.args.fill,
+                    warmup=0,
+                    processes=self.opts.gen_processes,
+                )
+                drained = self._drain_workers(s, env)
+                rates[name] = {"filled": fill.ok, "drain": drained}
+                print(
+                    f"  {name}: {drained['committed']:,} orders drained by {drained['workers']}"
+                    f" workers in {drained['seconds']:.2f} s = {drained['rate']:,.0f} orders/s",
+                    flush=True,
+                )
+        one, two = rates["one"]["drain"]["rate"], rates["two"]["drain"]["rate"]
+        ratio = two / one if one else 0.0
+        print(f"  two Postgres servers / one: {ratio:.2f} x", flush=True)
+        return rates | {"ratio": ratio}
 
     def _drain_workers(
         self, s: Settings, env: dict[str, str], profile: str | None = None
@@ -606,8 +641,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=["d", "e", "post", "overload"],
-        default=["d", "e", "post", "overload"],
+        choices=["d", "d2", "e", "post", "overload"],
+        default=["d", "d2", "e", "post", "overload"],
         help="parts to run (overload needs post, or --overload-rate and --c-peak)",
     )
     p.add_argument("--out", default="loadtests/results", help="folder for bench.json, bench.png")

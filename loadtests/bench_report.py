@@ -41,6 +41,9 @@ def ratios(report: Mapping[str, Any]) -> dict[str, float]:
             out["g/a"] = _div(post.get("g"), post.get("a"))
         if "h" in post:
             out["h/c (cluster / one primary)"] = _div(post.get("h"), post.get("c"))
+    two = report.get("drain_two_postgres")
+    if two:
+        out["d2 two Postgres / one"] = two["ratio"]
     drain = report.get("drain")
     if drain:
         out["d/COPY"] = _div(drain["drain"]["rate"], drain["copy"]["batched_rate"])
@@ -163,6 +166,14 @@ def print_summary(report: Mapping[str, Any]) -> None:
                 f" memory body + {v['buffered_overhead_bytes']:.0f} B buffered (target <= 250),"
                 f" {v['settled_bytes']:.0f} B settled (target <= 150)"
             )
+    two = report.get("drain_two_postgres")
+    if two:
+        print(
+            f"\n(d2) drain into two Postgres servers: {two['two']['drain']['rate']:,.0f}/s"
+            f" ({two['two']['drain']['committed']:,} orders) against one:"
+            f" {two['one']['drain']['rate']:,.0f}/s ({two['one']['drain']['committed']:,}"
+            f" orders) = {two['ratio']:.2f} x"
+        )
     open_loop = report.get("open_loop", {})
     if open_loop:
         print(

@@ -26,9 +26,9 @@ from ordergate.buffer.connection import create_redis
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
 from ordergate.gateway.auth import create_key
-from ordergate.servers import die_with_parent
+from ordergate.servers import EmbeddedPostgres, die_with_parent
 from ordergate.settings import Settings
-from ordergate.workers.migrate import migrate
+from ordergate.workers.migrate import migrate, migrate_all
 
 REPO = Path(__file__).resolve().parent.parent
 STOREFRONT = "shop-a"
@@ -303,3 +303,30 @@ def delay_proxy(database_url: str, delay_s: float) -> Iterator[str]:
         asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+@contextlib.contextmanager
+def two_postgres(tmp: Path, s: Settings) -> Iterator[str]:
+    """The (d2) row's pair of Postgres servers: a fresh database ``ordergate_two`` on the run's
+    own server and a second embedded server in ``tmp/pg2``, migrated as databases 0 and 1 of
+    one deployment; yields their ``database_url`` (two URLs, space-separated)."""
+    import asyncpg
+
+    second = EmbeddedPostgres(tmp / "pg2")
+    first = (s.database_url or "").rsplit("/", 1)[0] + "/ordergate_two"
+
+    async def setup(urls: list[str]) -> None:
+        admin = await asyncpg.connect(s.database_url)
+        try:
+            await admin.execute("DROP DATABASE IF EXISTS ordergate_two")
+            await admin.execute("CREATE DATABASE ordergate_two")
+        finally:
+            await admin.close()
+        await migrate_all(urls, s.shards, s.key_prefix)
+
+    try:
+        urls = [first, second.start()]
+        asyncio.run(setup(urls))
+        yield " ".join(urls)
+    finally:
+        second.stop()

@@ -430,12 +430,12 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from ordergate.buffer.keys import Keys
     from ordergate.buffer.streams import ensure_streams
     from ordergate.runtime import resolved
-    from ordergate.workers.migrate import migrate
+    from ordergate.workers.migrate import migrate_all
 
     with resolved(settings) as s:
 
         async def go() -> list[str]:
-            done = await migrate(s.database_url or "", s.shards, s.key_prefix)
+            done = await migrate_all(s.database_urls, s.shards, s.key_prefix)
             redis = await connect_redis(s.redis_url or "")
             try:
                 await ensure_streams(redis, Keys(s.key_prefix, is_cluster(redis)), s.shards)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import msgspec
 
 from ordergate.errors import ConfigError
+from ordergate.sharding.databases import parse_database_urls
 
 ENV_PREFIX = "ORDERGATE_"
 
@@ -27,7 +28,9 @@ Durability = Literal["auto", "fsync", "aof-always", "replica", "none"]
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Every knob of ordergate; see the README's configuration table."""
 
-    # Where the servers are; None means "start embedded ones under data_dir".
+    # Where the servers are; None means "start embedded ones under data_dir". database_url may
+    # list several PostgreSQL URLs separated by spaces: the shards split over them in order
+    # (sharding.databases).
     redis_url: str | None = None
     database_url: str | None = None
     data_dir: str = ".ordergate"
@@ -157,6 +160,18 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             parse_valkey_maxmemory(self.valkey_maxmemory)
         except ValueError as exc:
             raise ConfigError(f"valkey_maxmemory: {exc}") from None
+        if self.database_url is not None:
+            try:
+                parse_database_urls(self.database_url, self.shards)
+            except ValueError as exc:
+                raise ConfigError(f"database_url: {exc}") from None
+
+    @property
+    def database_urls(self) -> tuple[str, ...]:
+        """The databases of ``database_url``, in the deployment's order (none while unset)."""
+        if self.database_url is None:
+            return ()
+        return parse_database_urls(self.database_url, self.shards)
 
     @property
     def embedded(self) -> bool:

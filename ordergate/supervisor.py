@@ -34,7 +34,8 @@ from ordergate.runtime import (
 )
 from ordergate.servers import MIB, EmbeddedPostgres, EmbeddedValkey, die_with_parent
 from ordergate.settings import Settings
-from ordergate.workers.migrate import migrate
+from ordergate.sharding.databases import redacted
+from ordergate.workers.migrate import migrate_all
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,8 @@ class Supervisor:
     @staticmethod
     def _prepare(settings: Settings) -> None:
         async def prepare() -> None:
-            for line in await migrate(
-                settings.database_url or "", settings.shards, settings.key_prefix
+            for line in await migrate_all(
+                settings.database_urls, settings.shards, settings.key_prefix
             ):
                 log.info("migrate: %s", line)
             redis = await connect_redis(settings.redis_url or "")
@@ -165,7 +166,7 @@ class Supervisor:
             f"{settings.shards} shards)\n"
             f"  data:      {self.data_dir}\n"
             f"  redis:     {_without_password(settings.redis_url)}\n"
-            f"  postgres:  {settings.database_url}\n"
+            f"  postgres:  {' '.join(map(redacted, settings.database_urls))}\n"
             f"  API key:   ordergate keys create <storefront-id>   (in another terminal)\n"
             f"  operators: /dashboard, /v1/ops/*, /metrics want the admin token"
             + (

@@ -70,26 +70,29 @@ class Committed:
 
 
 async def count_committed(database_url: str, ledger: Ledger) -> Committed:
-    """Compare the receipts with the rows of the run's storefront order ids."""
+    """Compare the receipts with the rows of the run's storefront order ids, over every
+    database of ``database_url`` (a list of several: sharding.databases). Each database is
+    searched for every id, not only for its own shards': a row in the wrong database would
+    be missed by the gateway's status reads, and two rows in two databases are doubles."""
     import asyncpg
 
     rows: dict[str, list[str]] = {}
-    conn = await asyncpg.connect(database_url)
-    try:
-        # One join over a temporary table of the run's ids: a soak sends millions of them.
-        async with conn.transaction():
-            await conn.execute("CREATE TEMPORARY TABLE surge_sent (sfo text) ON COMMIT DROP")
-            await conn.copy_records_to_table(
-                "surge_sent", records=[(s,) for s in (*ledger.receipts, *ledger.unanswered)]
-            )
-            await conn.execute("ANALYZE surge_sent")
-            for r in await conn.fetch(
-                "SELECT o.storefront_order_id, o.order_id FROM orders o "
-                "JOIN surge_sent s ON s.sfo = o.storefront_order_id"
-            ):
-                rows.setdefault(r["storefront_order_id"], []).append(r["order_id"])
-    finally:
-        await conn.close()
+    sent = [(s,) for s in (*ledger.receipts, *ledger.unanswered)]
+    for url in database_url.split():
+        conn = await asyncpg.connect(url)
+        try:
+            # One join over a temporary table of the run's ids: a soak sends millions of them.
+            async with conn.transaction():
+                await conn.execute("CREATE TEMPORARY TABLE surge_sent (sfo text) ON COMMIT DROP")
+                await conn.copy_records_to_table("surge_sent", records=sent)
+                await conn.execute("ANALYZE surge_sent")
+                for r in await conn.fetch(
+                    "SELECT o.storefront_order_id, o.order_id FROM orders o "
+                    "JOIN surge_sent s ON s.sfo = o.storefront_order_id"
+                ):
+                    rows.setdefault(r["storefront_order_id"], []).append(r["order_id"])
+        finally:
+            await conn.close()
     of_accepted = missing = doubled = 0
     for sfo, order_id in ledger.receipts.items():
         found = rows.get(sfo, [])

@@ -10,7 +10,7 @@ from ordergate.workers.breaker import BreakerConfig
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerConfig:
     redis_url: str
-    database_url: str
+    database_urls: tuple[str, ...]  # lane k writes to database_of(k, len(...), shards)
     key_prefix: str = "og"
     shards: int = 8
     # The drain

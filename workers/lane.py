@@ -1,9 +1,11 @@
 """One lane's drain: take the lane in admission order, write to Postgres, settle in Redis.
 
 A ``LaneDrain`` runs while its worker is the lane's assigned owner (workers.drainer). It opens
-its own Postgres connection, takes the lane's lock on it (workers.lanelock), makes itself the
-lane's owner under a new epoch (buffer.lanes), finishes what earlier owners left pending, then
-loops:
+its own Postgres connection, to the lane's own database when ``database_url`` lists several
+(sharding.databases; one database down stalls only its lanes), checks that the database is
+the lane's by the deployment's record, takes the lane's lock on it (workers.lanelock), makes
+itself the lane's owner under a new epoch (buffer.lanes), finishes what earlier owners left
+pending, then loops:
 
 1. ``take`` the lane's next entries (the lane's cursor moves past them);
 2. write them in one Postgres transaction, on the connection that holds the lock -- while the
@@ -32,9 +34,11 @@ from redis.exceptions import RedisError, ResponseError
 from ordergate.buffer import lanes
 from ordergate.buffer.connection import cancel_and_wait
 from ordergate.buffer.consumer import Batch, LaneConsumer, Settlement
-from ordergate.buffer.errors import LaneFenced
+from ordergate.buffer.deployment import check_database
+from ordergate.buffer.errors import DeploymentMismatch, LaneFenced
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
+from ordergate.sharding.databases import database_of, describe
 from ordergate.workers import lanelock, metrics
 from ordergate.workers.backoff import backoff, sleep_or_stop
 from ordergate.workers.config import WorkerConfig
@@ -97,6 +101,16 @@ class LaneDrain:
         self.reason = ""
         self.owned = False
         self._deployment = lanelock.deployment_key(self.config.key_prefix)
+        urls = self.config.database_urls
+        self.database = database_of(shard, len(urls), self.config.shards)
+        self.url = urls[self.database]
+        # "Postgres" alone with one database; which one, with several (no URL: it may hold a
+        # password, and the reason reaches customers' queue pages)
+        self.where = (
+            "Postgres"
+            if len(urls) == 1
+            else f"Postgres {describe(self.database, len(urls), self.config.shards)}"
+        )
 
     # -- the loop around ownership -----------------------------------------------------------
 
@@ -105,18 +119,35 @@ class LaneDrain:
 
     async def run(self) -> None:
         attempt = 0
-        url = self.config.database_url
         while not self.done():
             try:
-                conn = await lanelock.connect(url, f"{self.shared.name} lane {self.shard}")
+                conn = await lanelock.connect(self.url, f"{self.shared.name} lane {self.shard}")
             except Exception as exc:  # noqa: BLE001 - down, restarting, refusing: all "not now"
                 attempt += 1
                 self.shared.stats.transient_errors += 1
-                self._set_state("stalled", f"Postgres unavailable: {exc}")
+                self._set_state("stalled", f"{self.where} unavailable: {exc}")
                 if attempt == 1 or attempt % 20 == 0:
-                    log.warning("lane %d: cannot reach Postgres (%r); retrying", self.shard, exc)
+                    log.warning(
+                        "lane %d: cannot reach %s (%r); retrying", self.shard, self.where, exc
+                    )
                 await self._report_unowned()
                 await self._pause(backoff(attempt, self.config.retry_backoff_max_s))
+                continue
+            try:
+                await self._check_deployment(conn)
+            except DeploymentMismatch as exc:  # never write where the lane's rows are not
+                attempt += 1
+                self._set_state("stalled", str(exc))
+                if attempt == 1 or attempt % 20 == 0:
+                    log.error("lane %d: %s", self.shard, exc)
+                await _close(conn)
+                await self._report_unowned()
+                await self._pause(backoff(attempt, self.config.retry_backoff_max_s))
+                continue
+            except Exception as exc:  # noqa: BLE001 - the connection broke: connect again
+                log.warning("lane %d: cannot check %s (%r)", self.shard, self.where, exc)
+                await _close(conn)
+                await self._pause(backoff(1, self.config.retry_backoff_max_s))
                 continue
             attempt = 0
             try:
@@ -129,18 +160,30 @@ class LaneDrain:
                 await self._redis_trouble(exc)
             except LostLane as exc:
                 log.warning("lane %d: lost its lock (%s)", self.shard, exc)
-                self._set_state("stalled", f"Postgres connection lost: {exc}")
+                self._set_state("stalled", f"{self.where} connection lost: {exc}")
             except LockPollFailed as exc:
                 log.warning("lane %d: cannot poll its lock (%s); reconnecting", self.shard, exc)
-                self._set_state("stalled", f"Postgres unavailable: {exc}")
+                self._set_state("stalled", f"{self.where} unavailable: {exc}")
             except Exception as exc:
                 if not conn.is_closed():
                     raise
-                log.warning("lane %d: Postgres connection lost (%r)", self.shard, exc)
-                self._set_state("stalled", f"Postgres connection lost: {exc}")
+                log.warning("lane %d: %s connection lost (%r)", self.shard, self.where, exc)
+                self._set_state("stalled", f"{self.where} connection lost: {exc}")
             finally:
                 self.owned = False
                 await _close(conn)
+
+    async def _check_deployment(self, conn: Any) -> None:
+        """The lane's database is this lane's by the deployment's record (its place in the
+        list): the runner checked every database it could reach at start, this checks the one
+        it could not, and any swapped since, on the connection that will write."""
+        await check_database(
+            conn,
+            self.config.shards,
+            self.config.key_prefix,
+            database=self.database,
+            databases=len(self.config.database_urls),
+        )
 
     async def _acquire(self, conn: Any) -> int | None:
         """Wait for the lane's lock (ending a frozen owner's session), then take the lane under
@@ -325,7 +368,7 @@ class LaneDrain:
                     raise LostLane(str(exc)) from exc
                 self.shared.stats.transient_errors += 1
                 attempt += 1
-                self._set_state("stalled", f"Postgres cannot take writes: {exc}")
+                self._set_state("stalled", f"{self.where} cannot take writes: {exc}")
                 if attempt == 1 or attempt % 20 == 0:
                     log.warning(
                         "lane %d: Postgres refused a batch of %d for now (%s)",

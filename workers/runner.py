@@ -14,10 +14,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ordergate.buffer.connection import connect_redis, is_cluster
-from ordergate.buffer.deployment import check_database_at
+from ordergate.buffer.deployment import check_databases
 from ordergate.buffer.errors import DeploymentMismatch
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.streams import ensure_streams
+from ordergate.sharding.databases import describe
 from ordergate.workers.config import WorkerConfig
 from ordergate.workers.drainer import Drainer, DrainStats
 from ordergate.workers.notifier import Notifier
@@ -59,11 +60,7 @@ async def run_worker(
             loop.add_signal_handler(sig, stop.set)
     try:
         await _until_ok(lambda: ensure_streams(redis, keys, config.shards), stop, "Redis")
-        await _until_ok(
-            lambda: check_database_at(config.database_url, config.shards, config.key_prefix),
-            stop,
-            "Postgres",
-        )
+        await _until_ok(lambda: _check_databases(config), stop, "Postgres")
         if stop.is_set():
             return drainer.stats
         health = asyncio.create_task(_health(redis, keys, drainer.stats, config.health_ttl_s, stop))
@@ -102,6 +99,23 @@ async def _notify(config: WorkerConfig, index: int, stop: asyncio.Event) -> None
         await Notifier(config, redis).run(stop)
     finally:
         await redis.aclose()
+
+
+async def _check_databases(config: WorkerConfig) -> None:
+    """Refuse to start for another deployment's databases (DeploymentMismatch), and wait until
+    at least one database answers. One that does not yet is checked by each of its lanes when
+    it answers (workers.lane): its lanes stall meanwhile, the others drain."""
+    urls = config.database_urls
+    failures = await check_databases(urls, config.shards, config.key_prefix)
+    down = [(i, exc) for i, exc in enumerate(failures) if exc is not None]
+    if len(down) == len(urls):
+        raise down[0][1]
+    for i, exc in down:
+        log.warning(
+            "%s not reachable at start (%r); its lanes wait for it",
+            describe(i, len(urls), config.shards),
+            exc,
+        )
 
 
 async def _until_ok(
