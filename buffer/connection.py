@@ -132,6 +132,19 @@ def pipeline(redis: Any, transaction: bool = True) -> Any:
     return redis.pipeline(transaction=transaction and not is_cluster(redis))
 
 
+async def memory_used(redis: Any) -> float | None:
+    """used_memory over maxmemory of the server, or on a cluster of its fullest master (one
+    full master refuses its lanes' writes); None when no maxmemory is set."""
+    if is_cluster(redis):
+        infos = list((await redis.info("memory", target_nodes=RedisCluster.PRIMARIES)).values())
+    else:
+        infos = [await redis.info("memory")]
+    shares = [
+        int(i["used_memory"]) / int(i["maxmemory"]) for i in infos if int(i.get("maxmemory", 0))
+    ]
+    return max(shares) if shares else None
+
+
 async def cancel_and_wait(tasks: Collection[asyncio.Future[Any]], give_up_s: float = 5.0) -> bool:
     """Cancel ``tasks``, again every 0.1 s while any still runs, for up to ``give_up_s``;
     True once all have ended. Their results and errors are retrieved (not logged as lost)."""

@@ -22,7 +22,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ordergate.buffer.connection import cancel_and_wait
+from ordergate.buffer.connection import cancel_and_wait, memory_used
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.position import DrainState, place_in_line, read_drain_state
 from ordergate.buffer.status import read_status
@@ -98,9 +98,7 @@ class DrainView:
         if time.monotonic() - self._memory_at < self.REFRESH_S:
             return
         self._memory_at = time.monotonic()
-        info = await self._redis.info("memory")
-        limit = int(info.get("maxmemory", 0))
-        self._memory = int(info["used_memory"]) / limit if limit else None
+        self._memory = await memory_used(self._redis)
 
     def current(self) -> DrainState | None:
         """The followed state, or None while the subscription is down."""

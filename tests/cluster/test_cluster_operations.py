@@ -9,7 +9,7 @@ from typing import Any
 from ordergate.gateway.auth import create_key
 from ordergate.sharding.routing import partition_table, shard_for
 from tests.cluster.conftest import CLUSTER_KEYS
-from tests.conftest import admit, auth, drain, eventually, order_body, worker_running
+from tests.conftest import admit, auth, drain, eventually, make_settings, order_body, worker_running
 from tests.faults import audit
 from tests.workers.receiver import receiving
 from tests.workers.test_deadletters import cli
@@ -70,3 +70,28 @@ async def test_poison_webhooks_and_status_on_a_cluster(
     assert await pg.fetchval("SELECT count(*) FROM orders WHERE order_id = $1", replayed_oid) == 1
     final = (await client.get(f"/v1/orders/{replayed_oid}", headers=auth(key))).json()
     assert final["status"] == "committed", final
+
+
+async def test_the_memory_guard_watches_the_fullest_master(
+    app_factory, cluster_settings, cluster_redis, servers, valkey_cluster
+) -> None:
+    """Injects: one master's maxmemory just above what it uses. Audits: the gateway sheds with
+    503 (memory limit), although the other masters have room."""
+    guarded = await app_factory(
+        make_settings(servers, redis_url=cluster_settings.redis_url, memory_guard=0.8)
+    )
+    key = await create_key(cluster_redis, CLUSTER_KEYS, "shop-a", 8)
+    default = cluster_redis.get_default_node()  # where a plain INFO would go
+    first = next(n for n in cluster_redis.get_primaries() if n.name != default.name)
+    used = int((await cluster_redis.info("memory", target_nodes=first))["used_memory"])
+    try:
+        await cluster_redis.config_set("maxmemory", str(int(used * 1.1)), target_nodes=first)
+
+        async def shed() -> Any:
+            r = await guarded.post("/v1/orders", json=order_body(), headers=auth(key))
+            return r if r.status_code == 503 else None
+
+        r = await eventually(shed, timeout=10)
+        assert "memory limit" in r.json()["detail"], r.text
+    finally:
+        await cluster_redis.config_set("maxmemory", "0", target_nodes=first)
