@@ -88,6 +88,10 @@ async def set_control(
     if rate == 0:
         pipe.hdel(key, "rate")
     pipe.hgetall(key)
-    pipe.publish(changes(keys), "1")
-    *_, raw, _subscribers = await pipe.execute()
+    if keys.cluster:  # a cluster pipeline takes no PUBLISH (no key: no slot): sent after it
+        *_, raw = await pipe.execute()
+        await redis.publish(changes(keys), "1")
+    else:
+        pipe.publish(changes(keys), "1")
+        *_, raw, _subscribers = await pipe.execute()
     return from_hash(raw)

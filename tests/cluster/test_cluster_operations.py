@@ -3,9 +3,12 @@ lane's events gathered into one stream), and the operators' status added up over
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import Counter
 from typing import Any
 
+from ordergate.buffer.position import read_drain_state
 from ordergate.gateway.auth import create_key
 from ordergate.sharding.routing import partition_table, shard_for
 from tests.cluster.conftest import CLUSTER_KEYS
@@ -95,3 +98,62 @@ async def test_the_memory_guard_watches_the_fullest_master(
         assert "memory limit" in r.json()["detail"], r.text
     finally:
         await cluster_redis.config_set("maxmemory", "0", target_nodes=first)
+
+
+async def test_drain_pause_and_resume_on_a_cluster(
+    app_factory, cluster_settings, cluster_redis, pg
+) -> None:
+    """`ordergate drain --pause` (its notice published after the control's transaction, which a
+    cluster pipeline cannot carry): every lane pauses with orders buffered; --resume drains."""
+    client = await app_factory(cluster_settings)
+    key = await create_key(cluster_redis, CLUSTER_KEYS, "shop-a", 8)
+    paused = cli(cluster_settings, "drain", "--pause", "--json")
+    assert paused.returncode == 0, paused.stderr
+    assert json.loads(paused.stdout)["paused"] is True
+    receipts = await admit(client, key, 200)
+    async with worker_running(cluster_settings):
+
+        async def every_lane_paused() -> bool:
+            state = await read_drain_state(cluster_redis, CLUSTER_KEYS, 8)
+            return all(lane.state == "paused" for lane in state.lanes)
+
+        await eventually(every_lane_paused, timeout=30)
+        assert (await read_drain_state(cluster_redis, CLUSTER_KEYS, 8)).settled == 0
+        resumed = cli(cluster_settings, "drain", "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+
+        async def settled() -> bool:
+            return (await read_drain_state(cluster_redis, CLUSTER_KEYS, 8)).settled == 200
+
+        await eventually(settled, timeout=60)
+    await audit(pg, cluster_redis, receipts, keys=CLUSTER_KEYS)
+
+
+async def test_a_storefront_limit_is_split_over_the_lanes_and_holds_in_total(
+    app_factory, cluster_settings, cluster_redis
+) -> None:
+    """`storefronts set-limit --burst 80` on a cluster of 8 lanes: each lane keeps 10 of the
+    burst, so 160 orders at once get at most 80 receipts (at most 10 per lane), the rest 429."""
+    client = await app_factory(cluster_settings)
+    key = await create_key(cluster_redis, CLUSTER_KEYS, "shop-a", 8)
+    done = cli(
+        cluster_settings, "storefronts", "set-limit", "shop-a", "--rate", "1", "--burst", "80"
+    )
+    assert done.returncode == 0, done.stderr
+    for shard in range(8):  # each lane's copy: its part of the rate and the burst
+        part = await cluster_redis.hget(CLUSTER_KEYS.at(shard).storefront_limits(), "shop-a")
+        assert part == b"0.125 10 1", part
+    answers = await asyncio.gather(
+        *(
+            client.post("/v1/orders", json=order_body(f"lim-{i}"), headers=auth(key))
+            for i in range(160)
+        )
+    )
+    statuses = Counter(r.status_code for r in answers)
+    assert set(statuses) == {202, 429}, statuses
+    per_lane = Counter(
+        int(r.json()["order_id"].split("_")[1]) for r in answers if r.status_code == 202
+    )
+    assert max(per_lane.values()) <= 10 and statuses[202] <= 80, per_lane
+    refused = next(r for r in answers if r.status_code == 429)
+    assert refused.json()["type"].endswith("/rate-limited"), refused.text
