@@ -43,7 +43,7 @@ Kind = Literal["measured", "derived", "assumed", "extrapolated"]
 
 CLUSTER_SLOTS = 16384  # Redis/Valkey Cluster hash slots: a lane's keys share one
 MAX_SHARDS = 1024  # ordergate's settings refuse more (ordergate/settings.py)
-DEFAULT_RATES = (100_000.0, 870_000.0)  # a large sale; Alibaba's Double 11 peak (2020)
+DEFAULT_RATES = (100_000.0, 870_000.0)  # a large sale; the seed's Double 11 peak
 DEFAULT_UTILISATION = 0.6  # of one Valkey master's single command thread
 
 
@@ -329,7 +329,9 @@ def _with_checks(report: Mapping[str, Any], inputs: Inputs) -> Inputs:
                     "sum of post.median_run.h.watched_cpu['valkey *'] / h",
                 )
             )
-            checks.append(Figure("(h)/(c), Valkey CPU per order", h_us / c_us, "", "derived", ""))
+            checks.append(
+                Figure("(h)/(c), Valkey CPU per order", h_us / c_us, "", "derived", "(h) / (c)")
+            )
             cluster_admit = Figure(
                 "Valkey CPU per order admitting, on a cluster",
                 inputs.valkey_admit.value * h_us / c_us,
@@ -640,6 +642,8 @@ def render(
             "",
             *_table(["what", "count", "kind", "how"], _fig_rows(p.rows), markdown),
         ]
+        if p.notes:
+            out.append("")  # Markdown: a table goes on until a blank line
         out += [f"note: {n}" for n in p.notes]
     return "\n".join(out) + "\n"
 
