@@ -62,10 +62,12 @@ async def test_sigkill_of_a_master_under_load_loses_no_acknowledged_order(
             # replica to acknowledge a write (durability "replica"), until the old master comes
             # back as its replica
             await eventually(lambda: _promoted(own_cluster, victim), timeout=30)
+            promoted = time.monotonic()
             await eventually(lambda: _refused_for_no_replica(shots, killed), timeout=30)
             victim.start()
             back = time.monotonic()
             await eventually(lambda: _lanes_accepted_after(shots, back) & victim_lanes, timeout=30)
+            again = time.monotonic()
         refused = [s for s in shots if s.status == 503]
         assert refused, "the failover was not felt: no 503 while the master was away"
         receipts = await retry_until_receipts(client, key, shots, timeout=60)
@@ -79,6 +81,21 @@ async def test_sigkill_of_a_master_under_load_loses_no_acknowledged_order(
         await cluster_redis.aclose()
     rows = await pg.fetchval("SELECT count(*) FROM orders WHERE storefront_id = 'shop-a'")
     assert rows == len(receipts.by_sfo), "every order tried has its one row"
+    others = sum(
+        1
+        for s in shots
+        if s.status == 202
+        and killed < s.sent < back
+        and s.response is not None
+        and _shard(s.response.json()["order_id"]) not in victim_lanes
+    )
+    print(
+        f"\nfailover: replica promoted {promoted - killed:.1f} s after the SIGKILL; its lanes"
+        f" {sorted(victim_lanes)} admitted again {again - back:.1f} s after the old master"
+        f" restarted; {len(refused)} answers 503 in all, {others} receipts from the other"
+        f" masters' lanes meanwhile; {len(shots)} orders sent, {receipts.replayed} receipts"
+        f" replayed to retries, {rows} rows audited"
+    )
 
 
 def _promoted(cluster: EmbeddedValkeyCluster, victim) -> bool:
