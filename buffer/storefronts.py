@@ -4,7 +4,9 @@ Each hash has one field per storefront (their number is bounded by the API keys,
 traffic). ``admit.lua`` reads a storefront's limit and rate-limit state and counts its buffered
 orders; ``settle.lua`` counts them out and ``replay.lua`` back in; the gateways add
 up their 429s here every second (``RefusalCounts``). So every number below is the same from
-every gateway and worker, and exact across hosts.
+every gateway and worker, and exact across hosts. On a Redis Cluster each lane keeps its own
+counts and rate-limit state, and a copy of each limit holding its even part of it (a lane's
+script sees its own slot only: buffer.keys); readers add the lanes' counts up.
 
 A limit is a rate (orders per second) and a burst (orders at once), kept by ``admit.lua`` as
 GCRA: one time per storefront, the moment its bucket is full again; and a weight, the share of
