@@ -381,10 +381,13 @@ class Admitter:
                 continue
             for req, reply in zip(requests, admitted, strict=True):
                 admission = _decode(reply)
-                if durable_error is not None and admission.outcome is Outcome.ADMITTED:
+                if durable_error is not None and admission.outcome in _RECEIPTS:
                     # Written but not confirmed durable: never a receipt. The lease stays, so
                     # twins get 409 until it expires rather than a receipt for a write that
-                    # may vanish. (Other outcomes wrote nothing in this batch.)
+                    # may vanish. A receipt given again (a duplicate) waits on this batch's
+                    # barrier too (admit.lua makes it cover the order's own write), so it is
+                    # refused with it: after a failover, the promoted master's orders get no
+                    # receipt until a replica has them. (Other outcomes give no receipt.)
                     if not req.future.done():
                         req.future.set_exception(durable_error)
                     continue
@@ -536,6 +539,9 @@ class Admitter:
         for req in reqs:
             if not req.future.done():
                 req.future.set_exception(exc)
+
+
+_RECEIPTS = (Outcome.ADMITTED, Outcome.DUPLICATE)
 
 
 def _expire(req: _Request) -> None:

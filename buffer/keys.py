@@ -83,8 +83,10 @@ class Keys:
         """Hash: the lane's counters and owner (buffer.lanes): ``n`` orders admitted into it,
         ``s`` settled, ``last`` the queue number of its newest order, ``w`` its watermark,
         ``d`` the newest queue number taken (``dl`` its lane number, ``c`` its entry id: the
-        lane's cursor), ``epoch``/``owner`` the fence (``prev`` the owner before), and the state its
-        owner reports (``state``, ``reason``, ``at``, ``rate``, ``cap``)."""
+        lane's cursor), ``epoch``/``owner`` the fence (``prev`` the owner before), the state its
+        owner reports (``state``, ``reason``, ``at``, ``rate``, ``cap``), and ``seen``, written by
+        admit.lua when it gives a receipt again and writes nothing else (so the batch's barrier
+        covers the order's own write)."""
         return f"{self.tag(shard)}:lane"
 
     def deliveries(self, shard: int) -> str:

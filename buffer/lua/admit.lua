@@ -164,6 +164,7 @@ if #idem_keys > 0 then
   end
 end
 local written, writes = {}, {}
+local replayed = nil  -- a lane key, once a receipt is given again (code 2)
 local a = 7 + groups * 2  -- the next order's first arg
 local k = 5 + groups * 2  -- the next order's keys (idem, sub-lane), minus two
 for g = 1, groups do
@@ -207,6 +208,7 @@ for g = 1, groups do
       else
         local pseq = idem_tag(prior, 'q') or number(string.sub(tail, 11, 21))
         out[#out + 1] = {2, q, w, r, ms_full, oid, pseq, string.format('%d', pat), pahead, pls}
+        replayed = lane_key
       end
     elseif bound > 0 and issued - settled >= bound then
       out[#out + 1] = {5, q, w, r, ms_full, issued - settled}
@@ -267,5 +269,12 @@ if issued > issued0 then
       end
     end
   end
+end
+-- A receipt given again must be as durable as the first one. WAIT and WAITAOF wait for the
+-- replication offset (or fsync) of the caller's connection's last write, which may predate the
+-- order's own write (made by another connection or gateway): a write of this call moves it to
+-- now, so the batch's barrier covers every write before it, the replayed order's included.
+if replayed and issued == issued0 then
+  redis.call('HSET', replayed, 'seen', now_ms)
 end
 return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -23,6 +24,7 @@ from ordergate.buffer.idempotency import decode_record
 from ordergate.buffer.keys import Keys
 from ordergate.buffer.message import admission_args
 from ordergate.buffer.streams import ensure_streams
+from ordergate.servers import EmbeddedValkey
 from ordergate.sharding import shard_for
 from ordergate.sharding.ids import new_nonce
 from tests.conftest import auth, eventually, make_settings, order_body, worker_running
@@ -423,3 +425,70 @@ async def test_a_refused_lease_confirmation_waits_for_the_next_batch(servers, re
         await admitter.close()
         await proxied.aclose()
         await proxy.close()
+
+
+async def test_a_receipt_given_again_waits_for_the_replica_like_a_new_one(tmp_path: Path) -> None:
+    """Injects: SIGSTOP of the only replica. An order is written by one gateway while the
+    replica is stopped (503: no replica acknowledged it); once its lease is over, its retry goes
+    down another gateway's connection, whose last write the replica acknowledged before it
+    stopped. Audits: the retry gets no receipt either (admit.lua's write moves the connection's
+    offset past the order's own, so WAIT waits for it), and gets it once the replica is back."""
+    master = EmbeddedValkey(tmp_path, name="master")
+    master.start()
+    replica = EmbeddedValkey(
+        tmp_path, name="replica", extra_conf=(f"replicaof {master.host} {master.port}",)
+    )
+    replica.start()
+    config = AdmissionConfig(
+        shards=8, durability="replica", durability_timeout_ms=300, lease_ms=300, timeout_s=5
+    )
+    clients = [create_redis(master.url, max_connections=1) for _ in range(2)]
+    first, second = (Admitter(c, KEYS, config) for c in clients)
+    try:
+        await eventually(lambda: _replicas(clients[0]), timeout=30)
+        await ensure_streams(clients[0], KEYS, 8)
+        for admitter in (first, second):
+            await admitter.start()
+        earlier = await first.admit(1, "shop-a", "b-1", _args("b-1", 1))
+        assert earlier.outcome is Outcome.ADMITTED  # the replica acknowledged it
+        # its lease lifted (confirm.lua, a write of the same connection), and that write too
+        # acknowledged: the connection's last write is one the replica has
+        await eventually(partial(_lifted, clients[0], KEYS.idem(1, "shop-a", "b-1")))
+        assert await clients[0].execute_command("WAIT", 1, 5000) == 1
+        replica.signal(signal.SIGSTOP)
+        with pytest.raises(NotDurable, match="no replica"):
+            await second.admit(0, "shop-a", "a-1", _args("a-1", 0))
+
+        async def refused_after_the_lease() -> bool:
+            try:
+                twin = await first.admit(0, "shop-a", "a-1", _args("a-1", 0))
+            except NotDurable:
+                return True  # a duplicate now, and its barrier failed: no receipt
+            assert twin.outcome is Outcome.INFLIGHT, twin  # never DUPLICATE: a receipt
+            return False
+
+        await eventually(refused_after_the_lease, timeout=10, interval=0.1)
+        replica.signal(signal.SIGCONT)
+
+        async def receipt() -> Any:
+            try:
+                again = await first.admit(0, "shop-a", "a-1", _args("a-1", 0))
+            except NotDurable:
+                return None
+            return again
+
+        again = await eventually(receipt, timeout=20, interval=0.2)
+        assert again.outcome is Outcome.DUPLICATE
+    finally:
+        replica.signal(signal.SIGCONT)
+        for admitter in (first, second):
+            await admitter.close()
+        for client in clients:
+            await client.aclose()
+        replica.stop()
+        master.stop()
+
+
+async def _replicas(redis: Any) -> bool:
+    info = await redis.info("replication")
+    return int(info.get("connected_slaves", 0)) >= 1 and "online" in str(info.get("slave0"))
