@@ -282,8 +282,12 @@ class Admitter:
             groups = [list(by_shard)] if by_shard else []
             await self._send(self._redis, groups, by_shard, confirms, number, mode, lease)
         else:  # a cluster: one call per lane (one slot), one pipeline per master, in parallel
-            shards = set(by_shard) | set(confirms)
-            units = await self._nodes.split(shards)
+            try:
+                units = await self._nodes.split(set(by_shard) | set(confirms))
+            except RedisError as exc:  # a slot with no master yet: a failover under way
+                self._requeue_confirms(confirms)
+                self._fail(batch, BufferUnavailable(f"buffer unreachable: {exc}"))
+                return
             await asyncio.gather(
                 *(
                     self._send(
@@ -328,12 +332,11 @@ class Admitter:
         batch = [req for group in groups for shard in group for req in by_shard[shard]]
         pipe = redis.pipeline(transaction=False)
         # Confirms first: a twin admitted in this very batch then sees the lease already lifted.
-        confirm_calls = (
-            [list(keys) for keys in confirms.values() if keys]
-            if self._nodes is not None
-            else [[key for keys in confirms.values() for key in keys]]
-        )
-        confirm_calls = [keys for keys in confirm_calls if keys]
+        if self._nodes is not None:  # one slot per script call: one per lane
+            confirm_calls = [keys for keys in confirms.values() if keys]
+        else:
+            flat = [key for keys in confirms.values() for key in keys]
+            confirm_calls = [flat] if flat else []
         for keys in confirm_calls:
             pipe.evalsha(scripts.confirm.sha, len(keys), *keys)
         for group in groups:

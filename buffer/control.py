@@ -88,10 +88,7 @@ async def set_control(
     if rate == 0:
         pipe.hdel(key, "rate")
     pipe.hgetall(key)
-    if keys.cluster:  # a cluster pipeline takes no PUBLISH (no key: no slot): sent after it
-        *_, raw = await pipe.execute()
-        await redis.publish(changes(keys), "1")
-    else:
-        pipe.publish(changes(keys), "1")
-        *_, raw, _subscribers = await pipe.execute()
+    *_, raw = await pipe.execute()
+    # After the transaction, not in it: a cluster's pipeline takes no PUBLISH (no key, no slot).
+    await redis.publish(changes(keys), "1")
     return from_hash(raw)

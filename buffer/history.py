@@ -16,6 +16,7 @@ import msgspec
 
 from ordergate.buffer.consumer import stream_lengths
 from ordergate.buffer.keys import Keys
+from ordergate.buffer.position import counters_of, queue_counters
 from ordergate.buffer.storefronts import read_counts
 
 KEEP = 900  # samples kept: 15 minutes at one a second
@@ -38,17 +39,15 @@ _decoder = msgspec.json.Decoder(Sample)
 
 async def take_sample(redis: Any, keys: Keys, shards: int) -> Sample:
     pipe = redis.pipeline(transaction=False)
-    for scope in keys.every_lane(shards):  # on a cluster, each lane's counters
-        pipe.get(scope.seq())
-        pipe.hget(scope.drain(), "s")
-    counters = await pipe.execute()
+    queue_counters(pipe, keys, shards)
+    issued, settled = counters_of(await pipe.execute())
     lengths = await stream_lengths(redis, keys, list(range(shards)))
     depth = [lengths[shard] for shard in range(shards)]
     counts = (await read_counts(redis, keys, shards))[:TOP_STOREFRONTS]
     return Sample(
         time.time(),
-        sum(int(v or 0) for v in counters[0::2]),
-        sum(int(v or 0) for v in counters[1::2]),
+        issued,
+        settled,
         [int(d) for d in depth],
         {c.storefront_id: [c.admitted, c.settled] for c in counts},
     )

@@ -49,8 +49,13 @@ class Keys:
 
     def every_lane(self, shards: int) -> list[Keys]:
         """Where a copy kept for the lanes' scripts is written: once on one primary, once per
-        lane on a cluster."""
-        return [self.at(shard) for shard in range(shards)] if self.cluster else [self]
+        lane on a cluster (ValueError without the deployment's shard count: a copy written to
+        no lane would be silently missing)."""
+        if not self.cluster:
+            return [self]
+        if shards <= 0:
+            raise ValueError("on a cluster, copies are kept per lane: give the shard count")
+        return [self.at(shard) for shard in range(shards)]
 
     def tag(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}"

@@ -61,6 +61,7 @@ class Masters:
         for shard in sorted(shards):
             node = self._cluster.get_node_from_key(f"{{{shard}}}")
             if node is None:
+                self._stale = True
                 raise RedisError(f"no master serves lane {shard} (the slot map is being read)")
             by_node[node.name].append(shard)
             nodes[node.name] = node

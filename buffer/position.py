@@ -98,27 +98,39 @@ async def read_drain_state(redis: Any, keys: Keys, shards: int) -> DrainState:
     return drain_state_of(await pipe.execute(), shards, keys)
 
 
-def queue_drain_state(pipe: Any, keys: Keys, shards: int) -> int:
-    """Queue the reads of the drain state on ``pipe`` (to go with other reads in one
-    transaction); returns how many replies they take, for ``drain_state_of``. On a cluster the
-    admission counter and the settled count are each lane's, added up."""
-    counters = keys.every_lane(shards)
-    for scope in counters:
+def queue_counters(pipe: Any, keys: Keys, shards: int) -> int:
+    """Queue the reads of the admission counter and the settled count (on a cluster, each
+    lane's); returns how many replies they take, for ``counters_of``."""
+    scopes = keys.every_lane(shards)
+    for scope in scopes:
         pipe.get(scope.seq())
         pipe.hget(scope.drain(), "s")
+    return 2 * len(scopes)
+
+
+def counters_of(replies: list[Any]) -> tuple[int, int]:
+    """(orders admitted, orders settled) from ``queue_counters``' replies, lanes added up."""
+    return sum(int(v or 0) for v in replies[0::2]), sum(int(v or 0) for v in replies[1::2])
+
+
+def queue_drain_state(pipe: Any, keys: Keys, shards: int) -> int:
+    """Queue the reads of the drain state on ``pipe`` (to go with other reads in one
+    transaction); returns how many replies they take, for ``drain_state_of``."""
+    n = queue_counters(pipe, keys, shards)
     pipe.hgetall(keys.storefront_limits())  # the drain weights
     for shard in range(shards):
         pipe.hgetall(keys.lane(shard))
-    return 2 * len(counters) + 1 + shards
+    return n + 1 + shards
 
 
 def drain_state_of(replies: list[Any], shards: int, keys: Keys) -> DrainState:
     n = 2 * len(keys.every_lane(shards))
     counters, limits, lanes = replies[:n], replies[n], replies[n + 1 : n + 1 + shards]
     weights = {k.decode(): Limit.decode(v).weight for k, v in (limits or {}).items()}
+    issued, settled = counters_of(counters)
     return DrainState(
-        issued=sum(int(v or 0) for v in counters[0::2]),
-        settled=sum(int(v or 0) for v in counters[1::2]),
+        issued=issued,
+        settled=settled,
         lanes=tuple(_weighted(lane_of(shard, raw), weights) for shard, raw in enumerate(lanes)),
         numbered_per_lane=keys.cluster,
     )

@@ -146,8 +146,6 @@ async def read_counts(redis: Any, keys: Keys, shards: int) -> list[StorefrontCou
 
 
 def _added(hashes: list[dict[bytes, bytes]]) -> dict[bytes, int]:
-    if len(hashes) == 1:
-        return {k: int(v) for k, v in hashes[0].items()}
     total: Counter[bytes] = Counter()
     for fields in hashes:
         for k, v in fields.items():

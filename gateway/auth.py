@@ -76,8 +76,6 @@ async def sync_known(redis: Any, keys: Keys, shards: int = 0) -> None:
 
 
 async def _copy_known(redis: Any, keys: Keys, shards: int, ids: set[bytes], replace: bool) -> None:
-    if shards <= 0:
-        raise ValueError("on a cluster, the set of storefronts with a key is kept per lane")
     pipe = redis.pipeline(transaction=False)
     for scope in keys.every_lane(shards):
         if replace:
